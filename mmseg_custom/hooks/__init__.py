@@ -1,0 +1,3 @@
+from .eval_metrics import EvalMetricsHook
+
+__all__ = ['EvalMetricsHook']

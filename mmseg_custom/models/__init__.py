@@ -1,0 +1,4 @@
+from .backbones import TinyCNN
+from .decode_heads import FCNHead
+
+__all__ = ['FCNHead', 'TinyCNN']

@@ -1,0 +1,3 @@
+from .tiny_cnn import TinyCNN
+
+__all__ = ['TinyCNN']

@@ -1,0 +1,1 @@
+"""Sweep orchestrator: search-space spec -> Ray Tune trials -> mmseg workers -> MLflow."""

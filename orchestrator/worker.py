@@ -1,0 +1,216 @@
+"""One training worker: an mmcv Config -> mmseg segmentor with our FCNHead -> train, evaluate -> metrics.
+
+An ordinary function. It runs in one process, under torchrun, or inside a Ray Train worker, and
+is distributed whenever ``torch.distributed`` is initialised (or torchrun's WORLD_SIZE > 1):
+gloo on CPU, nccl on GPU. Training itself is mmseg's own ``train_segmentor``; what this module
+adds is the device decision, the CPU handling of SyncBatchNorm, clear errors for missing data,
+and one metrics dict out (the same on every rank).
+
+    python -m orchestrator.worker configs/tiny_fcn_synthetic.py --work-dir work_dirs/tiny
+    torchrun --nproc_per_node 2 -m orchestrator.worker configs/tiny_fcn_synthetic.py --work-dir ...
+"""
+import copy
+import hashlib
+import json
+import os
+import os.path as osp
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import mmseg_custom  # noqa: F401  (torch-2 shims + our registrations; before mmcv is imported)
+import mmcv
+from mmcv import Config, DictAction
+from mmcv.cnn.utils import revert_sync_batchnorm
+from mmcv.runner import get_dist_info
+from mmseg.apis import set_random_seed, train_segmentor
+from mmseg.datasets import build_dataset
+from mmseg.models import build_segmentor
+from mmseg.utils import get_root_logger
+
+from orchestrator.errors import ConfigError
+
+
+def check_data_paths(cfg, source='config'):
+    """Fail before any work when a dataset directory is missing, naming the key and the path."""
+    for split in ('train', 'val'):
+        ds = cfg.data.get(split)
+        if ds is None:
+            continue
+        for d in ds if isinstance(ds, (list, tuple)) else [ds]:
+            root = d.get('data_root')
+            for key in ('img_dir', 'ann_dir'):
+                rel = d.get(key)
+                if rel is None:
+                    continue
+                path = rel if (osp.isabs(rel) or root is None) else osp.join(root, rel)
+                if not osp.isdir(path):
+                    raise ConfigError(
+                        f'{source}: data.{split}.{key}: directory not found: {osp.abspath(path)}')
+
+
+def state_digest(module_or_state):
+    """sha256 over a module's (or state dict's) tensors, in key order: equal digests, equal weights."""
+    state = module_or_state.state_dict() if hasattr(module_or_state, 'state_dict') else module_or_state
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().reshape(-1).contiguous()
+        h.update(key.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def build_model(cfg, source='config'):
+    """mmseg segmentor from cfg; a config the model rejects is a ConfigError naming the source."""
+    try:
+        model = build_segmentor(cfg.model, train_cfg=cfg.get('train_cfg'),
+                                test_cfg=cfg.get('test_cfg'))
+    except (AssertionError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f'{source}: model: {e}') from e
+    model.init_weights()
+    return model
+
+
+def init_distributed():
+    """Join torchrun's process group when launched by it; True when running distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        dist.init_process_group(backend=backend)
+        return True
+    return False
+
+
+def _revert_sync_bn_on_cpu(model, distributed, logger):
+    """SyncBatchNorm needs CUDA tensors (and torch DDP refuses it in CPU modules): on CPU every
+    SyncBatchNorm becomes a BatchNorm2d with per-worker batch statistics; weights still train in
+    sync (DDP all-reduces their gradients) and BN buffers are broadcast from rank 0 before each
+    evaluation."""
+    n_sync = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    if n_sync == 0:
+        return model
+    logger.warning(
+        f'CPU run ({"distributed, gloo" if distributed else "single process"}): {n_sync} '
+        'SyncBatchNorm layer(s) (e.g. FCNHead with_norm=True) run as BatchNorm2d with '
+        'per-worker statistics; they synchronise only on GPU.')
+    return revert_sync_batchnorm(model)
+
+
+def train(cfg, work_dir=None, callback=None, source='config'):
+    """Train and evaluate ``cfg`` (an mmcv Config); return the final evaluation's metrics.
+
+    The dict holds mIoU, mAcc, aAcc, per-class ``IoU.<class>``/``Acc.<class>`` and ``iter``.
+    ``callback(metrics)`` is called on rank 0 after every evaluation (the sweep's reporting path).
+    """
+    cfg = copy.deepcopy(cfg)
+    check_data_paths(cfg, source)
+    distributed = init_distributed()
+    rank, world_size = get_dist_info()
+    cuda = torch.cuda.is_available()
+    cfg.device = 'cuda' if cuda else 'cpu'
+    cfg.gpu_ids = [int(os.environ.get('LOCAL_RANK', 0))] if cuda else [0]
+    cfg.work_dir = osp.abspath(work_dir or cfg.get('work_dir') or 'work_dirs/run')
+    mmcv.mkdir_or_exist(cfg.work_dir)
+    if cfg.data.get('workers_per_gpu', 2) == 0:
+        cfg.data.persistent_workers = False  # torch refuses persistent workers without workers
+
+    timestamp = time.strftime('%Y%m%d_%H%M%S', time.localtime())
+    logger = get_root_logger(log_file=osp.join(cfg.work_dir, f'{timestamp}.log'),
+                             log_level=cfg.get('log_level', 'INFO'))
+    logger.info(f'rank {rank}/{world_size}, device {cfg.device}, '
+                f'backend {dist.get_backend() if distributed else "none"}')
+    if rank == 0:
+        cfg.dump(osp.join(cfg.work_dir, 'config.py'))
+
+    seed = cfg.get('seed', 0)
+    cfg.seed = seed
+    set_random_seed(seed, deterministic=cfg.get('deterministic', False))
+
+    model = build_model(cfg, source)
+    if not cuda:
+        model = _revert_sync_bn_on_cpu(model, distributed, logger)
+    datasets = [build_dataset(cfg.data.train)]
+    model.CLASSES = datasets[0].CLASSES
+    model.PALETTE = datasets[0].PALETTE
+
+    history = []
+
+    def on_eval(metrics):
+        history.append(metrics)
+        if callback is not None:
+            callback(metrics)
+
+    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
+        dict(type='EvalMetricsHook', callback=on_eval, priority=80)]
+    cfg.checkpoint_config = dict(cfg.get('checkpoint_config') or {},
+                                 meta=dict(CLASSES=model.CLASSES, PALETTE=model.PALETTE))
+    train_segmentor(model, datasets, cfg, distributed=distributed, validate=True,
+                    timestamp=timestamp, meta=dict(seed=seed))
+
+    _record_rank_sync(model, cfg.work_dir, distributed, logger)
+    final = [history[-1] if history else None]
+    if distributed:
+        dist.broadcast_object_list(final, src=0)
+    return final[0]
+
+
+def _record_rank_sync(model, work_dir, distributed, logger):
+    """Every rank's decode-head digest into work_dir/rank_sync.json: data-parallel workers must end
+    with identical heads, and a silent desync would make every reported mIoU meaningless."""
+    head = getattr(model, 'module', model).decode_head
+    digests = [state_digest(head)]
+    if distributed:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, digests[0])
+        digests = gathered
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    in_sync = len(set(digests)) == 1
+    (logger.info if in_sync else logger.error)(
+        f'decode head identical on all {len(digests)} rank(s): {in_sync}')
+    with open(osp.join(work_dir, 'rank_sync.json'), 'w') as f:
+        json.dump(dict(world_size=len(digests), decode_head_sha256=digests), f)
+
+
+def main(argv=None):
+    import argparse
+
+
+    parser = argparse.ArgumentParser(description='Train one mmseg config (one process or torchrun).')
+    parser.add_argument('config')
+    parser.add_argument('--work-dir', required=True)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help='override config keys, e.g. model.decode_head.num_convs=0')
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.cfg_options)
+        metrics = train(cfg, args.work_dir, source=args.config)
+    except ConfigError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return e.exit_code
+    if int(os.environ.get('RANK', 0)) == 0:
+        print('FINAL_METRICS ' + json.dumps(metrics))
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def load_config(path, options=None):
+    """mmcv Config from a file plus dotted overrides; a missing or broken file is a ConfigError."""
+    if not osp.isfile(path):
+        raise ConfigError(f'{path}: config file not found')
+    try:
+        cfg = Config.fromfile(path)
+    except Exception as e:  # syntax errors, bad _base_ paths: report the file, not mmcv's stack
+        raise ConfigError(f'{path}: cannot load config: {e}') from e
+    cfg.merge_from_dict(options or {})
+    return cfg
+
+
+if __name__ == '__main__':
+    sys.exit(main())
