@@ -54,5 +54,10 @@ class EvalMetricsHook(Hook):
         hook = self._eval_hook(runner)
         # Same decision on every rank (no rank-0-only state): distributed evaluation is collective.
         if hook is not None and runner.iter % hook.interval != 0:
-            hook._do_evaluate(runner)
+            # _do_evaluate asks _should_evaluate, which only knows interval boundaries.
+            hook._should_evaluate = lambda _runner: True
+            try:
+                hook._do_evaluate(runner)
+            finally:
+                del hook._should_evaluate
             self._collect(runner, runner.iter)

@@ -1,0 +1,88 @@
+"""Real mmseg training of the tiny config on generated data: one process and 2 gloo workers."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from orchestrator import worker
+
+TWO_WORKER_BUDGET_S = 600  # a hang guard, not a timing target (see benchmarks/)
+
+
+def test_single_process_training_reports_every_evaluation(tiny_cfg, tmp_path):
+    tiny_cfg.runner.max_iters = 50
+    tiny_cfg.evaluation.interval = 20
+    seen = []
+    metrics = worker.train(tiny_cfg, str(tmp_path / 'wd'), callback=seen.append)
+    # Evaluations at 20 and 40 from mmseg's EvalHook, one more at 50 for the final weights.
+    assert [m['iter'] for m in seen] == [20, 40, 50]
+    assert metrics == seen[-1]
+    for key in ('mIoU', 'mAcc', 'aAcc', 'IoU.class1', 'IoU.class4', 'Acc.class2'):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    lines = (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(line)['iter'] for line in lines] == [20, 40, 50]
+    assert (tmp_path / 'wd' / 'config.py').exists()
+
+
+def test_two_workers_over_gloo_learn_and_stay_in_sync(synthetic_root, tmp_path, cli_env):
+    """2 torchrun workers, gloo, distributed evaluation during training, with_norm=True on CPU."""
+    wd = tmp_path / 'wd'
+    cmd = [sys.executable, '-m', 'orchestrator.cli', 'train', 'configs/tiny_fcn_synthetic.py',
+           '--work-dir', str(wd), '--workers', '2', '--cfg-options',
+           *[f'data.{s}.data_root={synthetic_root}' for s in ('train', 'val', 'test')],
+           'model.decode_head.with_norm=True']
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env,
+                          timeout=TWO_WORKER_BUDGET_S)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads(proc.stdout.split('FINAL_METRICS ')[1].splitlines()[0])
+    print(f'2-worker gloo training: {elapsed:.1f} s, mIoU {final["mIoU"]:.3f}')
+    assert final['mIoU'] >= 0.5
+
+    evals = [json.loads(line) for line in (wd / 'metrics.jsonl').read_text().splitlines()]
+    assert [e['iter'] for e in evals] == [100, 200, 300]  # distributed eval during training
+    assert evals[-1]['mIoU'] == final['mIoU']
+
+    sync = json.loads((wd / 'rank_sync.json').read_text())
+    assert sync['world_size'] == 2
+    rank0, rank1 = sync['decode_head_sha256']
+    assert rank0 == rank1
+    ckpt = torch.load(wd / 'latest.pth', map_location='cpu', weights_only=False)
+    head = {k[len('decode_head.'):]: v for k, v in ckpt['state_dict'].items()
+            if k.startswith('decode_head.')}
+    assert 'norm.weight' in head  # with_norm=True made it into the trained model
+    assert worker.state_digest(head) == rank0
+
+    log = next(wd.glob('*.log')).read_text()
+    assert 'backend gloo' in log
+    assert 'SyncBatchNorm layer(s)' in log and 'per-worker statistics' in log
+
+
+def test_missing_data_directory_is_one_clear_line(tiny_cfg, tmp_path, capsys):
+    code = worker.main(['configs/tiny_fcn_synthetic.py', '--work-dir', str(tmp_path / 'wd'),
+                        '--cfg-options', 'data.train.data_root=/nonexistent/ade'])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count('\n') == 0
+    assert 'data.train.img_dir' in err and '/nonexistent/ade/images/training' in err
+    assert not (tmp_path / 'wd').exists()  # nothing started
+
+
+def test_linear_probe_channel_mismatch_names_both_values(synthetic_root, tmp_path, capsys):
+    code = worker.main([
+        'configs/tiny_fcn_synthetic.py', '--work-dir', str(tmp_path / 'wd'), '--cfg-options',
+        *[f'data.{s}.data_root={synthetic_root}' for s in ('train', 'val')],
+        'model.decode_head.num_convs=0', 'model.decode_head.channels=16'])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count('\n') == 0
+    assert 'in_channels=32' in err and 'channels=16' in err
+
+
+@pytest.mark.parametrize('path', ['configs/does_not_exist.py'])
+def test_missing_config_file(path, tmp_path, capsys):
+    assert worker.main([path, '--work-dir', str(tmp_path)]) == 2
+    assert path in capsys.readouterr().err
