@@ -25,7 +25,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   log "creating virtualenv $VENV with $($PY --version)"
   "$PY" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+PIP=(pip_quiet "$VENV/bin/python" -m pip --disable-pip-version-check)
+# This machine's pip config lists local index folders that may be absent; pip then warns per
+# package ("WARNING: Location ... is ignored"). Drop those lines, keep everything else.
+pip_quiet() { "$@" 2> >(grep -v "^WARNING: Location '" >&2); }
 
 # setuptools<81: mmcv-full's setup.py imports pkg_resources (gone in setuptools 84; 80.9 measured to work).
 log "build tools"
@@ -50,7 +53,9 @@ build_mmcv_wheel() {
   # Build mmcv-full from its sdist against the torch in .venv (no build isolation), C++20 for torch 2.14 headers.
   local work; work="$(mktemp -d)"
   log "building mmcv-full $MMCV_VERSION from source (CPU ops; 15-25 min on 2 cores)"
-  "${PIP[@]}" download -q --no-deps --no-binary :all: --no-cache-dir "mmcv-full==$MMCV_VERSION" -d "$work"
+  # --no-build-isolation: reading the sdist's metadata runs its setup.py, which needs pkg_resources + torch.
+  "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation --no-cache-dir \
+    "mmcv-full==$MMCV_VERSION" -d "$work"
   tar -xzf "$work"/mmcv-full-"$MMCV_VERSION".tar.gz -C "$work"
   sed -i 's/-std=c++14/-std=c++20/g; s/-std=c++17/-std=c++20/g' "$work/mmcv-full-$MMCV_VERSION/setup.py"
   mkdir -p "$MMCV_CACHE"
