@@ -3,6 +3,7 @@
 ``apply()`` is idempotent and runs when ``mmseg_custom`` is imported. Nothing here changes
 behaviour on a stack where the original code works; each shim names what broke.
 """
+import logging
 import time
 import warnings
 
@@ -27,6 +28,8 @@ def apply():
 
 
 def _quiet_deprecations():
+    # torch's cpp_extension logs "No CUDA runtime is found" when mmcv imports it on a CPU machine.
+    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
     # mmcv 1.x prints a multi-line "MMCV will release v2.0.0" notice on every import, per worker.
     warnings.filterwarnings('ignore', message='On January 1, 2023, MMCV will release v2.0.0')
     # mmseg's train_segmentor passes broadcast_buffers=False, which torch 2.14 deprecates; the

@@ -29,6 +29,14 @@ def _parser():
     d.add_argument('--size', type=int, default=64)
     d.add_argument('--seed', type=int, default=0)
 
+    s = sub.add_parser('sweep', help='run a Ray Tune sweep from a search-space YAML')
+    s.add_argument('space', help='search-space file, e.g. search_spaces/demo.yaml')
+    s.add_argument('--dry-run', action='store_true', help='print the trial plan, start nothing')
+    s.add_argument('--name', help='sweep name (default: the file\'s name key)')
+    s.add_argument('--output', help='output root (default: the file\'s output key, or runs/)')
+    s.add_argument('--tracking-uri', help='MLflow URI (default: sqlite under the output root)')
+    s.add_argument('--address', help='existing Ray cluster (default: RAY_ADDRESS, else local)')
+
     demo = sub.add_parser('demo', help='generate data, train the tiny config on 2 CPU workers')
     demo.add_argument('--work-dir', default='work_dirs/demo')
     demo.add_argument('--workers', type=int, default=2)
@@ -55,6 +63,16 @@ def run_training(config, work_dir, workers=1, cfg_options=()):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if args.command == 'sweep':
+        from orchestrator.driver import run_sweep
+        from orchestrator.errors import ConfigError
+        try:
+            return run_sweep(args.space, name=args.name, output=args.output,
+                             tracking_uri=args.tracking_uri, address=args.address,
+                             dry_run=args.dry_run)
+        except ConfigError as e:
+            print(f'error: {e}', file=sys.stderr)
+            return e.exit_code
     if args.command == 'train':
         return run_training(args.config, args.work_dir, args.workers, args.cfg_options)
     from mmseg_custom.datasets.synthetic import generate_ade_layout

@@ -105,7 +105,8 @@ def train(cfg, work_dir=None, callback=None, source='config'):
     """Train and evaluate ``cfg`` (an mmcv Config); return the final evaluation's metrics.
 
     The dict holds mIoU, mAcc, aAcc, per-class ``IoU.<class>``/``Acc.<class>`` and ``iter``.
-    ``callback(metrics)`` is called on rank 0 after every evaluation (the sweep's reporting path).
+    ``callback(metrics)`` is called on every rank after every evaluation, with rank 0's metrics
+    (the sweep's reporting path; Ray Train wants a report from each worker).
     """
     cfg = copy.deepcopy(cfg)
     check_data_paths(cfg, source)
@@ -153,10 +154,7 @@ def train(cfg, work_dir=None, callback=None, source='config'):
                     timestamp=timestamp, meta=dict(seed=seed))
 
     _record_rank_sync(model, cfg.work_dir, distributed, logger)
-    final = [history[-1] if history else None]
-    if distributed:
-        dist.broadcast_object_list(final, src=0)
-    return final[0]
+    return history[-1] if history else None
 
 
 def _record_rank_sync(model, work_dir, distributed, logger):

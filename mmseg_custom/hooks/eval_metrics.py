@@ -1,14 +1,16 @@
-"""One reporting path out of mmcv's runner: every evaluation's metrics, as a plain dict.
+"""One reporting path out of mmcv's runner: every evaluation's metrics, as a plain dict, on every rank.
 
-mmseg's EvalHook writes its results into ``runner.log_buffer`` and the logger hooks clear them;
-this hook (priority 80: after EvalHook at LOW=70, before the loggers at VERY_LOW=90) copies each
-evaluation into ``work_dir/metrics.jsonl`` and hands it to ``callback`` (the worker's reporter).
-It also evaluates once more after the last iteration when the interval did not land on it, so a
-run always ends with metrics of its final weights.
+mmseg's EvalHook writes its results into ``runner.log_buffer`` on rank 0 and the logger hooks clear
+them; this hook (priority 80: after EvalHook at LOW=70, before the loggers at VERY_LOW=90) copies
+each evaluation, adds the mean training loss and the lr since the previous one, broadcasts it to
+all ranks (Ray Train expects every worker to report), appends it to ``work_dir/metrics.jsonl`` and
+hands it to ``callback``. It also evaluates after the last iteration when the interval did not land
+on it, so a run always ends with metrics of its final weights.
 """
 import json
 import os.path as osp
 
+import torch.distributed as dist
 from mmcv.runner import HOOKS, Hook
 from mmcv.runner.dist_utils import get_dist_info
 
@@ -21,24 +23,33 @@ class EvalMetricsHook(Hook):
     def __init__(self, callback=None, out_file='metrics.jsonl'):
         self.callback = callback
         self.out_file = out_file
-        self.last_eval_iter = None
+        self._losses = []
 
-    def _eval_hook(self, runner):
+    @staticmethod
+    def _eval_hook(runner):
         from mmseg.core import DistEvalHook, EvalHook
         hooks = [h for h in runner.hooks if isinstance(h, (EvalHook, DistEvalHook))]
         return hooks[0] if hooks else None
 
-    def _collect(self, runner, iteration):
-        output = runner.log_buffer.output
-        if 'mIoU' not in output or self.last_eval_iter == iteration:
-            return
-        self.last_eval_iter = iteration
-        metrics = {k: float(v) for k, v in output.items()
-                   if k in EVAL_KEYS or k.startswith(('IoU.', 'Acc.'))}
-        metrics['iter'] = iteration
+    def _publish(self, runner, iteration):
+        metrics = None
         if get_dist_info()[0] == 0:
+            output = runner.log_buffer.output
+            metrics = {k: float(v) for k, v in output.items()
+                       if k in EVAL_KEYS or k.startswith(('IoU.', 'Acc.'))}
+            if self._losses:
+                metrics['loss'] = sum(self._losses) / len(self._losses)
+            lr = runner.current_lr()
+            lr = next(iter(lr.values())) if isinstance(lr, dict) else lr
+            metrics['lr'] = float(lr[0])
+            metrics['iter'] = iteration
             with open(osp.join(runner.work_dir, self.out_file), 'a') as f:
                 f.write(json.dumps(metrics) + '\n')
+        self._losses = []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
         if self.callback is not None:
             self.callback(metrics)
 
@@ -48,11 +59,16 @@ class EvalMetricsHook(Hook):
             open(osp.join(runner.work_dir, self.out_file), 'w').close()
 
     def after_train_iter(self, runner):
-        self._collect(runner, runner.iter + 1)
+        log_vars = (runner.outputs or {}).get('log_vars', {})
+        if 'loss' in log_vars:
+            self._losses.append(float(log_vars['loss']))
+        hook = self._eval_hook(runner)
+        # The same decision on every rank: EvalHook's own schedule, not rank 0's results.
+        if hook is not None and hook._should_evaluate(runner):
+            self._publish(runner, runner.iter + 1)
 
     def after_run(self, runner):
         hook = self._eval_hook(runner)
-        # Same decision on every rank (no rank-0-only state): distributed evaluation is collective.
         if hook is not None and runner.iter % hook.interval != 0:
             # _do_evaluate asks _should_evaluate, which only knows interval boundaries.
             hook._should_evaluate = lambda _runner: True
@@ -60,4 +76,4 @@ class EvalMetricsHook(Hook):
                 hook._do_evaluate(runner)
             finally:
                 del hook._should_evaluate
-            self._collect(runner, runner.iter)
+            self._publish(runner, runner.iter)

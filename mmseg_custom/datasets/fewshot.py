@@ -1,0 +1,40 @@
+"""Few-shot training subsets that are the same everywhere and nested.
+
+A fraction f keeps round(f * N) images: the first ones of a seeded permutation of the sorted file
+list. Every process, rank and run computes the same list from the same directory, and a smaller
+fraction's subset is a prefix of a larger one's (1/16 inside 1/8 inside ...). InternVL's own code
+shuffles with an unseeded ``random.shuffle`` in each process instead.
+"""
+import os
+
+import numpy as np
+
+
+def list_images(img_dir, img_suffix='.jpg'):
+    """Image names without suffix (mmseg's split-file format), sorted; recursive like mmseg."""
+    names = []
+    for dirpath, _, files in os.walk(img_dir):
+        rel = os.path.relpath(dirpath, img_dir)
+        for f in files:
+            if f.endswith(img_suffix):
+                name = f[:-len(img_suffix)]
+                names.append(name if rel == '.' else os.path.join(rel, name))
+    return sorted(names)
+
+
+def fewshot_subset(names, fraction, seed=0):
+    """The kept names, in permutation order; fraction in (0, 1]."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f'few-shot fraction must be in (0, 1], got {fraction!r}')
+    names = sorted(names)
+    keep = max(1, int(round(fraction * len(names)))) if names else 0
+    order = np.random.default_rng(seed).permutation(len(names))
+    return [names[i] for i in order[:keep]]
+
+
+def write_split_file(img_dir, fraction, path, seed=0, img_suffix='.jpg'):
+    """Write the subset as an mmseg split file (one name per line); return the kept names."""
+    kept = fewshot_subset(list_images(img_dir, img_suffix), fraction, seed)
+    with open(path, 'w') as f:
+        f.write('\n'.join(kept) + '\n')
+    return kept

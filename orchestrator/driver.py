@@ -1,0 +1,122 @@
+"""Run a sweep: validate, plan, start or attach Ray, open the parent MLflow run, let Ray Tune run
+the trials (search algorithm, ASHA, concurrency cap), print the ranked result."""
+import os
+import os.path as osp
+import shutil
+import sys
+
+from orchestrator import plan as planning
+from orchestrator.errors import ConfigError
+from orchestrator.report import format_table, ranked_results
+from orchestrator.spec import load_spec
+
+
+def _search_alg(spec):
+    if spec.algorithm == 'optuna':
+        from ray.tune.search.optuna import OptunaSearch
+        return OptunaSearch(seed=spec.search_seed)
+    return None  # Tune's BasicVariantGenerator: grids crossed, distributions sampled
+
+
+def _scheduler(spec, max_t):
+    if not spec.asha:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+    return ASHAScheduler(time_attr='iter', max_t=max_t, **spec.asha)
+
+
+def _check_data(spec, base_cfg):
+    """Missing data fails now, with the path, before Ray or MLflow start."""
+    from orchestrator.worker import check_data_paths
+    cfg, _ = planning.resolved_config(spec, base_cfg, {})
+    check_data_paths(cfg, spec.source)
+
+
+def _local_resources():
+    import torch
+    return {'CPU': float(os.cpu_count() or 1), 'GPU': float(torch.cuda.device_count())}
+
+
+def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=None,
+              dry_run=False, out=sys.stdout):
+    spec, base_cfg = load_spec(space_file)
+    spec.name = name or spec.name
+    spec.output = output or spec.output
+    if dry_run:
+        header, rows, budget = planning.dry_run_table(spec, base_cfg)
+        print(format_table(header, rows), file=out)
+        print(budget, file=out)
+        return 0
+
+    if spec.generate_data:
+        from mmseg_custom.datasets.synthetic import generate_ade_layout
+        generate_ade_layout(spec.data_root, **spec.generate_data)
+    _check_data(spec, base_cfg)
+    address = address or os.environ.get('RAY_ADDRESS')
+    if not address:
+        planning.concurrency(spec, _local_resources())  # fail fast before starting Ray
+
+    output_root = osp.abspath(spec.output)
+    sweep_dir = osp.join(output_root, spec.name)
+    os.makedirs(sweep_dir, exist_ok=True)
+    shutil.copy(spec.source, osp.join(sweep_dir, 'space.yaml'))
+
+    os.environ.setdefault('RAY_TRAIN_V2_ENABLED', '1')
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from orchestrator.tracking import (MLflowTrialCallback, default_tracking_uri,
+                                       get_or_create_experiment, start_parent_run)
+    from orchestrator.trial import run_trial, trial_dir
+
+    tracking_uri = tracking_uri or spec.tracking_uri or default_tracking_uri(output_root)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             runtime_env={'env_vars': {'RAY_TRAIN_V2_ENABLED': '1',
+                                       'OMP_NUM_THREADS': str(max(1, int(spec.cpus_per_worker)))}})
+    try:
+        max_concurrent = planning.concurrency(spec, ray.cluster_resources())
+        client = MlflowClient(tracking_uri)
+        experiment_id = get_or_create_experiment(client, spec.experiment,
+                                                 osp.join(output_root, 'mlartifacts'))
+        parent = start_parent_run(client, experiment_id, spec.name, spec.source)
+        keys = planning.searched_keys(spec)
+
+        def params_of(config):
+            sampled = {k: config[k] for k in keys}
+            _, derived = planning.resolve(spec, base_cfg, sampled)
+            return {**sampled, **derived}
+
+        callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, spec.name, params_of,
+                                       lambda tid: trial_dir(sweep_dir, tid))
+        max_iters = max(planning.resolve(spec, base_cfg, {planning.FRACTION_KEY: 1.0})[1]
+                        ['runner.max_iters'], 1)
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, spec=spec, base_cfg=base_cfg, output_dir=sweep_dir),
+            # The trial only drives its workers: no CPU, so N workers x 1 CPU fit N cores.
+            {'cpu': 0, 'memory': 256 * 1024 ** 2})
+        tuner = tune.Tuner(
+            trainable,
+            param_space=planning.tune_param_space(spec),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode=spec.mode,
+                num_samples=spec.num_samples, search_alg=_search_alg(spec),
+                scheduler=_scheduler(spec, max_iters), max_concurrent_trials=max_concurrent),
+            run_config=tune.RunConfig(name=spec.name, storage_path=osp.join(sweep_dir, 'tune'),
+                                      callbacks=[callback], verbose=1))
+        results = tuner.fit()
+        header, rows, failed = ranked_results(results, keys, spec.metric, spec.mode)
+        status = 'FAILED' if failed else 'FINISHED'
+        client.set_terminated(parent, status)
+    finally:
+        ray.shutdown()
+
+    print(format_table(header, rows), file=out)
+    print(f'results: {sweep_dir}', file=out)
+    print(f'MLflow: experiment "{spec.experiment}", parent run {parent}', file=out)
+    print(f'  mlflow ui --backend-store-uri {tracking_uri}', file=out)
+    if failed:
+        print(f'{len(failed)} of {len(failed) + len(rows)} trials failed:', file=out)
+        print(format_table(['trial', *keys, 'reason'], failed), file=out)
+        return 1
+    return 0

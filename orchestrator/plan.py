@@ -1,0 +1,139 @@
+"""SweepSpec -> what will run: Tune's param space, each trial's resolved mmseg overrides (derived
+values included), the resource plan, and the dry-run table. Pure functions: no Ray, no MLflow."""
+import copy
+import itertools
+import math
+
+from orchestrator.errors import ConfigError
+from orchestrator.spec import FRACTION_KEY, iterations_for
+
+HEAD = 'model.decode_head.'
+
+
+def tune_param_space(spec):
+    """Ray Tune's param_space: one entry per searched key, named exactly as in the file."""
+    from ray import tune
+    make = {'grid': tune.grid_search, 'choice': tune.choice,
+            'uniform': lambda v: tune.uniform(*v), 'loguniform': lambda v: tune.loguniform(*v),
+            'randint': lambda v: tune.randint(*v)}
+    space = {p.key: make[p.kind](list(p.values)) for p in spec.params}
+    if spec.repeats > 1 and 'seed' not in space:
+        space['seed'] = tune.grid_search(list(range(spec.repeats)))
+    return space
+
+
+def searched_keys(spec):
+    keys = spec.searched_keys
+    if spec.repeats > 1 and 'seed' not in keys:
+        keys = keys + ['seed']
+    return keys
+
+
+def resolve(spec, base_cfg, params):
+    """A trial's sampled values -> (mmseg overrides, derived values), all by dotted key.
+
+    Derived values are declared in the space file, never evaluated from it:
+    channels follow in_channels when num_convs == 0; iterations follow the few-shot fraction;
+    evaluation and checkpoint intervals follow the iterations.
+    """
+    overrides = {k: v for k, v in params.items() if k != FRACTION_KEY}
+    head = base_cfg.model.decode_head
+    derived = {}
+    num_convs = overrides.get(HEAD + 'num_convs', head.get('num_convs', 2))
+    if spec.channels_follow_in_channels and num_convs == 0:
+        derived[HEAD + 'channels'] = overrides.get(HEAD + 'in_channels', head.in_channels)
+    else:
+        derived[HEAD + 'channels'] = overrides.get(HEAD + 'channels', head.channels)
+    fraction = params.get(FRACTION_KEY, 1.0)
+    base_iters = overrides.get('runner.max_iters', base_cfg.runner.max_iters)
+    iters = iterations_for(spec, fraction, base_iters)
+    derived['runner.max_iters'] = iters
+    derived['evaluation.interval'] = max(1, math.ceil(iters / spec.evaluations))
+    derived['checkpoint_config.interval'] = derived['evaluation.interval']
+    derived[FRACTION_KEY] = fraction
+    if spec.data_root:
+        for split in ('train', 'val', 'test'):
+            if split in base_cfg.data:
+                derived[f'data.{split}.data_root'] = spec.data_root
+    overrides.update({k: v for k, v in derived.items() if k != FRACTION_KEY})
+    return overrides, derived
+
+
+def resolved_config(spec, base_cfg, params):
+    """The trial's full mmcv Config (a copy of the base with its overrides) and derived values."""
+    from mmcv import Config
+    overrides, derived = resolve(spec, base_cfg, params)
+    cfg = Config(copy.deepcopy(base_cfg._cfg_dict.to_dict()), filename=base_cfg.filename)
+    cfg.merge_from_dict(overrides)
+    return cfg, derived
+
+
+def grid_trials(spec):
+    """The trials Tune will create, for the dry-run: grid values crossed, sampled ones shown as
+    their distribution (one row per sample)."""
+    grid = [(p.key, p.values) for p in spec.params if p.kind == 'grid']
+    sampled = {p.key: f'{p.kind}{list(p.values)}' for p in spec.params if p.kind != 'grid'}
+    seeds = list(range(spec.repeats)) if spec.repeats > 1 and 'seed' not in dict(grid) else [None]
+    rows = []
+    for combo in itertools.product(*[v for _, v in grid]):
+        for seed in seeds:
+            for _ in range(spec.num_samples):
+                row = dict(zip([k for k, _ in grid], combo))
+                row.update(sampled)
+                if seed is not None:
+                    row['seed'] = seed
+                rows.append(row)
+    return rows
+
+
+def per_trial_resources(spec):
+    w = spec.workers_per_trial
+    return dict(CPU=w * spec.cpus_per_worker, GPU=w * spec.gpus_per_worker)
+
+
+def concurrency(spec, cluster):
+    """How many trials can run at once on `cluster` (Ray's resource dict); ConfigError if none.
+
+    Tune does not count a trial's Ray Train workers, so the cap is computed here.
+    """
+    need = per_trial_resources(spec)
+    fits = []
+    for res in ('CPU', 'GPU'):
+        if need[res] > 0:
+            have = cluster.get(res, 0)
+            if have < need[res]:
+                raise ConfigError(
+                    f'{spec.source}: resources: one trial needs {need[res]:g} {res} '
+                    f'({spec.workers_per_trial} workers x '
+                    f'{spec.cpus_per_worker if res == "CPU" else spec.gpus_per_worker:g}), '
+                    f'the cluster has {have:g}: it could never be scheduled')
+            fits.append(int(have // need[res] + 1e-9))
+    n = min(fits) if fits else 1
+    if spec.max_concurrent_trials:
+        n = min(n, spec.max_concurrent_trials)
+    return max(1, n)
+
+
+def dry_run_table(spec, base_cfg):
+    """Rows of (trial, resolved values...) and the total budget line."""
+    rows = grid_trials(spec)
+    keys = searched_keys(spec)
+    shown = keys + [k for k in ('model.decode_head.channels', 'runner.max_iters')
+                    if k not in keys]
+    need = per_trial_resources(spec)
+    table, total_iters = [], 0
+    for i, row in enumerate(rows):
+        concrete = {k: v for k, v in row.items() if not isinstance(v, str) or k not in
+                    {p.key for p in spec.params if p.kind != 'grid'}}
+        _, derived = resolve(spec, base_cfg, concrete)
+        values = {**row, **derived}
+        total_iters += derived['runner.max_iters']
+        table.append([i] + [values.get(k, '') for k in shown])
+    header = ['trial'] + shown
+    budget = (f'{len(rows)} trials, each {spec.workers_per_trial} worker(s) x '
+              f'({spec.cpus_per_worker:g} CPU, {spec.gpus_per_worker:g} GPU) = '
+              f'{need["CPU"]:g} CPU, {need["GPU"]:g} GPU per trial; '
+              f'{total_iters} iterations in all = {total_iters * spec.workers_per_trial} '
+              f'worker-iterations'
+              + (f' = {total_iters * need["GPU"]:g} GPU-iterations' if need['GPU'] else ''))
+    return header, table, budget

@@ -1,0 +1,27 @@
+"""What the researcher reads at the end of a sweep: the ranked table and where results are."""
+from prettytable import PrettyTable
+
+
+def format_table(header, rows):
+    t = PrettyTable(header)
+    t.align = 'l'
+    for row in rows:
+        t.add_row([f'{v:.4g}' if isinstance(v, float) else v for v in row])
+    return t.get_string()
+
+
+def ranked_results(result_grid, keys, metric='mIoU', mode='max'):
+    """(header, rows, failures) from a Tune ResultGrid, best first; failed trials listed apart."""
+    done, failed = [], []
+    for r in result_grid:
+        trial_id = (r.metrics or {}).get('trial_id') or r.path.rsplit('_', 2)[-2:][0]
+        values = [r.config.get(k) for k in keys]
+        if r.error is not None or metric not in (r.metrics or {}):
+            reason = str(r.error).strip().splitlines()[-1] if r.error else 'no metric reported'
+            failed.append([trial_id, *values, reason])
+            continue
+        done.append([trial_id, *values, r.metrics[metric], r.metrics.get('iter'),
+                     r.metrics.get('time_total_s', 0.0)])
+    done.sort(key=lambda row: row[len(keys) + 1], reverse=(mode == 'max'))
+    header = ['trial', *keys, metric, 'iters', 'time_s']
+    return header, done, failed
