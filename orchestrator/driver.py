@@ -38,7 +38,8 @@ def _local_resources():
 
 
 def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=None,
-              dry_run=False, out=sys.stdout):
+              dry_run=False, out=None):
+    out = out or sys.stdout
     spec, base_cfg = load_spec(space_file)
     spec.name = name or spec.name
     spec.output = output or spec.output

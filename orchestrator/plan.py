@@ -135,5 +135,5 @@ def dry_run_table(spec, base_cfg):
               f'{need["CPU"]:g} CPU, {need["GPU"]:g} GPU per trial; '
               f'{total_iters} iterations in all = {total_iters * spec.workers_per_trial} '
               f'worker-iterations'
-              + (f' = {total_iters * need["GPU"]:g} GPU-iterations' if need['GPU'] else ''))
+              + (f' = {total_iters * need["GPU"]:,.0f} GPU-iterations' if need['GPU'] else ''))
     return header, table, budget

@@ -31,3 +31,24 @@ def cli_env():
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', '1')
     return env
+
+
+@pytest.fixture(scope='session')
+def ray_address(tmp_path_factory):
+    """One real local Ray cluster for the whole test session (`ray start --head`), 2 CPUs."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    ray_bin = str(Path(sys.executable).with_name('ray'))
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    # Ray >= 2.59 starts clusters with token auth; a client must say so to send the token.
+    os.environ['RAY_AUTH_MODE'] = 'token'
+    env = dict(os.environ, RAY_TRAIN_V2_ENABLED='1')
+    subprocess.run([ray_bin, 'start', '--head', f'--port={port}', '--num-cpus=2', '--num-gpus=0', '--include-dashboard=false',
+                    '--disable-usage-stats'], check=True, env=env, capture_output=True)
+    yield f'127.0.0.1:{port}'
+    subprocess.run([ray_bin, 'stop', '--force'], capture_output=True)
+    shutil.rmtree(tmp_path_factory.getbasetemp() / 'ray', ignore_errors=True)

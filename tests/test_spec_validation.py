@@ -1,0 +1,157 @@
+"""Bad search spaces: one line naming file, key and value; exit code 2; nothing started."""
+import pytest
+import yaml
+
+from orchestrator import cli
+
+ROOT_CONFIG = 'configs/tiny_fcn_synthetic.py'
+
+
+@pytest.fixture
+def space(tmp_path, synthetic_root):
+    """Write a search space (a dict, or raw text) next to a fresh output dir; return its path."""
+    from pathlib import Path
+    good = dict(
+        name='t', base_config=str(Path(ROOT_CONFIG).resolve()), data_root=str(synthetic_root),
+        parameters={'model.decode_head.num_convs': {'grid': [0, 1]},
+                    'fewshot.fraction': {'grid': [0.5, 1.0]}},
+        resources={'workers_per_trial': 1}, output=str(tmp_path / 'out'))
+
+    def write(mutate=None, text=None):
+        path = tmp_path / 'space.yaml'
+        if text is None:
+            doc = yaml.safe_load(yaml.safe_dump(good))
+            if mutate:
+                mutate(doc)
+            text = yaml.safe_dump(doc)
+        path.write_text(text)
+        return path
+    return write
+
+
+def run(path, capsys, *extra):
+    code = cli.main(['sweep', str(path), *extra])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _set(path, value):
+    def mutate(doc):
+        node = doc
+        keys = path.split('/')
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return mutate
+
+
+def _delete(path):
+    def mutate(doc):
+        node = doc
+        keys = path.split('/')
+        for k in keys[:-1]:
+            node = node[k]
+        del node[keys[-1]]
+    return mutate
+
+
+CASES = [
+    # (id, mutate, raw text, substrings the message must name)
+    ('unknown top key', _set('paramters', {}), None, ['paramters', 'unknown key']),
+    ('unknown resources key', _set('resources/gpus', 1), None, ['resources.gpus']),
+    ('workers not int', _set('resources/workers_per_trial', 'two'), None,
+     ['resources.workers_per_trial', "'two'"]),
+    ('negative cpus', _set('resources/cpus_per_worker', -1), None, ['resources.cpus_per_worker', '-1']),
+    ('empty grid', _set('parameters/model.decode_head.num_convs', {'grid': []}), None,
+     ['parameters.model.decode_head.num_convs.grid', '[]']),
+    ('two distributions', _set('parameters/model.decode_head.num_convs',
+                               {'grid': [1], 'choice': [2]}), None, ['model.decode_head.num_convs']),
+    ('unknown distribution', _set('parameters/model.decode_head.num_convs', {'normal': [0, 1]}),
+     None, ['model.decode_head.num_convs', 'normal']),
+    ('fraction zero', _set('parameters/fewshot.fraction', {'grid': [0, 0.5]}), None,
+     ['fewshot.fraction', '0', '(0, 1]']),
+    ('fraction above one', _set('parameters/fewshot.fraction', {'grid': [1.5]}), None,
+     ['fewshot.fraction', '1.5']),
+    ('fraction negative', _set('parameters/fewshot.fraction', {'choice': [-0.25]}), None,
+     ['fewshot.fraction', '-0.25']),
+    ('missing base config', _set('base_config', '/nonexistent/cfg.py'), None,
+     ['base_config', '/nonexistent/cfg.py', 'not found']),
+    ('path not in base config', _set('parameters/model.decode_head.num_conv', {'grid': [1]}),
+     None, ['parameters.model.decode_head.num_conv', 'not a key of the base config']),
+    ('wrong value type', _set('parameters/model.decode_head.with_norm', {'grid': ['yes']}), None,
+     ['model.decode_head.with_norm', "'yes'", 'bool']),
+    ('float for int key', _set('parameters/model.decode_head.num_convs', {'grid': [1.5]}), None,
+     ['model.decode_head.num_convs', '1.5', 'int']),
+    ('uniform on int key', _set('parameters/model.decode_head.num_convs', {'uniform': [0, 2]}),
+     None, ['model.decode_head.num_convs', 'uniform']),
+    ('loguniform low zero', _set('parameters/optimizer.lr', {'loguniform': [0, 0.1]}), None,
+     ['optimizer.lr', 'low > 0']),
+    ('bounds reversed', _set('parameters/optimizer.lr', {'uniform': [0.1, 0.01]}), None,
+     ['optimizer.lr', 'low < high']),
+    ('grid cannot sample', _set('parameters/optimizer.lr', {'uniform': [0.001, 0.01]}), None,
+     ['search.algorithm', 'optimizer.lr', 'random']),
+    ('unknown algorithm', _set('search', {'algorithm': 'bayes'}), None, ['search.algorithm', 'bayes']),
+    ('linear probe channels', lambda d: (d['parameters'].update(
+        {'model.decode_head.channels': {'grid': [8]}}),
+        d.setdefault('derived', {}).update(channels_follow_in_channels=False)), None,
+     ['num_convs', 'channels=8', 'in_channels=32']),
+    ('negative num_convs', _set('parameters/model.decode_head.num_convs', {'grid': [-1]}), None,
+     ['model.decode_head.num_convs', '-1']),
+    ('missing parameters', _delete('parameters'), None, ['parameters', 'required']),
+    ('bad repeats', _set('repeats', 0), None, ['repeats', '0']),
+    ('bad asha', _set('early_stopping', {'asha': {'reduction_factor': 1}}), None,
+     ['early_stopping.asha.reduction_factor', '1']),
+    ('yaml syntax', None, 'name: t\nparameters: {a: [1, 2}\n', ['space.yaml', 'invalid YAML', 'line']),
+    ('not a mapping', None, '- just\n- a list\n', ['space.yaml', 'mapping']),
+    ('unsafe python tag', None, "name: !!python/object/apply:os.system ['touch /tmp/pwned']\n",
+     ['space.yaml', 'invalid YAML']),
+]
+
+
+@pytest.mark.parametrize('case_id,mutate,text,needles', CASES, ids=[c[0] for c in CASES])
+def test_bad_space_is_one_clear_line_exit_2_nothing_started(case_id, mutate, text, needles, space,
+                                                           tmp_path, capsys):
+    import ray
+    path = space(mutate, text)
+    code, err = run(path, capsys)
+    assert code == 2, err
+    assert err.count('\n') == 0, err
+    assert err.startswith('error: ') and str(path) in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not (tmp_path / 'out').exists()  # no output dir, so no MLflow store either
+    assert not ray.is_initialized()
+
+
+def test_missing_data_root_fails_before_any_work(space, tmp_path, capsys):
+    code, err = run(space(_set('data_root', str(tmp_path / 'nodata'))), capsys)
+    assert code == 2 and 'data.train.img_dir' in err and str(tmp_path / 'nodata') in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_more_workers_than_the_machine_has_fails_fast(space, tmp_path, capsys):
+    import os
+    too_many = (os.cpu_count() or 1) + 1
+    code, err = run(space(_set('resources/workers_per_trial', too_many)), capsys)
+    assert code == 2 and 'could never be scheduled' in err and f'{too_many} workers' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_good_space_dry_run_prints_plan(space, capsys):
+    code = cli.main(['sweep', str(space()), '--dry-run'])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert '4 trials' in out and 'runner.max_iters' in out
+
+
+def test_fewshot_space_dry_run_prints_60_trial_plan(capsys):
+    """The shipped InternVL study plans everywhere, data or not."""
+    code = cli.main(['sweep', 'search_spaces/fewshot.yaml', '--dry-run'])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert '60 trials' in out and '8 GPU per trial' in out
+    rows = [line for line in out.splitlines() if line.startswith('| ') and line[2].isdigit()]
+    assert len(rows) == 60
+    # InternVL's recipe: 5k iterations at 1/16 ... 80k at 1/1; linear probe keeps 3200 channels.
+    assert any('0.0625' in r and '5000' in r for r in rows)
+    assert any('| 1 ' in r and '80000' in r for r in rows)

@@ -1,0 +1,101 @@
+"""A real sweep: local Ray cluster, Ray Train workers over gloo, a real sqlite MLflow store."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator import cli
+
+SEARCHED = ['model.decode_head.num_convs', 'optimizer.lr', 'fewshot.fraction']
+
+
+@pytest.fixture(scope='module')
+def sweep(tmp_path_factory, synthetic_root, ray_address):
+    """Run one small sweep (2 trials x 2 workers, random search) and return what it left."""
+    tmp = tmp_path_factory.mktemp('sweep')
+    space = dict(
+        name='e2e', base_config=str(Path('configs/tiny_fcn_synthetic.py').resolve()),
+        data_root=str(synthetic_root),
+        parameters={'model.decode_head.num_convs': {'grid': [0, 1]},
+                    'optimizer.lr': {'loguniform': [2e-3, 4e-3]},
+                    'fewshot.fraction': {'choice': [0.5, 1.0]}},
+        derived={'iterations': {'at_full_data': 150, 'min': 60}, 'evaluations': 2},
+        search={'algorithm': 'random', 'num_samples': 1, 'seed': 0},
+        resources={'workers_per_trial': 2, 'cpus_per_worker': 1},
+        tracking={'experiment': 'e2e'}, output=str(tmp / 'out'))
+    path = tmp / 'space.yaml'
+    path.write_text(yaml.safe_dump(space))
+    code = cli.main(['sweep', str(path), '--address', ray_address])
+    uri = 'sqlite:///' + str(tmp / 'out' / 'mlflow.db')
+    return dict(code=code, client=MlflowClient(uri), out=tmp / 'out' / 'e2e')
+
+
+def _runs(sweep):
+    client = sweep['client']
+    exp = client.get_experiment_by_name('e2e')
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if 'mlflow.parentRunId' not in r.data.tags]
+    children = [r for r in runs if 'mlflow.parentRunId' in r.data.tags]
+    return parents, children
+
+
+def test_sweep_exits_zero(sweep):
+    assert sweep['code'] == 0
+
+
+def test_one_parent_one_child_per_trial(sweep):
+    parents, children = _runs(sweep)
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert all(c.data.tags['mlflow.parentRunId'] == parent.info.run_id for c in children)
+    assert parent.data.tags['sweep'] == 'e2e' and parent.data.tags['version.mmsegmentation']
+    assert parent.info.status == 'FINISHED'
+    parent_files = [a.path for a in sweep['client'].list_artifacts(parent.info.run_id)]
+    assert 'space.yaml' in parent_files
+
+
+def test_children_have_the_same_params_searched_and_derived(sweep):
+    _, children = _runs(sweep)
+    keysets = [set(c.data.params) for c in children]
+    assert keysets[0] == keysets[1]
+    for key in SEARCHED + ['model.decode_head.channels', 'runner.max_iters']:
+        assert key in keysets[0], key
+    assert {c.data.params['model.decode_head.num_convs'] for c in children} == {'0', '1'}
+    for c in children:
+        lr = float(c.data.params['optimizer.lr'])
+        assert 2e-3 <= lr <= 4e-3
+        fraction = float(c.data.params['fewshot.fraction'])
+        assert int(c.data.params['runner.max_iters']) == max(60, round(150 * fraction))
+
+
+def test_every_child_has_miou_history_and_artifacts(sweep):
+    _, children = _runs(sweep)
+    client = sweep['client']
+    for c in children:
+        assert c.info.status == 'FINISHED'
+        assert 0.0 <= c.data.metrics['mIoU'] <= 1.0
+        assert 'IoU.class1' in c.data.metrics and 'loss' in c.data.metrics
+        history = client.get_metric_history(c.info.run_id, 'mIoU')
+        steps = sorted(m.step for m in history)
+        max_iters = int(c.data.params['runner.max_iters'])
+        assert len(steps) == 2 and steps[-1] == max_iters  # step = mmseg iteration
+        files = {a.path for a in client.list_artifacts(c.info.run_id)}
+        assert {'resolved_config.py', 'fewshot_subset.txt'} <= files
+        subset = Path(client.download_artifacts(c.info.run_id, 'fewshot_subset.txt')).read_text()
+        assert len(subset.split()) == round(float(c.data.params['fewshot.fraction']) * 48)
+
+
+def test_best_configuration_beats_chance(sweep):
+    _, children = _runs(sweep)
+    best = max(c.data.metrics['mIoU'] for c in children)
+    # Chance for 4 classes: a constant prediction scores at most 1/4 mIoU.
+    assert best > 0.4
+
+
+def test_workers_trained_in_sync(sweep):
+    for sync in sweep['out'].glob('trials/*/mmseg/rank_sync.json'):
+        digests = json.loads(sync.read_text())['decode_head_sha256']
+        assert len(digests) == 2 and digests[0] == digests[1]
+    assert len(list(sweep['out'].glob('trials/*/mmseg/rank_sync.json'))) == 2
