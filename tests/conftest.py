@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Ray >= 2.59 starts clusters with token auth; a client must say so to send the token. Ray reads
+# this once, when first imported: set it before any test imports ray.
+os.environ.setdefault('RAY_AUTH_MODE', 'token')
 TINY_CONFIG = ROOT / 'configs' / 'tiny_fcn_synthetic.py'
 
 
@@ -44,8 +47,6 @@ def ray_address(tmp_path_factory):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    # Ray >= 2.59 starts clusters with token auth; a client must say so to send the token.
-    os.environ['RAY_AUTH_MODE'] = 'token'
     env = dict(os.environ, RAY_TRAIN_V2_ENABLED='1')
     subprocess.run([ray_bin, 'start', '--head', f'--port={port}', '--num-cpus=2', '--num-gpus=0', '--include-dashboard=false',
                     '--disable-usage-stats'], check=True, env=env, capture_output=True)
