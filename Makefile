@@ -5,7 +5,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/orchestrator demo
+	.venv/bin/orchestrator sweep search_spaces/demo.yaml
 
 test: setup
 	.venv/bin/python -m pytest tests
@@ -14,4 +14,4 @@ benchmark: setup
 	.venv/bin/python benchmarks/train_two_workers.py
 
 clean:
-	rm -rf .venv work_dirs data/synthetic_ade
+	rm -rf .venv work_dirs runs data/synthetic_ade data/synthetic_ade_demo

@@ -4,14 +4,10 @@ import os
 import subprocess
 import sys
 
-DEMO_CONFIG = 'configs/tiny_fcn_synthetic.py'
-DEMO_DATA = 'data/synthetic_ade'
-
-
 def _parser():
     p = argparse.ArgumentParser(prog='orchestrator', description=(
-        'Sweeps of MMSegmentation FCN-head probing. Today: train one config on one or more '
-        'CPU/GPU workers, generate demo data, run the demo.'))
+        'Ray Tune sweeps of MMSegmentation FCN-head probing, tracked in MLflow; single trainings '
+        'of one config on one or more workers; generated demo data.'))
     sub = p.add_subparsers(dest='command', required=True)
 
     t = sub.add_parser('train', help='train and evaluate one mmseg config')
@@ -37,9 +33,6 @@ def _parser():
     s.add_argument('--tracking-uri', help='MLflow URI (default: sqlite under the output root)')
     s.add_argument('--address', help='existing Ray cluster (default: RAY_ADDRESS, else local)')
 
-    demo = sub.add_parser('demo', help='generate data, train the tiny config on 2 CPU workers')
-    demo.add_argument('--work-dir', default='work_dirs/demo')
-    demo.add_argument('--workers', type=int, default=2)
     return p
 
 
@@ -80,9 +73,6 @@ def main(argv=None):
         print(generate_ade_layout(args.root, args.num_classes, args.num_train, args.num_val,
                                   args.size, args.seed))
         return 0
-    if args.command == 'demo':
-        generate_ade_layout(DEMO_DATA)
-        return run_training(DEMO_CONFIG, args.work_dir, args.workers)
     return 2
 
 

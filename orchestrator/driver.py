@@ -6,9 +6,8 @@ import shutil
 import sys
 
 from orchestrator import plan as planning
-from orchestrator.errors import ConfigError
 from orchestrator.report import format_table, ranked_results
-from orchestrator.spec import load_spec
+from orchestrator.spec import check_data_paths, load_spec
 
 
 def _search_alg(spec):
@@ -27,7 +26,6 @@ def _scheduler(spec, max_t):
 
 def _check_data(spec, base_cfg):
     """Missing data fails now, with the path, before Ray or MLflow start."""
-    from orchestrator.worker import check_data_paths
     cfg, _ = planning.resolved_config(spec, base_cfg, {})
     check_data_paths(cfg, spec.source)
 
@@ -62,7 +60,12 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     os.makedirs(sweep_dir, exist_ok=True)
     shutil.copy(spec.source, osp.join(sweep_dir, 'space.yaml'))
 
-    os.environ.setdefault('RAY_TRAIN_V2_ENABLED', '1')
+    # Inherited by a local cluster's processes; sent as the job's runtime_env to an existing one
+    # (a runtime_env on a local cluster would make every actor start a fresh worker process).
+    env_vars = {'RAY_TRAIN_V2_ENABLED': '1',
+                'RAY_TRAIN_HEALTH_CHECK_INTERVAL_S': '0.5',  # notice a finished trial sooner
+                'OMP_NUM_THREADS': str(max(1, int(spec.cpus_per_worker)))}
+    os.environ.update(env_vars)
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -73,8 +76,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
 
     tracking_uri = tracking_uri or spec.tracking_uri or default_tracking_uri(output_root)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             runtime_env={'env_vars': {'RAY_TRAIN_V2_ENABLED': '1',
-                                       'OMP_NUM_THREADS': str(max(1, int(spec.cpus_per_worker)))}})
+             runtime_env={'env_vars': env_vars} if address else None)
     try:
         max_concurrent = planning.concurrency(spec, ray.cluster_resources())
         client = MlflowClient(tracking_uri)
@@ -82,18 +84,19 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
                                                  osp.join(output_root, 'mlartifacts'))
         parent = start_parent_run(client, experiment_id, spec.name, spec.source)
         keys = planning.searched_keys(spec)
+        base = planning.plain(base_cfg)
 
         def params_of(config):
             sampled = {k: config[k] for k in keys}
-            _, derived = planning.resolve(spec, base_cfg, sampled)
+            _, derived = planning.resolve(spec, base, sampled)
             return {**sampled, **derived}
 
         callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, spec.name, params_of,
                                        lambda tid: trial_dir(sweep_dir, tid))
-        max_iters = max(planning.resolve(spec, base_cfg, {planning.FRACTION_KEY: 1.0})[1]
-                        ['runner.max_iters'], 1)
+        max_iters = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})[1]['runner.max_iters']
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, spec=spec, base_cfg=base_cfg, output_dir=sweep_dir),
+            tune.with_parameters(run_trial, spec=spec, base=base, base_filename=base_cfg.filename,
+                                 output_dir=sweep_dir),
             # The trial only drives its workers: no CPU, so N workers x 1 CPU fit N cores.
             {'cpu': 0, 'memory': 256 * 1024 ** 2})
         tuner = tune.Tuner(

@@ -29,23 +29,24 @@ def searched_keys(spec):
     return keys
 
 
-def resolve(spec, base_cfg, params):
+def resolve(spec, base, params):
     """A trial's sampled values -> (mmseg overrides, derived values), all by dotted key.
 
+    ``base`` is the base config as a plain dict (no mmcv needed: trials stay light).
     Derived values are declared in the space file, never evaluated from it:
     channels follow in_channels when num_convs == 0; iterations follow the few-shot fraction;
     evaluation and checkpoint intervals follow the iterations.
     """
     overrides = {k: v for k, v in params.items() if k != FRACTION_KEY}
-    head = base_cfg.model.decode_head
+    head = base['model']['decode_head']
     derived = {}
     num_convs = overrides.get(HEAD + 'num_convs', head.get('num_convs', 2))
     if spec.channels_follow_in_channels and num_convs == 0:
-        derived[HEAD + 'channels'] = overrides.get(HEAD + 'in_channels', head.in_channels)
+        derived[HEAD + 'channels'] = overrides.get(HEAD + 'in_channels', head['in_channels'])
     else:
-        derived[HEAD + 'channels'] = overrides.get(HEAD + 'channels', head.channels)
+        derived[HEAD + 'channels'] = overrides.get(HEAD + 'channels', head['channels'])
     fraction = params.get(FRACTION_KEY, 1.0)
-    base_iters = overrides.get('runner.max_iters', base_cfg.runner.max_iters)
+    base_iters = overrides.get('runner.max_iters', base['runner']['max_iters'])
     iters = iterations_for(spec, fraction, base_iters)
     derived['runner.max_iters'] = iters
     derived['evaluation.interval'] = max(1, math.ceil(iters / spec.evaluations))
@@ -53,19 +54,29 @@ def resolve(spec, base_cfg, params):
     derived[FRACTION_KEY] = fraction
     if spec.data_root:
         for split in ('train', 'val', 'test'):
-            if split in base_cfg.data:
+            if split in base['data']:
                 derived[f'data.{split}.data_root'] = spec.data_root
     overrides.update({k: v for k, v in derived.items() if k != FRACTION_KEY})
     return overrides, derived
 
 
+def merged_config(base, overrides, filename=None):
+    """mmcv Config of base (a plain dict) with dotted overrides, via mmcv's own merge."""
+    from mmcv import Config
+    cfg = Config(copy.deepcopy(base), filename=filename)
+    cfg.merge_from_dict(overrides)
+    return cfg
+
+
 def resolved_config(spec, base_cfg, params):
     """The trial's full mmcv Config (a copy of the base with its overrides) and derived values."""
-    from mmcv import Config
-    overrides, derived = resolve(spec, base_cfg, params)
-    cfg = Config(copy.deepcopy(base_cfg._cfg_dict.to_dict()), filename=base_cfg.filename)
-    cfg.merge_from_dict(overrides)
-    return cfg, derived
+    overrides, derived = resolve(spec, plain(base_cfg), params)
+    return merged_config(plain(base_cfg), overrides, base_cfg.filename), derived
+
+
+def plain(cfg):
+    """An mmcv Config as a plain dict (picklable without mmcv)."""
+    return cfg._cfg_dict.to_dict()
 
 
 def grid_trials(spec):
@@ -121,11 +132,12 @@ def dry_run_table(spec, base_cfg):
     shown = keys + [k for k in ('model.decode_head.channels', 'runner.max_iters')
                     if k not in keys]
     need = per_trial_resources(spec)
+    base = plain(base_cfg)
     table, total_iters = [], 0
     for i, row in enumerate(rows):
         concrete = {k: v for k, v in row.items() if not isinstance(v, str) or k not in
                     {p.key for p in spec.params if p.kind != 'grid'}}
-        _, derived = resolve(spec, base_cfg, concrete)
+        _, derived = resolve(spec, base, concrete)
         values = {**row, **derived}
         total_iters += derived['runner.max_iters']
         table.append([i] + [values.get(k, '') for k in shown])

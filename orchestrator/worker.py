@@ -31,24 +31,7 @@ from mmseg.models import build_segmentor
 from mmseg.utils import get_root_logger
 
 from orchestrator.errors import ConfigError
-
-
-def check_data_paths(cfg, source='config'):
-    """Fail before any work when a dataset directory is missing, naming the key and the path."""
-    for split in ('train', 'val'):
-        ds = cfg.data.get(split)
-        if ds is None:
-            continue
-        for d in ds if isinstance(ds, (list, tuple)) else [ds]:
-            root = d.get('data_root')
-            for key in ('img_dir', 'ann_dir'):
-                rel = d.get(key)
-                if rel is None:
-                    continue
-                path = rel if (osp.isabs(rel) or root is None) else osp.join(root, rel)
-                if not osp.isdir(path):
-                    raise ConfigError(
-                        f'{source}: data.{split}.{key}: directory not found: {osp.abspath(path)}')
+from orchestrator.spec import check_data_paths
 
 
 def state_digest(module_or_state):

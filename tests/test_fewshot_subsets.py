@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from mmseg_custom.datasets.fewshot import fewshot_subset, list_images, write_split_file
+from orchestrator.fewshot import fewshot_subset, list_images, write_split_file
 
 NAMES = [f'ADE_train_{i:08d}' for i in range(1, 201)]
 FRACTIONS = [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0]
@@ -32,7 +32,7 @@ def test_independent_of_listing_order_and_seeded():
 def test_same_subset_in_another_process(synthetic_root, tmp_path):
     img_dir = synthetic_root / 'images' / 'training'
     here = write_split_file(img_dir, 0.25, tmp_path / 'a.txt', seed=0)
-    code = ('import sys; from mmseg_custom.datasets.fewshot import write_split_file; '
+    code = ('import sys; from orchestrator.fewshot import write_split_file; '
             'write_split_file(sys.argv[1], 0.25, sys.argv[2], seed=0)')
     subprocess.run([sys.executable, '-c', code, str(img_dir), str(tmp_path / 'b.txt')], check=True)
     there = (tmp_path / 'b.txt').read_text().split()

@@ -1,6 +1,4 @@
 from .ade_layout import ADELayoutDataset
-from .fewshot import fewshot_subset, list_images, write_split_file
 from .synthetic import generate_ade_layout
 
-__all__ = [
-    "ADELayoutDataset", "fewshot_subset", "generate_ade_layout", "list_images", "write_split_file"]
+__all__ = ['ADELayoutDataset', 'generate_ade_layout']
