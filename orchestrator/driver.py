@@ -93,7 +93,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
 
         callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, spec.name, params_of,
                                        lambda tid: trial_dir(sweep_dir, tid))
-        max_iters = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})[1]['runner.max_iters']
+        _, full = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})
+        max_iters = full['runner.max_iters']
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, spec=spec, base=base, base_filename=base_cfg.filename,
                                  output_dir=sweep_dir),

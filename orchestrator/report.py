@@ -14,7 +14,7 @@ def ranked_results(result_grid, keys, metric='mIoU', mode='max'):
     """(header, rows, failures) from a Tune ResultGrid, best first; failed trials listed apart."""
     done, failed = [], []
     for r in result_grid:
-        trial_id = (r.metrics or {}).get('trial_id') or r.path.rsplit('_', 2)[-2:][0]
+        trial_id = (r.metrics or {}).get('trial_id', '?')
         values = [r.config.get(k) for k in keys]
         if r.error is not None or metric not in (r.metrics or {}):
             reason = str(r.error).strip().splitlines()[-1] if r.error else 'no metric reported'

@@ -6,7 +6,6 @@ MLflow or any output directory is touched. The format is documented in search_sp
 import math
 import os.path as osp
 from dataclasses import dataclass, field
-from typing import Any
 
 import yaml
 
@@ -153,8 +152,7 @@ def _parse_param(source, key, body, base_cfg):
         if kind == 'randint' and not all(map(_int, values)):
             raise _err(source, where, values, 'randint needs integers [low, high) ')
     if key == FRACTION_KEY:
-        points = values if kind in ('grid', 'choice') else values
-        for v in points:
+        for v in values:  # grid/choice points, or the [low, high] of a distribution
             if not _num(v) or not 0 < v <= 1:
                 raise _err(source, where, v, 'few-shot fractions must be numbers in (0, 1]')
         if kind in ('randint', 'loguniform') and values[0] <= 0:
@@ -378,6 +376,3 @@ def iterations_for(spec, fraction, base_iters):
         return base_iters
     return max(spec.iterations_min, int(math.ceil(spec.iterations_at_full_data * fraction)))
 
-
-def as_dict(spec) -> dict[str, Any]:
-    return {k: v for k, v in spec.__dict__.items() if k != 'raw'}

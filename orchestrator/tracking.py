@@ -24,10 +24,14 @@ def default_tracking_uri(output_root):
 
 
 def get_or_create_experiment(client, name, artifact_root):
+    """With a local store, artifacts go to an absolute folder beside it (MLflow's default is
+    ./mlruns relative to the working directory); an http:// server chooses its own."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location='file://' + osp.abspath(artifact_root))
+    local = not client.tracking_uri.startswith(('http://', 'https://'))
+    location = 'file://' + osp.abspath(artifact_root) if local else None
+    return client.create_experiment(name, artifact_location=location)
 
 
 def _git_commit():
