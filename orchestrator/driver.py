@@ -63,7 +63,6 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     # Inherited by a local cluster's processes; sent as the job's runtime_env to an existing one
     # (a runtime_env on a local cluster would make every actor start a fresh worker process).
     env_vars = {'RAY_TRAIN_V2_ENABLED': '1',
-                'RAY_TRAIN_HEALTH_CHECK_INTERVAL_S': '0.5',  # notice a finished trial sooner
                 'OMP_NUM_THREADS': str(max(1, int(spec.cpus_per_worker)))}
     os.environ.update(env_vars)
     import ray
