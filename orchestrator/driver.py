@@ -118,7 +118,10 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     print(format_table(header, rows), file=out)
     print(f'results: {sweep_dir}', file=out)
     print(f'MLflow: experiment "{spec.experiment}", parent run {parent}', file=out)
-    print(f'  mlflow ui --backend-store-uri {tracking_uri}', file=out)
+    if tracking_uri.startswith(('http://', 'https://')):
+        print(f'  open {tracking_uri} (the MLflow server\'s UI)', file=out)
+    else:
+        print(f'  mlflow ui --backend-store-uri {tracking_uri}', file=out)
     if failed:
         print(f'{len(failed)} of {len(failed) + len(rows)} trials failed:', file=out)
         print(format_table(['trial', *keys, 'reason'], failed), file=out)

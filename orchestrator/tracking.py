@@ -110,7 +110,7 @@ class MLflowTrialCallback(Callback):
         if run_id is None:
             return
         trial_dir = self.trial_dir_of(trial.trial_id)
-        for name in ('resolved_config.py', 'fewshot_subset.txt', 'metrics.jsonl'):
+        for name in ('resolved_config.py', 'fewshot_subset.txt', 'mmseg/metrics.jsonl'):
             path = osp.join(trial_dir, name)
             if osp.isfile(path):
                 self.client.log_artifact(run_id, path)
