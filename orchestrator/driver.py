@@ -76,9 +76,9 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     tracking_uri = tracking_uri or spec.tracking_uri or default_tracking_uri(output_root)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              runtime_env={'env_vars': env_vars} if address else None)
+    client, parent = MlflowClient(tracking_uri), None
     try:
         max_concurrent = planning.concurrency(spec, ray.cluster_resources())
-        client = MlflowClient(tracking_uri)
         experiment_id = get_or_create_experiment(client, spec.experiment,
                                                  osp.join(output_root, 'mlartifacts'))
         parent = start_parent_run(client, experiment_id, spec.name, spec.source)
@@ -112,6 +112,10 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
         header, rows, failed = ranked_results(results, keys, spec.metric, spec.mode)
         status = 'FAILED' if failed else 'FINISHED'
         client.set_terminated(parent, status)
+    except BaseException:
+        if parent is not None:  # interrupted or crashed: the parent run must not stay RUNNING
+            client.set_terminated(parent, 'KILLED')
+        raise
     finally:
         ray.shutdown()
 

@@ -133,11 +133,10 @@ def dry_run_table(spec, base_cfg):
                     if k not in keys]
     need = per_trial_resources(spec)
     base = plain(base_cfg)
+    sampled = {p.key for p in spec.params if p.kind != 'grid'}  # shown as distributions
     table, total_iters = [], 0
     for i, row in enumerate(rows):
-        concrete = {k: v for k, v in row.items() if not isinstance(v, str) or k not in
-                    {p.key for p in spec.params if p.kind != 'grid'}}
-        _, derived = resolve(spec, base, concrete)
+        _, derived = resolve(spec, base, {k: v for k, v in row.items() if k not in sampled})
         values = {**row, **derived}
         total_iters += derived['runner.max_iters']
         table.append([i] + [values.get(k, '') for k in shown])
