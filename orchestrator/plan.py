@@ -23,7 +23,7 @@ def tune_param_space(spec):
 
 
 def searched_keys(spec):
-    keys = spec.searched_keys
+    keys = [p.key for p in spec.params]
     if spec.repeats > 1 and 'seed' not in keys:
         keys = keys + ['seed']
     return keys

@@ -5,7 +5,7 @@ MLflow or any output directory is touched. The format is documented in search_sp
 """
 import math
 import os.path as osp
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
 
@@ -66,11 +66,6 @@ class SweepSpec:
     tracking_uri: str = None
     experiment: str = None
     output: str = 'runs'
-    raw: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def searched_keys(self):
-        return [p.key for p in self.params]
 
 
 def _err(source, key, value, allowed):
@@ -150,7 +145,7 @@ def _parse_param(source, key, body, base_cfg):
         if kind == 'loguniform' and values[0] <= 0:
             raise _err(source, where, values, 'loguniform needs low > 0')
         if kind == 'randint' and not all(map(_int, values)):
-            raise _err(source, where, values, 'randint needs integers [low, high) ')
+            raise _err(source, where, values, 'randint needs integers [low, high)')
     if key == FRACTION_KEY:
         for v in values:  # grid/choice points, or the [low, high] of a distribution
             if not _num(v) or not 0 < v <= 1:
@@ -233,8 +228,7 @@ def load_spec(path):
                    'dotted config keys to distributions')
     params = [_parse_param(source, str(k), v, base_dict) for k, v in params_raw.items()]
 
-    spec = SweepSpec(source=source, name=name, base_config=rel(base_path), params=params,
-                     raw=raw)
+    spec = SweepSpec(source=source, name=name, base_config=rel(base_path), params=params)
     data_root = _get(source, '', raw, 'data_root', lambda v: isinstance(v, str), 'a path')
     spec.data_root = rel(data_root) if data_root else None
 
