@@ -1,5 +1,5 @@
 """Orchestration overhead: the same training (a) directly under torchrun and (b) as a one-trial
-`orchestrator sweep` (local Ray, Ray Train workers, Tune, MLflow). Prints both wall times, the time
+`orchestrator sweep` (local Ray, warm worker group, Tune, MLflow). Prints both wall times, the time
 from the command's start to mmcv's runner starting, and the ratio (b - a) / a.
 
 Targets (issue 3): overhead under 15 s per trial and under 10 % of a 2-minute trial.

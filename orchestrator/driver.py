@@ -62,8 +62,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
 
     # Inherited by a local cluster's processes; sent as the job's runtime_env to an existing one
     # (a runtime_env on a local cluster would make every actor start a fresh worker process).
-    env_vars = {'RAY_TRAIN_V2_ENABLED': '1',
-                'OMP_NUM_THREADS': str(max(1, int(spec.cpus_per_worker)))}
+    env_vars = {'OMP_NUM_THREADS': str(max(1, int(spec.cpus_per_worker)))}
     os.environ.update(env_vars)
     import ray
     from mlflow.tracking import MlflowClient
@@ -72,6 +71,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     from orchestrator.tracking import (MLflowTrialCallback, default_tracking_uri,
                                        get_or_create_experiment, start_parent_run)
     from orchestrator.trial import run_trial, trial_dir
+    from orchestrator.worker_group import WorkerPool
 
     tracking_uri = tracking_uri or spec.tracking_uri or default_tracking_uri(output_root)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -79,6 +79,10 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     client, parent = MlflowClient(tracking_uri), None
     try:
         max_concurrent = planning.concurrency(spec, ray.cluster_resources())
+        # Started first: its workers import mmseg while MLflow and Tune get ready.
+        pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
+        pool = WorkerPool.options(name=pool_name).remote(  # noqa: F841 (lives as long as the driver)
+            max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec))
         experiment_id = get_or_create_experiment(client, spec.experiment,
                                                  osp.join(output_root, 'mlartifacts'))
         parent = start_parent_run(client, experiment_id, spec.name, spec.source)
@@ -96,8 +100,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
         max_iters = full['runner.max_iters']
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, spec=spec, base=base, base_filename=base_cfg.filename,
-                                 output_dir=sweep_dir),
-            # The trial only drives its workers: no CPU, so N workers x 1 CPU fit N cores.
+                                 output_dir=sweep_dir, pool_name=pool_name),
+            # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own.
             {'cpu': 0, 'memory': 256 * 1024 ** 2})
         tuner = tune.Tuner(
             trainable,
@@ -105,7 +109,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode,
                 num_samples=spec.num_samples, search_alg=_search_alg(spec),
-                scheduler=_scheduler(spec, max_iters), max_concurrent_trials=max_concurrent),
+                scheduler=_scheduler(spec, max_iters), max_concurrent_trials=max_concurrent,
+                reuse_actors=True),
             run_config=tune.RunConfig(name=spec.name, storage_path=osp.join(sweep_dir, 'tune'),
                                       callbacks=[callback], verbose=1))
         results = tuner.fit()

@@ -102,10 +102,19 @@ def per_trial_resources(spec):
     return dict(CPU=w * spec.cpus_per_worker, GPU=w * spec.gpus_per_worker)
 
 
+def worker_bundle(spec):
+    """One worker's Ray resources (a placement-group bundle)."""
+    bundle = {'CPU': float(spec.cpus_per_worker)}
+    if spec.gpus_per_worker:
+        bundle['GPU'] = float(spec.gpus_per_worker)
+    return bundle
+
+
 def concurrency(spec, cluster):
     """How many trials can run at once on `cluster` (Ray's resource dict); ConfigError if none.
 
-    Tune does not count a trial's Ray Train workers, so the cap is computed here.
+    Tune does not count a trial's workers (they belong to the worker pool), so the cap is
+    computed here; the pool holds exactly that many worker groups.
     """
     need = per_trial_resources(spec)
     fits = []

@@ -1,34 +1,23 @@
-"""One Tune trial: resolve its overrides, pick its few-shot subset, run a Ray Train TorchTrainer
-of N workers, forward their reports to Tune (TuneReportCallback).
+"""One Tune trial: resolve its overrides, pick its few-shot subset, lease a warm worker group,
+run the training on its N workers and forward rank 0's evaluations to Tune (so ASHA can stop it).
 
-The trial process only drives: it never imports mmcv or mmseg (they cost ~5 s per trial); the
-workers merge the config with mmcv and train.
+The trial process only drives: it never imports mmcv or mmseg; the workers merge the config.
 """
 import os
 import os.path as osp
 
-import ray.train
+import ray
 from ray import tune
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.fewshot import write_split_file
-from orchestrator.plan import merged_config, resolve
+from orchestrator.plan import resolve
 from orchestrator.spec import FRACTION_KEY
+
+POLL_S = 1.0
 
 
 def trial_dir(output_dir, trial_id):
     return osp.join(output_dir, 'trials', trial_id)
-
-
-def train_loop_per_worker(job):
-    """Ray Train worker: merge the config, train with the ordinary worker function, report each
-    evaluation to Ray Train (every rank reports, as Train V2 expects)."""
-    from orchestrator import worker  # mmseg_custom first: shims before mmcv loads
-    cfg = merged_config(job['base'], job['overrides'], job['base_filename'])
-    if ray.train.get_context().get_world_rank() == 0:
-        cfg.dump(osp.join(job['trial_dir'], 'resolved_config.py'))
-    worker.train(cfg, cfg.work_dir, callback=ray.train.report, source=job['source'])
 
 
 def trial_overrides(spec, base, params, out_dir):
@@ -46,24 +35,45 @@ def trial_overrides(spec, base, params, out_dir):
     return overrides
 
 
-def run_trial(config, spec, base, base_filename, output_dir):
+def _root_error(runs, error):
+    """The error that ended a group's run: a worker's own exception, not the 'actor died' of
+    the ranks the pool killed after it."""
+    ready = ray.wait(runs, num_returns=len(runs), timeout=5.0)[0]
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            return e
+        except ray.exceptions.RayError:
+            pass
+    return error
+
+
+def run_trial(config, spec, base, base_filename, output_dir, pool_name):
     """Tune function trainable (a plain function, as in Ray Tune's examples)."""
     trial_id = tune.get_context().get_trial_id()
     out_dir = trial_dir(output_dir, trial_id)
     overrides = trial_overrides(spec, base, dict(config), out_dir)
-    use_gpu = spec.gpus_per_worker > 0
-    resources = {'CPU': spec.cpus_per_worker}
-    if use_gpu:
-        resources['GPU'] = spec.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=dict(base=base, overrides=overrides, base_filename=base_filename,
-                               trial_dir=out_dir, source=spec.source),
-        torch_config=TorchConfig(backend='nccl' if use_gpu else 'gloo'),
-        scaling_config=ray.train.ScalingConfig(num_workers=spec.workers_per_trial,
-                                               use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f'train-{trial_id}',
-                                       storage_path=osp.join(output_dir, 'ray_train'),
-                                       callbacks=[TuneReportCallback()]),
-    )
-    trainer.fit()
+    job = dict(base=base, overrides=overrides, base_filename=base_filename, trial_dir=out_dir,
+               source=spec.source, trial_id=trial_id)
+    pool = ray.get_actor(pool_name)
+    gid, workers = ray.get(pool.acquire.remote(trial_id))
+    n = len(workers)
+    init_method = ray.get(workers[0].rendezvous.remote())
+    runs = [w.run.remote(job, rank, n, init_method) for rank, w in enumerate(workers)]
+    pool.release_when_done.remote(gid, runs)
+    try:
+        done = False
+        while not done:
+            ready = ray.wait(runs, num_returns=n, timeout=POLL_S)[0]
+            done = len(ready) == n
+            try:
+                ray.get(ready)  # a worker's error fails the trial, with the worker's message
+                reports = ray.get(workers[0].drain.remote(trial_id))
+            except ray.exceptions.RayError as e:
+                raise _root_error(runs, e) from None
+            for metrics in reports:
+                tune.report(metrics)
+    finally:  # finished, failed, or stopped by Tune (ASHA): no worker keeps training it
+        for w in workers:
+            w.request_stop.remote(trial_id)

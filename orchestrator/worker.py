@@ -1,6 +1,6 @@
 """One training worker: an mmcv Config -> mmseg segmentor with our FCNHead -> train, evaluate -> metrics.
 
-An ordinary function. It runs in one process, under torchrun, or inside a Ray Train worker, and
+An ordinary function. It runs in one process, under torchrun, or in a sweep's warm Ray worker, and
 is distributed whenever ``torch.distributed`` is initialised (or torchrun's WORLD_SIZE > 1):
 gloo on CPU, nccl on GPU. Training itself is mmseg's own ``train_segmentor``; what this module
 adds is the device decision, the CPU handling of SyncBatchNorm, clear errors for missing data,
@@ -12,6 +12,7 @@ and one metrics dict out (the same on every rank).
 import copy
 import hashlib
 import json
+import logging
 import os
 import os.path as osp
 import sys
@@ -30,6 +31,8 @@ from mmseg.datasets import build_dataset
 from mmseg.models import build_segmentor
 from mmseg.utils import get_root_logger
 
+from mmseg_custom.hooks import TrainingStopped
+
 from orchestrator.errors import ConfigError
 from orchestrator.spec import check_data_paths
 
@@ -45,14 +48,15 @@ def state_digest(module_or_state):
     return h.hexdigest()
 
 
-def build_model(cfg, source='config'):
+def build_model(cfg, source='config', init_weights=True):
     """mmseg segmentor from cfg; a config the model rejects is a ConfigError naming the source."""
     try:
         model = build_segmentor(cfg.model, train_cfg=cfg.get('train_cfg'),
                                 test_cfg=cfg.get('test_cfg'))
     except (AssertionError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(f'{source}: model: {e}') from e
-    model.init_weights()
+    if init_weights:
+        model.init_weights()
     return model
 
 
@@ -84,12 +88,25 @@ def _revert_sync_bn_on_cpu(model, distributed, logger):
     return revert_sync_batchnorm(model)
 
 
-def train(cfg, work_dir=None, callback=None, source='config'):
+def _fresh_root_logger(log_file, log_level):
+    """mmseg's root logger writing to this run's file. mmcv caches loggers per process, so a
+    process that trains several runs (a warm sweep worker) would keep logging to the first file."""
+    from mmcv.utils import logging as mmcv_logging
+    logger = logging.getLogger('mmseg')
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    mmcv_logging.logger_initialized.pop('mmseg', None)
+    return get_root_logger(log_file=log_file, log_level=log_level)
+
+
+def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
     """Train and evaluate ``cfg`` (an mmcv Config); return the final evaluation's metrics.
 
     The dict holds mIoU, mAcc, aAcc, per-class ``IoU.<class>``/``Acc.<class>`` and ``iter``.
     ``callback(metrics)`` is called on every rank after every evaluation, with rank 0's metrics
-    (the sweep's reporting path; Ray Train wants a report from each worker).
+    (the sweep's reporting path). ``should_stop()``, asked after every iteration on every rank,
+    ends the run early when any rank says so; the last evaluation's metrics are returned then.
     """
     cfg = copy.deepcopy(cfg)
     check_data_paths(cfg, source)
@@ -98,24 +115,25 @@ def train(cfg, work_dir=None, callback=None, source='config'):
     cuda = torch.cuda.is_available()
     cfg.device = 'cuda' if cuda else 'cpu'
     cfg.gpu_ids = [int(os.environ.get('LOCAL_RANK', 0))] if cuda else [0]
+    seed = cfg.get('seed', 0)
+    cfg.seed = seed
+    set_random_seed(seed, deterministic=cfg.get('deterministic', False))
+    # Built before anything is written: a head the config breaks fails here, in one line.
+    model = build_model(cfg, source, init_weights=False)
+
     cfg.work_dir = osp.abspath(work_dir or cfg.get('work_dir') or 'work_dirs/run')
     mmcv.mkdir_or_exist(cfg.work_dir)
     if cfg.data.get('workers_per_gpu', 2) == 0:
         cfg.data.persistent_workers = False  # torch refuses persistent workers without workers
 
     timestamp = time.strftime('%Y%m%d_%H%M%S', time.localtime())
-    logger = get_root_logger(log_file=osp.join(cfg.work_dir, f'{timestamp}.log'),
-                             log_level=cfg.get('log_level', 'INFO'))
+    logger = _fresh_root_logger(osp.join(cfg.work_dir, f'{timestamp}.log'),
+                                cfg.get('log_level', 'INFO'))
     logger.info(f'rank {rank}/{world_size}, device {cfg.device}, '
                 f'backend {dist.get_backend() if distributed else "none"}')
     if rank == 0:
         cfg.dump(osp.join(cfg.work_dir, 'config.py'))
-
-    seed = cfg.get('seed', 0)
-    cfg.seed = seed
-    set_random_seed(seed, deterministic=cfg.get('deterministic', False))
-
-    model = build_model(cfg, source)
+    model.init_weights()
     if not cuda:
         model = _revert_sync_bn_on_cpu(model, distributed, logger)
     datasets = [build_dataset(cfg.data.train)]
@@ -131,10 +149,17 @@ def train(cfg, work_dir=None, callback=None, source='config'):
 
     cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
         dict(type='EvalMetricsHook', callback=on_eval, priority=80)]
+    if should_stop is not None:
+        cfg.custom_hooks.append(dict(type='StopRequestHook', should_stop=should_stop,
+                                     priority='LOWEST'))
     cfg.checkpoint_config = dict(cfg.get('checkpoint_config') or {},
                                  meta=dict(CLASSES=model.CLASSES, PALETTE=model.PALETTE))
-    train_segmentor(model, datasets, cfg, distributed=distributed, validate=True,
-                    timestamp=timestamp, meta=dict(seed=seed))
+    try:
+        train_segmentor(model, datasets, cfg, distributed=distributed, validate=True,
+                        timestamp=timestamp, meta=dict(seed=seed))
+    except TrainingStopped as e:
+        logger.info(f'training ended early on request: {e}')
+        return history[-1] if history else None
 
     _record_rank_sync(model, cfg.work_dir, distributed, logger)
     return history[-1] if history else None

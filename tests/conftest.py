@@ -47,9 +47,8 @@ def ray_address(tmp_path_factory):
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, RAY_TRAIN_V2_ENABLED='1')
     subprocess.run([ray_bin, 'start', '--head', f'--port={port}', '--num-cpus=2', '--num-gpus=0', '--include-dashboard=false',
-                    '--disable-usage-stats'], check=True, env=env, capture_output=True)
+                    '--disable-usage-stats'], check=True, capture_output=True)
     yield f'127.0.0.1:{port}'
     subprocess.run([ray_bin, 'stop', '--force'], capture_output=True)
     shutil.rmtree(tmp_path_factory.getbasetemp() / 'ray', ignore_errors=True)

@@ -1,4 +1,4 @@
-"""A real sweep: local Ray cluster, Ray Train workers over gloo, a real sqlite MLflow store."""
+"""A real sweep: local Ray cluster, warm worker groups over gloo, a real sqlite MLflow store."""
 import json
 from pathlib import Path
 

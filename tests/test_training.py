@@ -80,6 +80,7 @@ def test_linear_probe_channel_mismatch_names_both_values(synthetic_root, tmp_pat
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count('\n') == 0
     assert 'in_channels=32' in err and 'channels=16' in err
+    assert not (tmp_path / 'wd').exists()  # rejected before anything was written
 
 
 @pytest.mark.parametrize('path', ['configs/does_not_exist.py'])

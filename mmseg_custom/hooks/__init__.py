@@ -1,3 +1,4 @@
 from .eval_metrics import EvalMetricsHook
+from .stop_request import StopRequestHook, TrainingStopped
 
-__all__ = ['EvalMetricsHook']
+__all__ = ['EvalMetricsHook', 'StopRequestHook', 'TrainingStopped']

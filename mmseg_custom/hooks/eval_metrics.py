@@ -3,7 +3,7 @@
 mmseg's EvalHook writes its results into ``runner.log_buffer`` on rank 0 and the logger hooks clear
 them; this hook (priority 80: after EvalHook at LOW=70, before the loggers at VERY_LOW=90) copies
 each evaluation, adds the mean training loss and the lr since the previous one, broadcasts it to
-all ranks (Ray Train expects every worker to report), appends it to ``work_dir/metrics.jsonl`` and
+all ranks (each rank gets the same dict back), appends it to ``work_dir/metrics.jsonl`` and
 hands it to ``callback``. It also evaluates after the last iteration when the interval did not land
 on it, so a run always ends with metrics of its final weights.
 """

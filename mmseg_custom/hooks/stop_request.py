@@ -1,0 +1,30 @@
+"""Stop a training run from outside, on every rank at the same iteration.
+
+A sweep stops trials early (ASHA) or abandons them (their driver is gone). ``should_stop()`` is
+asked on every rank after every iteration; the answers are combined with an all-reduce (MAX), so
+one rank's request stops all ranks together instead of leaving the others waiting in a collective.
+The run ends by raising ``TrainingStopped``, which the caller catches.
+"""
+import torch
+import torch.distributed as dist
+from mmcv.runner import HOOKS, Hook
+
+
+class TrainingStopped(Exception):
+    """Raised inside mmcv's runner when a stop was requested."""
+
+
+@HOOKS.register_module()
+class StopRequestHook(Hook):
+
+    def __init__(self, should_stop):
+        self.should_stop = should_stop
+
+    def after_train_iter(self, runner):
+        flag = torch.tensor([1.0 if self.should_stop() else 0.0])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == 'nccl':
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            raise TrainingStopped(f'stopped at iteration {runner.iter + 1}')

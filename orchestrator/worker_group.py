@@ -1,0 +1,161 @@
+"""Warm worker groups: the Ray actors that train a sweep's trials, started once per sweep.
+
+Why not a Ray Train ``TorchTrainer`` per trial: on 2 cores Ray Train V2 spent ~20 s of every trial
+starting its ~9 controller/worker actor processes, plus ~6 s importing torch/mmcv/mmseg in fresh
+workers (issue 3's notes). Here each concurrent trial slot owns one group of N ``TrainWorker``
+actors in a placement group (all of the group's CPUs/GPUs reserved together); a worker imports
+mmseg once and trains one trial after another, joining a fresh ``torch.distributed`` group
+(gloo on CPU, nccl on GPU) per trial.
+
+``WorkerPool`` (one named actor per sweep) leases groups to trials: ``acquire`` waits for a free
+group, ``release_when_done`` frees it when the trial's workers return, so a trial process that
+dies never strands a group. A group whose run failed is rebuilt from fresh processes. A worker
+whose trial stops polling it (its Tune trial was stopped or is gone) stops training by itself.
+"""
+import asyncio
+import os
+import socket
+import threading
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+ABANDONED_AFTER_S = 120.0  # a running trial polls every second; silence this long means it is gone
+
+
+@ray.remote(max_concurrency=4)  # `run` in one thread; `drain`/`request_stop` answered alongside
+class TrainWorker:
+
+    def __init__(self):
+        from orchestrator import worker  # noqa: F401  (the ~6 s of imports, paid once per process)
+        self._lock = threading.Lock()
+        self._runs = {}  # trial id -> its reports, stop request and last poll: calls from a
+        # finished trial's process can arrive after the next trial started on this worker
+
+    def where(self):
+        """Where this worker runs: recorded as MLflow tags of each trial."""
+        ctx = ray.get_runtime_context()
+        return dict(node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address(),
+                    gpu_ids=[str(g) for g in ray.get_gpu_ids()], pid=os.getpid())
+
+    def rendezvous(self):
+        """Address for the trial's process group, with a port free on this (rank 0's) node."""
+        with socket.socket() as s:
+            s.bind(('', 0))
+            port = s.getsockname()[1]
+        return f'tcp://{ray.util.get_node_ip_address()}:{port}'
+
+    def _state(self, trial_id):
+        return self._runs.setdefault(trial_id, dict(reports=[], stop=False, polled=time.time()))
+
+    def drain(self, trial_id):
+        """The trial's reports since the last call (only rank 0 has any); also its heartbeat."""
+        with self._lock:
+            state = self._state(trial_id)
+            reports, state['reports'], state['polled'] = state['reports'], [], time.time()
+        return reports
+
+    def request_stop(self, trial_id):
+        with self._lock:
+            self._state(trial_id)['stop'] = True
+
+    def run(self, job, rank, world_size, init_method):
+        """Train one trial as ``rank`` of ``world_size``; returns the final metrics."""
+        import torch
+        import torch.distributed as dist
+
+        from orchestrator import worker
+        from orchestrator.plan import merged_config
+        trial_id = job['trial_id']
+        with self._lock:
+            state = self._state(trial_id)
+
+        def report(metrics):
+            with self._lock:
+                state['reports'].append(metrics)
+
+        def should_stop():  # rank 0's answer reaches every rank (StopRequestHook all-reduces)
+            abandoned = rank == 0 and time.time() - state['polled'] > ABANDONED_AFTER_S
+            return state['stop'] or abandoned
+
+        cfg = merged_config(job['base'], job['overrides'], job['base_filename'])
+        if rank == 0:
+            cfg.dump(os.path.join(job['trial_dir'], 'resolved_config.py'))
+        # mmseg's train_segmentor reads LOCAL_RANK for DDP's device ids
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK='0')
+        if world_size > 1:
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(0)  # Ray shows each GPU worker its own device(s) only
+            dist.init_process_group('nccl' if cuda else 'gloo', init_method=init_method,
+                                    rank=rank, world_size=world_size)
+        try:
+            return worker.train(cfg, cfg.work_dir, callback=report if rank == 0 else None,
+                                source=job['source'], should_stop=should_stop)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _start_group(n_workers, bundle, strategy):
+    pg = placement_group([dict(bundle) for _ in range(n_workers)], strategy=strategy)
+    workers = [TrainWorker.options(
+        num_cpus=bundle.get('CPU', 0), num_gpus=bundle.get('GPU', 0),
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+    ).remote() for i in range(n_workers)]
+    return pg, workers
+
+
+@ray.remote(num_cpus=0)
+class WorkerPool:
+    """Leases warm worker groups to trials (an async actor: waiting trials do not block it)."""
+
+    def __init__(self, n_groups, n_workers, bundle, strategy='PACK'):
+        self.n_workers, self.bundle, self.strategy = n_workers, dict(bundle), strategy
+        self.groups = [_start_group(n_workers, self.bundle, strategy) for _ in range(n_groups)]
+        self.free = list(range(n_groups))
+        self.holder = {}
+        self.rebuilt = 0
+        self._changed = None
+
+    def _cond(self):
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def ready(self):
+        """Wait until every worker has started and imported mmseg; returns their locations."""
+        return await asyncio.gather(*[w.where.remote() for _, ws in self.groups for w in ws])
+
+    async def acquire(self, trial_id):
+        async with self._cond():
+            await self._cond().wait_for(lambda: self.free)
+            gid = self.free.pop(0)
+            self.holder[gid] = trial_id
+        return gid, self.groups[gid][1]
+
+    async def release_when_done(self, gid, refs):
+        """Free group ``gid`` once the runs ``refs`` have returned; rebuild it if any failed."""
+        try:  # the first failure counts: the other ranks may be blocked in a collective
+            await asyncio.gather(*refs)
+        except Exception as e:  # the trial reports the error itself; here only the group matters
+            print(f'worker group {gid}: run failed ({type(e).__name__}: {e}); rebuilding it',
+                  flush=True)
+            pg, workers = self.groups[gid]
+            for w in workers:
+                ray.kill(w)
+            remove_placement_group(pg)
+            self.groups[gid] = _start_group(self.n_workers, self.bundle, self.strategy)
+            self.rebuilt += 1
+        async with self._cond():
+            self.holder.pop(gid, None)
+            self.free.append(gid)
+            self._cond().notify_all()
+
+    def stats(self):
+        return dict(groups=len(self.groups), free=len(self.free), rebuilt=self.rebuilt,
+                    holders=dict(self.holder))

@@ -1,0 +1,103 @@
+"""Warm worker groups on a real local Ray cluster: a reused group trains a second trial exactly as
+a fresh one would, a stop request ends all ranks early, and a failed group is rebuilt."""
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def pool(ray_address):
+    import ray
+
+    from orchestrator.worker_group import WorkerPool
+    ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    pool = WorkerPool.remote(1, 2, {'CPU': 1.0})
+    yield pool
+    ray.kill(pool)
+    ray.shutdown()
+
+
+def _job(tiny_cfg, out, trial_id, **overrides):
+    from orchestrator.plan import plain
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = {'work_dir': str(out / 'mmseg'), 'runner.max_iters': 40,
+                 'evaluation.interval': 20, 'checkpoint_config.interval': 20, **overrides}
+    return dict(base=plain(tiny_cfg), overrides=overrides, base_filename=tiny_cfg.filename,
+                trial_dir=str(out), source='test', trial_id=trial_id)
+
+
+def _run(pool, job):
+    import ray
+    gid, workers = ray.get(pool.acquire.remote(job['trial_id']))
+    address = ray.get(workers[0].rendezvous.remote())
+    runs = [w.run.remote(job, rank, len(workers), address) for rank, w in enumerate(workers)]
+    pool.release_when_done.remote(gid, runs)
+    return workers, runs
+
+
+def _eventually(predicate, timeout=60):
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline:
+        time.sleep(0.5)
+    return predicate()
+
+
+def test_warm_group_reproduces_a_trial_exactly(pool, tiny_cfg, tmp_path):
+    import ray
+    pids = []
+    results = []
+    for i in range(2):
+        job = _job(tiny_cfg, tmp_path / f't{i}', f't{i}')
+        workers, runs = _run(pool, job)
+        results.append(ray.get(runs))
+        pids.append([ray.get(w.where.remote())['pid'] for w in workers])
+        reports = ray.get(workers[0].drain.remote(f't{i}'))
+        assert [r['iter'] for r in reports] == [20, 40]
+    assert pids[0] == pids[1]  # the same two processes trained both trials
+    assert results[0] == results[1] and results[0][0] == results[0][1]  # ranks agree
+    digests = [json.loads((tmp_path / f't{i}' / 'mmseg' / 'rank_sync.json').read_text())
+               for i in range(2)]
+    assert digests[0] == digests[1] and len(set(digests[0]['decode_head_sha256'])) == 1
+    # Each trial has its own log file (mmcv caches its logger per process).
+    for i in range(2):
+        logs = list((tmp_path / f't{i}' / 'mmseg').glob('*.log'))
+        assert logs and 'Iter [40/40]' in logs[0].read_text()
+    assert (tmp_path / 't0' / 'resolved_config.py').is_file()
+
+
+def test_stop_request_ends_every_rank_early(pool, tiny_cfg, tmp_path):
+    import ray
+    job = _job(tiny_cfg, tmp_path, 'long', **{'runner.max_iters': 4000,
+                                              'evaluation.interval': 10})
+    workers, runs = _run(pool, job)
+    reports = []
+    assert _eventually(lambda: reports.extend(ray.get(workers[0].drain.remote('long'))) or reports,
+                       timeout=120)
+    ray.get([w.request_stop.remote('long') for w in workers[:1]])  # rank 0 asks; all stop
+    final = ray.get(runs, timeout=60)
+    assert final[0] == final[1] and 10 <= final[0]['iter'] < 4000
+    assert not (tmp_path / 'mmseg' / 'rank_sync.json').exists()  # ended before the end
+    assert _eventually(lambda: ray.get(pool.stats.remote())['free'] == 1)  # group released
+
+
+def test_a_killed_worker_fails_the_run_and_the_group_is_rebuilt(pool, tiny_cfg, tmp_path):
+    import ray
+    job = _job(tiny_cfg, tmp_path / 'k', 'killed', **{'runner.max_iters': 4000})
+    workers, runs = _run(pool, job)
+    victim = ray.get(workers[1].where.remote())['pid']
+    time.sleep(3)
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(ray.exceptions.RayError):
+        ray.get(runs, timeout=120)
+    assert _eventually(lambda: ray.get(pool.stats.remote())['rebuilt'] == 1)
+    job = _job(tiny_cfg, tmp_path / 'after', 'after', **{'runner.max_iters': 20,
+                                                          'evaluation.interval': 20})
+    workers, runs = _run(pool, job)
+    assert victim not in [ray.get(w.where.remote())['pid'] for w in workers]
+    assert ray.get(runs, timeout=120)[0]['iter'] == 20
