@@ -4,6 +4,7 @@ import os
 import os.path as osp
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from orchestrator import plan as planning
 from orchestrator.report import format_table, ranked_results
@@ -33,6 +34,17 @@ def _check_data(spec, base_cfg):
 def _local_resources():
     import torch
     return {'CPU': float(os.cpu_count() or 1), 'GPU': float(torch.cuda.device_count())}
+
+
+def _open_store(tracking_uri, experiment, output_root):
+    """MLflow client (default: the sqlite store under the output directory) and the sweep's
+    experiment, created on first use."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import default_tracking_uri, get_or_create_experiment
+    client = MlflowClient(tracking_uri or default_tracking_uri(output_root))
+    artifacts = osp.join(output_root, 'mlartifacts')
+    return client, get_or_create_experiment(client, experiment, artifacts)
 
 
 def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=None,
@@ -65,64 +77,68 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     env_vars = {'OMP_NUM_THREADS': str(max(1, int(spec.cpus_per_worker)))}
     os.environ.update(env_vars)
     import ray
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from orchestrator.tracking import (MLflowTrialCallback, default_tracking_uri,
-                                       get_or_create_experiment, start_parent_run)
     from orchestrator.trial import run_trial, trial_dir
     from orchestrator.worker_group import WorkerPool
 
-    tracking_uri = tracking_uri or spec.tracking_uri or default_tracking_uri(output_root)
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
-             runtime_env={'env_vars': env_vars} if address else None)
-    client, parent = MlflowClient(tracking_uri), None
-    try:
-        max_concurrent = planning.concurrency(spec, ray.cluster_resources())
-        # Started first: its workers import mmseg while MLflow and Tune get ready.
-        pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
-        pool = WorkerPool.options(name=pool_name).remote(  # noqa: F841 (lives as long as the driver)
-            max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec))
-        experiment_id = get_or_create_experiment(client, spec.experiment,
-                                                 osp.join(output_root, 'mlartifacts'))
-        parent = start_parent_run(client, experiment_id, spec.name, spec.source)
-        keys = planning.searched_keys(spec)
-        base = planning.plain(base_cfg)
+    # MLflow's import and store set-up (~5 s) overlap ray.init, which mostly waits on processes.
+    with ThreadPoolExecutor(1) as background:
+        store = background.submit(_open_store, tracking_uri or spec.tracking_uri,
+                                  spec.experiment, output_root)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={'env_vars': env_vars} if address else None)
+        client = parent = None
+        try:
+            max_concurrent = planning.concurrency(spec, ray.cluster_resources())
+            # Started at once: its workers import mmseg (the start-up's longest step) while
+            # MLflow and Tune get ready.
+            pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
+            pool = WorkerPool.options(name=pool_name).remote(  # noqa: F841 (lives with the driver)
+                max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec))
+            client, experiment_id = store.result()
+            tracking_uri = client.tracking_uri
+            from orchestrator.tracking import MLflowTrialCallback, start_parent_run
+            parent = start_parent_run(client, experiment_id, spec.name, spec.source)
+            keys = planning.searched_keys(spec)
+            base = planning.plain(base_cfg)
 
-        def params_of(config):
-            sampled = {k: config[k] for k in keys}
-            _, derived = planning.resolve(spec, base, sampled)
-            return {**sampled, **derived}
+            def params_of(config):
+                sampled = {k: config[k] for k in keys}
+                _, derived = planning.resolve(spec, base, sampled)
+                return {**sampled, **derived}
 
-        callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, spec.name, params_of,
-                                       lambda tid: trial_dir(sweep_dir, tid))
-        _, full = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})
-        max_iters = full['runner.max_iters']
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, spec=spec, base=base, base_filename=base_cfg.filename,
-                                 output_dir=sweep_dir, pool_name=pool_name),
-            # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own.
-            {'cpu': 0, 'memory': 256 * 1024 ** 2})
-        tuner = tune.Tuner(
-            trainable,
-            param_space=planning.tune_param_space(spec),
-            tune_config=tune.TuneConfig(
-                metric=spec.metric, mode=spec.mode,
-                num_samples=spec.num_samples, search_alg=_search_alg(spec),
-                scheduler=_scheduler(spec, max_iters), max_concurrent_trials=max_concurrent,
-                reuse_actors=True),
-            run_config=tune.RunConfig(name=spec.name, storage_path=osp.join(sweep_dir, 'tune'),
-                                      callbacks=[callback], verbose=1))
-        results = tuner.fit()
-        header, rows, failed = ranked_results(results, keys, spec.metric, spec.mode)
-        status = 'FAILED' if failed else 'FINISHED'
-        client.set_terminated(parent, status)
-    except BaseException:
-        if parent is not None:  # interrupted or crashed: the parent run must not stay RUNNING
-            client.set_terminated(parent, 'KILLED')
-        raise
-    finally:
-        ray.shutdown()
+            callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, spec.name,
+                                           params_of, lambda tid: trial_dir(sweep_dir, tid))
+            _, full = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})
+            max_iters = full['runner.max_iters']
+            trainable = tune.with_resources(
+                tune.with_parameters(run_trial, spec=spec, base=base,
+                                     base_filename=base_cfg.filename, output_dir=sweep_dir,
+                                     pool_name=pool_name),
+                # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own.
+                {'cpu': 0, 'memory': 256 * 1024 ** 2})
+            tuner = tune.Tuner(
+                trainable,
+                param_space=planning.tune_param_space(spec),
+                tune_config=tune.TuneConfig(
+                    metric=spec.metric, mode=spec.mode,
+                    num_samples=spec.num_samples, search_alg=_search_alg(spec),
+                    scheduler=_scheduler(spec, max_iters), max_concurrent_trials=max_concurrent,
+                    reuse_actors=True),
+                run_config=tune.RunConfig(name=spec.name,
+                                          storage_path=osp.join(sweep_dir, 'tune'),
+                                          callbacks=[callback], verbose=1))
+            results = tuner.fit()
+            header, rows, failed = ranked_results(results, keys, spec.metric, spec.mode)
+            status = 'FAILED' if failed else 'FINISHED'
+            client.set_terminated(parent, status)
+        except BaseException:
+            if parent is not None:  # interrupted or crashed: the parent must not stay RUNNING
+                client.set_terminated(parent, 'KILLED')
+            raise
+        finally:
+            ray.shutdown()
 
     print(format_table(header, rows), file=out)
     print(f'results: {sweep_dir}', file=out)
