@@ -32,6 +32,12 @@ def _parser():
     s.add_argument('--output', help='output root (default: the file\'s output key, or runs/)')
     s.add_argument('--tracking-uri', help='MLflow URI (default: sqlite under the output root)')
     s.add_argument('--address', help='existing Ray cluster (default: RAY_ADDRESS, else local)')
+    s.add_argument('--resume', action='store_true',
+                   help='finish an interrupted sweep: finished trials are kept, running ones '
+                        'continue from their last checkpoint, in the same MLflow runs')
+
+    y = sub.add_parser('sync', help='deliver a sweep\'s MLflow writes that waited in its journal')
+    y.add_argument('sweep_dir', help='the sweep\'s output directory, e.g. runs/demo')
 
     return p
 
@@ -62,7 +68,15 @@ def main(argv=None):
         try:
             return run_sweep(args.space, name=args.name, output=args.output,
                              tracking_uri=args.tracking_uri, address=args.address,
-                             dry_run=args.dry_run)
+                             dry_run=args.dry_run, resume=args.resume)
+        except ConfigError as e:
+            print(f'error: {e}', file=sys.stderr)
+            return e.exit_code
+    if args.command == 'sync':
+        from orchestrator.driver import sync
+        from orchestrator.errors import ConfigError
+        try:
+            return sync(args.sweep_dir)
         except ConfigError as e:
             print(f'error: {e}', file=sys.stderr)
             return e.exit_code

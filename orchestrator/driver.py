@@ -4,9 +4,13 @@ import os
 import os.path as osp
 import shutil
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from orchestrator import plan as planning
+from orchestrator.errors import ConfigError
+
+EXIT_TRACKING_PENDING = 3  # every trial ran, but some MLflow writes wait in the journal
 from orchestrator.report import format_table, ranked_results
 from orchestrator.spec import check_data_paths, load_spec
 
@@ -36,19 +40,61 @@ def _local_resources():
     return {'CPU': float(os.cpu_count() or 1), 'GPU': float(torch.cuda.device_count())}
 
 
-def _open_store(tracking_uri, experiment, output_root):
-    """MLflow client (default: the sqlite store under the output directory) and the sweep's
-    experiment, created on first use."""
+def _warm_store(tracking_uri, experiment, output_root):
+    """Import MLflow and create the store and experiment, so the first journal write is quick;
+    an unreachable server is the journal's business, not an error here."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import default_tracking_uri, get_or_create_experiment
-    client = MlflowClient(tracking_uri or default_tracking_uri(output_root))
-    artifacts = osp.join(output_root, 'mlartifacts')
-    return client, get_or_create_experiment(client, experiment, artifacts)
+    from orchestrator.tracking import get_or_create_experiment
+    try:
+        get_or_create_experiment(MlflowClient(tracking_uri), experiment,
+                                 osp.join(output_root, 'mlartifacts'))
+    except Exception:
+        pass
+
+
+def _check_resumable(spec, sweep_dir, experiment_path):
+    """--resume needs the sweep's Tune state and the same search space it started with."""
+    if not osp.isfile(osp.join(experiment_path, 'tuner.pkl')):
+        raise ConfigError(f'{spec.source}: --resume: no sweep to resume in {sweep_dir} '
+                          '(run it once without --resume)')
+    with open(spec.source, 'rb') as now, open(osp.join(sweep_dir, 'space.yaml'), 'rb') as then:
+        if now.read() != then.read():
+            raise ConfigError(f'{spec.source}: --resume: the file differs from the one the sweep '
+                              f'started with ({osp.join(sweep_dir, "space.yaml")})')
+
+
+def _clear_delivered_journal(spec, sweep_dir):
+    """A new run of a sweep name starts a new journal, but never over undelivered results."""
+    from orchestrator.journal import JOURNAL, TrackingJournal
+    if not osp.isfile(osp.join(sweep_dir, 'tracking.json')):
+        return
+    old = TrackingJournal.open(sweep_dir)
+    if old.pending():
+        raise ConfigError(f'{spec.source}: {old.path} holds {old.pending()} MLflow write(s) of an '
+                          f'earlier run not yet delivered: `orchestrator sync {sweep_dir}` first '
+                          '(or --resume that run)')
+    for name in (JOURNAL, JOURNAL + '.applied', 'tracking.json'):
+        if osp.exists(osp.join(sweep_dir, name)):
+            os.remove(osp.join(sweep_dir, name))
+
+
+def sync(sweep_dir, out=None):
+    """Deliver a sweep's journaled MLflow writes (``orchestrator sync``)."""
+    from orchestrator.journal import TrackingJournal
+    out = out or sys.stdout
+    if not osp.isfile(osp.join(sweep_dir, 'tracking.json')):
+        raise ConfigError(f'{sweep_dir}: not a sweep directory (no tracking.json)')
+    journal = TrackingJournal.open(sweep_dir)
+    before = journal.pending()
+    left = journal.flush(attempts=3)
+    print(f'{journal.path}: {before - left} write(s) delivered to {journal.tracking_uri}, '
+          f'{left} pending', file=out)
+    return 0 if left == 0 else EXIT_TRACKING_PENDING
 
 
 def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=None,
-              dry_run=False, out=None):
+              dry_run=False, resume=False, out=None):
     out = out or sys.stdout
     spec, base_cfg = load_spec(space_file)
     spec.name = name or spec.name
@@ -69,8 +115,13 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
 
     output_root = osp.abspath(spec.output)
     sweep_dir = osp.join(output_root, spec.name)
-    os.makedirs(sweep_dir, exist_ok=True)
-    shutil.copy(spec.source, osp.join(sweep_dir, 'space.yaml'))
+    experiment_path = osp.join(sweep_dir, 'tune', spec.name)
+    if resume:
+        _check_resumable(spec, sweep_dir, experiment_path)
+    else:
+        _clear_delivered_journal(spec, sweep_dir)
+        os.makedirs(sweep_dir, exist_ok=True)
+        shutil.copy(spec.source, osp.join(sweep_dir, 'space.yaml'))
 
     # Inherited by a local cluster's processes; sent as the job's runtime_env to an existing one
     # (a runtime_env on a local cluster would make every actor start a fresh worker process).
@@ -82,13 +133,24 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     from orchestrator.trial import run_trial, trial_dir
     from orchestrator.worker_group import WorkerPool
 
+    from orchestrator.journal import TrackingJournal
+    from orchestrator.tracking import MLflowTrialCallback, default_tracking_uri, parent_tags
+    if resume:  # the same parent and child runs, the same store (unless told otherwise)
+        journal = TrackingJournal.open(sweep_dir)
+        journal.tracking_uri = tracking_uri or journal.tracking_uri
+    else:
+        journal = TrackingJournal(
+            sweep_dir, tracking_uri or spec.tracking_uri or default_tracking_uri(output_root),
+            spec.experiment, uuid.uuid4().hex)
+    journal.save_meta()
+    tracking_uri = journal.tracking_uri
+
     # MLflow's import and store set-up (~5 s) overlap ray.init, which mostly waits on processes.
     with ThreadPoolExecutor(1) as background:
-        store = background.submit(_open_store, tracking_uri or spec.tracking_uri,
-                                  spec.experiment, output_root)
+        background.submit(_warm_store, tracking_uri, spec.experiment, output_root)
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  runtime_env={'env_vars': env_vars} if address else None)
-        client = parent = None
+        started = False
         try:
             max_concurrent = planning.concurrency(spec, ray.cluster_resources())
             # Started at once: its workers import mmseg (the start-up's longest step) while
@@ -96,10 +158,11 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
             pool = WorkerPool.options(name=pool_name).remote(  # noqa: F841 (lives with the driver)
                 max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec))
-            client, experiment_id = store.result()
-            tracking_uri = client.tracking_uri
-            from orchestrator.tracking import MLflowTrialCallback, start_parent_run
-            parent = start_parent_run(client, experiment_id, spec.name, spec.source)
+            background.shutdown(wait=True)
+            journal.record('parent', name=spec.name, tags=parent_tags(spec.name),
+                           artifact=osp.join(sweep_dir, 'space.yaml'))
+            journal.record('status', status='RUNNING')
+            started = True
             keys = planning.searched_keys(spec)
             base = planning.plain(base_cfg)
 
@@ -108,8 +171,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
                 _, derived = planning.resolve(spec, base, sampled)
                 return {**sampled, **derived}
 
-            callback = MLflowTrialCallback(tracking_uri, experiment_id, parent, spec.name,
-                                           params_of, lambda tid: trial_dir(sweep_dir, tid))
+            callback = MLflowTrialCallback(journal, spec.name, params_of,
+                                           lambda tid: trial_dir(sweep_dir, tid))
             _, full = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})
             max_iters = full['runner.max_iters']
             trainable = tune.with_resources(
@@ -118,27 +181,34 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
                                      pool_name=pool_name),
                 # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own.
                 {'cpu': 0, 'memory': 256 * 1024 ** 2})
-            tuner = tune.Tuner(
-                trainable,
-                param_space=planning.tune_param_space(spec),
-                tune_config=tune.TuneConfig(
-                    metric=spec.metric, mode=spec.mode,
-                    num_samples=spec.num_samples, search_alg=_search_alg(spec),
-                    scheduler=_scheduler(spec, max_iters), max_concurrent_trials=max_concurrent,
-                    reuse_actors=True),
-                run_config=tune.RunConfig(name=spec.name,
-                                          storage_path=osp.join(sweep_dir, 'tune'),
-                                          callbacks=[callback], verbose=1))
+            if resume:  # finished trials stay finished; running ones resume from checkpoints
+                tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True)
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=planning.tune_param_space(spec),
+                    tune_config=tune.TuneConfig(
+                        metric=spec.metric, mode=spec.mode,
+                        num_samples=spec.num_samples, search_alg=_search_alg(spec),
+                        scheduler=_scheduler(spec, max_iters),
+                        max_concurrent_trials=max_concurrent, reuse_actors=True),
+                    run_config=tune.RunConfig(name=spec.name,
+                                              storage_path=osp.dirname(experiment_path),
+                                              callbacks=[callback], verbose=1))
             results = tuner.fit()
             header, rows, failed = ranked_results(results, keys, spec.metric, spec.mode)
-            status = 'FAILED' if failed else 'FINISHED'
-            client.set_terminated(parent, status)
+            journal.record('status', status='FAILED' if failed else 'FINISHED')
         except BaseException:
-            if parent is not None:  # interrupted or crashed: the parent must not stay RUNNING
-                client.set_terminated(parent, 'KILLED')
+            if started:  # interrupted or crashed: the parent must not stay RUNNING
+                journal.record('status', status='KILLED')
             raise
         finally:
             ray.shutdown()
+    pending = journal.flush(attempts=5)  # a locked store or a restarting server: a moment more
+    try:
+        parent = journal.parent_id()
+    except Exception:  # MLflow unreachable
+        parent = None
 
     print(format_table(header, rows), file=out)
     print(f'results: {sweep_dir}', file=out)
@@ -150,5 +220,9 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     if failed:
         print(f'{len(failed)} of {len(failed) + len(rows)} trials failed:', file=out)
         print(format_table(['trial', *keys, 'reason'], failed), file=out)
-        return 1
-    return 0
+    if pending:
+        print(f'{pending} MLflow write(s) could not be delivered ({tracking_uri} unreachable); '
+              f'they are kept in {journal.path}: `orchestrator sync {sweep_dir}` (or the next '
+              '--resume) delivers them', file=out)
+        return EXIT_TRACKING_PENDING
+    return 1 if failed else 0

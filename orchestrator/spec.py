@@ -16,7 +16,8 @@ FRACTION_KEY = 'fewshot.fraction'  # not an mmseg key: selects the few-shot trai
 ALGORITHMS = ('grid', 'random', 'optuna')
 
 TOP_KEYS = {'name', 'base_config', 'data_root', 'generate_data', 'parameters', 'derived',
-            'repeats', 'fewshot', 'search', 'early_stopping', 'resources', 'tracking', 'output'}
+            'repeats', 'fewshot', 'search', 'early_stopping', 'resources', 'fault_tolerance',
+            'tracking', 'output'}
 SECTION_KEYS = {
     'derived': {'channels_follow_in_channels', 'iterations', 'evaluations'},
     'derived.iterations': {'at_full_data', 'min'},
@@ -26,6 +27,7 @@ SECTION_KEYS = {
     'early_stopping.asha': {'grace_period', 'reduction_factor'},
     'resources': {'workers_per_trial', 'cpus_per_worker', 'gpus_per_worker',
                   'max_concurrent_trials'},
+    'fault_tolerance': {'worker_retries'},
     'tracking': {'uri', 'experiment'},
     'generate_data': {'num_classes', 'num_train', 'num_val', 'size', 'seed'},
 }
@@ -63,6 +65,7 @@ class SweepSpec:
     cpus_per_worker: float = 1
     gpus_per_worker: float = 0
     max_concurrent_trials: int = None
+    worker_retries: int = 2
     tracking_uri: str = None
     experiment: str = None
     output: str = 'runs'
@@ -310,6 +313,11 @@ def load_spec(path):
                                 lambda v: _num(v) and v >= 0, 'a number >= 0', 0)
     spec.max_concurrent_trials = _get(source, 'resources', res, 'max_concurrent_trials',
                                       lambda v: _int(v) and v > 0, 'a positive integer')
+
+    faults = raw.get('fault_tolerance') or {}
+    _check_keys(source, 'fault_tolerance', faults, SECTION_KEYS['fault_tolerance'])
+    spec.worker_retries = _get(source, 'fault_tolerance', faults, 'worker_retries',
+                               lambda v: _int(v) and v >= 0, 'an integer >= 0', 2)
 
     track = raw.get('tracking') or {}
     _check_keys(source, 'tracking', track, SECTION_KEYS['tracking'])

@@ -1,19 +1,19 @@
-"""MLflow: one parent run per sweep, one nested child run per trial, written from the driver.
+"""MLflow: one parent run per sweep, one nested child run per trial, written from the driver
+through the sweep's journal (orchestrator/journal.py).
 
 Ray's MLflowLoggerCallback does not nest runs, and its step is Tune's report counter; this Tune
 callback creates children with ``mlflow.parentRunId`` (what the MLflow UI nests by), logs the same
 param columns on every child, and steps metrics by the mmseg iteration.
 """
 import os.path as osp
+import re
 import subprocess
 import sys
 from importlib import metadata
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-METRIC_PREFIXES = ('mIoU', 'mAcc', 'aAcc', 'IoU.', 'Acc.', 'loss', 'lr')
+METRIC_PREFIXES = ('mIoU', 'mAcc', 'aAcc', 'IoU.', 'Acc.', 'loss', 'lr', 'restarts')
 PACKAGES = ('torch', 'mmcv-full', 'mmsegmentation', 'ray', 'mlflow')
 
 
@@ -42,7 +42,8 @@ def _git_commit():
         return ''
 
 
-def start_parent_run(client, experiment_id, sweep_name, space_file):
+def parent_tags(sweep_name):
+    """The parent run's tags: sweep, git commit, Python and package versions."""
     tags = {'sweep': sweep_name, 'mlflow.runName': sweep_name, 'role': 'sweep',
             'python': sys.version.split()[0]}
     commit = _git_commit()
@@ -53,9 +54,7 @@ def start_parent_run(client, experiment_id, sweep_name, space_file):
             tags[f'version.{pkg}'] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
-    run = client.create_run(experiment_id, tags=tags, run_name=sweep_name)
-    client.log_artifact(run.info.run_id, space_file)
-    return run.info.run_id
+    return tags
 
 
 def metrics_of(result):
@@ -66,57 +65,40 @@ def metrics_of(result):
 
 
 class MLflowTrialCallback(Callback):
-    """Child run per trial: params at start, metrics at every report, artifacts at the end."""
+    """Child run per trial: params at start, metrics at every report, artifacts and status at
+    the end. Every write goes through the sweep's TrackingJournal (nothing is lost while MLflow
+    is unreachable; a resumed sweep continues its trials' runs instead of adding new ones)."""
 
-    def __init__(self, tracking_uri, experiment_id, parent_run_id, sweep_name, params_of,
-                 trial_dir_of):
-        self.tracking_uri = tracking_uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
+    def __init__(self, journal, sweep_name, params_of, trial_dir_of):
+        self.journal = journal
         self.sweep_name = sweep_name
         self.params_of = params_of        # trial.config -> {param key: value}
         self.trial_dir_of = trial_dir_of  # trial_id -> directory with the trial's artifacts
-        self.run_ids = {}
-        self._client = None
-
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        if trial.trial_id in self.run_ids:
-            return
-        tags = {'mlflow.parentRunId': self.parent_run_id, 'sweep': self.sweep_name,
-                'trial_id': trial.trial_id, 'role': 'trial'}
-        run = self.client.create_run(self.experiment_id, tags=tags,
-                                     run_name=f'{self.sweep_name}-{trial.trial_id}')
-        self.run_ids[trial.trial_id] = run.info.run_id
-        params = [Param(k, str(v)) for k, v in self.params_of(trial.config).items()]
-        self.client.log_batch(run.info.run_id, params=params)
+        params = {k: str(v) for k, v in self.params_of(trial.config).items()}
+        self.journal.record('child', trial_id=trial.trial_id, params=params,
+                            name=f'{self.sweep_name}-{trial.trial_id}',
+                            tags={'sweep': self.sweep_name, 'trial_id': trial.trial_id,
+                                  'role': 'trial'})
+        self.journal.record('status', trial_id=trial.trial_id, status='RUNNING')
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.run_ids.get(trial.trial_id)
-        if run_id is None:
-            return
         step = int(result.get('iter', result.get('training_iteration', 0)))
-        ts = int(result.get('timestamp', 0) * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(k, v, ts, step)
-                                               for k, v in metrics_of(result).items()])
+        self.journal.record('metrics', trial_id=trial.trial_id, step=step,
+                            ts=int(result.get('timestamp', 0) * 1000),
+                            metrics=metrics_of(result))
 
     def _finish(self, trial, status, reason=None):
-        run_id = self.run_ids.get(trial.trial_id)
-        if run_id is None:
-            return
         trial_dir = self.trial_dir_of(trial.trial_id)
-        for name in ('resolved_config.py', 'fewshot_subset.txt', 'mmseg/metrics.jsonl'):
-            path = osp.join(trial_dir, name)
-            if osp.isfile(path):
-                self.client.log_artifact(run_id, path)
+        paths = [osp.join(trial_dir, name) for name in
+                 ('resolved_config.py', 'fewshot_subset.txt', 'mmseg/metrics.jsonl')]
+        self.journal.record('artifacts', trial_id=trial.trial_id,
+                            paths=[p for p in paths if osp.isfile(p)])
         if reason:
-            self.client.log_batch(run_id, tags=[RunTag('failure_reason', reason[:4000])])
-        self.client.set_terminated(run_id, status)
+            self.journal.record('tags', trial_id=trial.trial_id,
+                                tags={'failure_reason': reason[:4000]})
+        self.journal.record('status', trial_id=trial.trial_id, status=status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, 'FINISHED')
@@ -128,5 +110,6 @@ class MLflowTrialCallback(Callback):
             with open(error) as f:
                 lines = [line for line in f.read().strip().splitlines() if line.strip()]
             reason = lines[-1] if lines else reason
+            # TrialFailed's message is the reason itself ('diverged: ...', 'workers lost: ...')
+            reason = re.sub(r'^(?:[\w.]+\.)?TrialFailed: ', '', reason)
         self._finish(trial, 'FAILED', reason)
-

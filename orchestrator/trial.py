@@ -9,9 +9,11 @@ import os.path as osp
 import ray
 from ray import tune
 
+from orchestrator.errors import TrialFailed
 from orchestrator.fewshot import write_split_file
 from orchestrator.plan import resolve
 from orchestrator.spec import FRACTION_KEY
+from orchestrator.worker_group import GRACE_S
 
 POLL_S = 1.0
 
@@ -35,45 +37,85 @@ def trial_overrides(spec, base, params, out_dir):
     return overrides
 
 
-def _root_error(runs, error):
-    """The error that ended a group's run: a worker's own exception, not the 'actor died' of
-    the ranks the pool killed after it."""
-    ready = ray.wait(runs, num_returns=len(runs), timeout=5.0)[0]
-    for ref in ready:
+class WorkersLost(TrialFailed):
+    """A worker process of the trial died (killed, out of memory, node lost): worth a retry."""
+
+
+def _failure(runs):
+    """The error that ended a group's run. A rank whose process died (not one the pool killed
+    afterwards) makes it WorkersLost; otherwise it is the first worker exception (a config error,
+    'diverged: ...'), which a retry would only repeat."""
+    ray.wait(runs, num_returns=len(runs), timeout=GRACE_S + 5)
+    lost, raised = None, None
+    for ref in runs:
         try:
-            ray.get(ref)
+            ray.get(ref, timeout=0)
         except ray.exceptions.RayTaskError as e:
-            return e
-        except ray.exceptions.RayError:
+            raised = raised or e
+        except ray.exceptions.RayActorError as e:
+            if 'ray.kill' not in str(e):
+                lost = lost or e
+        except ray.exceptions.GetTimeoutError:
             pass
-    return error
+    if lost is not None:
+        return WorkersLost(f'a worker process died: {str(lost).splitlines()[0]}')
+    if raised is not None and isinstance(raised.cause, TrialFailed):
+        return TrialFailed(str(raised.cause))  # its reason, without the remote traceback
+    return raised.as_instanceof_cause() if raised is not None else None
 
 
-def run_trial(config, spec, base, base_filename, output_dir, pool_name):
-    """Tune function trainable (a plain function, as in Ray Tune's examples)."""
-    trial_id = tune.get_context().get_trial_id()
-    out_dir = trial_dir(output_dir, trial_id)
-    overrides = trial_overrides(spec, base, dict(config), out_dir)
-    job = dict(base=base, overrides=overrides, base_filename=base_filename, trial_dir=out_dir,
-               source=spec.source, trial_id=trial_id)
-    pool = ray.get_actor(pool_name)
+def _train_on_group(pool, job, forward):
+    """One attempt: lease a group, run the job on it, forward rank 0's reports; raises the
+    attempt's failure (WorkersLost or the worker's own exception)."""
+    trial_id = job['trial_id']
     gid, workers = ray.get(pool.acquire.remote(trial_id))
     n = len(workers)
     init_method = ray.get(workers[0].rendezvous.remote())
     runs = [w.run.remote(job, rank, n, init_method) for rank, w in enumerate(workers)]
-    pool.release_when_done.remote(gid, runs)
+    pool.release_when_done.remote(gid, runs, ray.get_runtime_context().current_actor, trial_id)
     try:
         done = False
         while not done:
             ready = ray.wait(runs, num_returns=n, timeout=POLL_S)[0]
             done = len(ready) == n
             try:
-                ray.get(ready)  # a worker's error fails the trial, with the worker's message
+                ray.get(ready)
                 reports = ray.get(workers[0].drain.remote(trial_id))
             except ray.exceptions.RayError as e:
-                raise _root_error(runs, e) from None
+                raise (_failure(runs) or e) from None
             for metrics in reports:
-                tune.report(metrics)
+                forward(metrics)
     finally:  # finished, failed, or stopped by Tune (ASHA): no worker keeps training it
         for w in workers:
             w.request_stop.remote(trial_id)
+
+
+def run_trial(config, spec, base, base_filename, output_dir, pool_name):
+    """Tune function trainable (a plain function, as in Ray Tune's examples).
+
+    Training resumes from the trial's latest mmseg checkpoint whenever there is one (mmseg's
+    ``auto_resume``): after a lost worker (up to ``fault_tolerance.worker_retries`` times) and
+    when a killed sweep is resumed.
+    """
+    trial_id = tune.get_context().get_trial_id()
+    out_dir = trial_dir(output_dir, trial_id)
+    overrides = trial_overrides(spec, base, dict(config), out_dir)
+    overrides['auto_resume'] = True
+    job = dict(base=base, overrides=overrides, base_filename=base_filename, trial_dir=out_dir,
+               source=spec.source, trial_id=trial_id)
+    pool = ray.get_actor(pool_name)
+    restarts = 0
+
+    def forward(metrics):
+        tune.report(dict(metrics, restarts=restarts))
+
+    while True:
+        try:
+            return _train_on_group(pool, job, forward)
+        except WorkersLost as e:
+            if restarts >= spec.worker_retries:
+                raise TrialFailed(
+                    f'workers lost: {e}; gave up after {restarts} restart(s)') from None
+            restarts += 1
+            print(f'trial {trial_id}: {e}; restart {restarts} of {spec.worker_retries} from the '
+                  'latest checkpoint', flush=True)

@@ -31,7 +31,7 @@ from mmseg.datasets import build_dataset
 from mmseg.models import build_segmentor
 from mmseg.utils import get_root_logger
 
-from mmseg_custom.hooks import TrainingStopped
+from mmseg_custom.hooks import TrainingDiverged, TrainingStopped
 
 from orchestrator.errors import ConfigError
 from orchestrator.spec import check_data_paths
@@ -148,7 +148,8 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
             callback(metrics)
 
     cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
-        dict(type='EvalMetricsHook', callback=on_eval, priority=80)]
+        dict(type='EvalMetricsHook', callback=on_eval, priority=80),
+        dict(type='DivergenceHook', priority='VERY_HIGH')]  # before any step or save
     if should_stop is not None:
         cfg.custom_hooks.append(dict(type='StopRequestHook', should_stop=should_stop,
                                      priority='LOWEST'))
@@ -199,6 +200,9 @@ def main(argv=None):
     except ConfigError as e:
         print(f'error: {e}', file=sys.stderr)
         return e.exit_code
+    except TrainingDiverged as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
     if int(os.environ.get('RANK', 0)) == 0:
         print('FINAL_METRICS ' + json.dumps(metrics))
     if dist.is_available() and dist.is_initialized():

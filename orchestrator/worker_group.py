@@ -22,6 +22,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+GRACE_S = 10.0  # after one rank fails, how long the others get to fail on their own
+WATCH_S = 2.0  # how often the pool checks that a trial's process is alive
 ABANDONED_AFTER_S = 120.0  # a running trial polls every second; silence this long means it is gone
 
 
@@ -66,7 +68,9 @@ class TrainWorker:
         import torch
         import torch.distributed as dist
 
+        from mmseg_custom.hooks import TrainingDiverged
         from orchestrator import worker
+        from orchestrator.errors import TrialFailed
         from orchestrator.plan import merged_config
         trial_id = job['trial_id']
         with self._lock:
@@ -94,11 +98,20 @@ class TrainWorker:
         try:
             return worker.train(cfg, cfg.work_dir, callback=report if rank == 0 else None,
                                 source=job['source'], should_stop=should_stop)
+        except TrainingDiverged as e:
+            raise TrialFailed(str(e)) from None
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+async def _settled(ref):
+    try:
+        await ref
+    except Exception:
+        pass
 
 
 def _start_group(n_workers, bundle, strategy):
@@ -138,11 +151,31 @@ class WorkerPool:
             self.holder[gid] = trial_id
         return gid, self.groups[gid][1]
 
-    async def release_when_done(self, gid, refs):
-        """Free group ``gid`` once the runs ``refs`` have returned; rebuild it if any failed."""
-        try:  # the first failure counts: the other ranks may be blocked in a collective
+    async def _watch(self, holder, workers, trial_id):
+        """Stop the group's run as soon as the trial process driving it dies (Tune killed it
+        after an early stop, or its node went away); an idle or busy one answers or queues."""
+        while True:
+            try:
+                await holder.__ray_ready__.remote()
+            except ray.exceptions.RayActorError:
+                for w in workers:
+                    w.request_stop.remote(trial_id)
+                return
+            await asyncio.sleep(WATCH_S)
+
+    async def release_when_done(self, gid, refs, holder=None, trial_id=None):
+        """Free group ``gid`` once the runs ``refs`` have returned; rebuild it if any failed.
+        ``holder``: the trial's actor, watched so that a dead trial does not keep training."""
+        watch = None
+        if holder is not None:
+            watch = asyncio.ensure_future(self._watch(holder, self.groups[gid][1], trial_id))
+        try:
             await asyncio.gather(*refs)
         except Exception as e:  # the trial reports the error itself; here only the group matters
+            # The other ranks get a moment to fail on their own (so the trial can tell a dead
+            # process from an exception), then go: they may be blocked in a collective.
+            await asyncio.wait([asyncio.ensure_future(_settled(r)) for r in refs],
+                               timeout=GRACE_S)
             print(f'worker group {gid}: run failed ({type(e).__name__}: {e}); rebuilding it',
                   flush=True)
             pg, workers = self.groups[gid]
@@ -151,6 +184,8 @@ class WorkerPool:
             remove_placement_group(pg)
             self.groups[gid] = _start_group(self.n_workers, self.bundle, self.strategy)
             self.rebuilt += 1
+        if watch is not None:
+            watch.cancel()
         async with self._cond():
             self.holder.pop(gid, None)
             self.free.append(gid)

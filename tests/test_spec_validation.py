@@ -101,6 +101,8 @@ CASES = [
     ('bad repeats', _set('repeats', 0), None, ['repeats', '0']),
     ('bad asha', _set('early_stopping', {'asha': {'reduction_factor': 1}}), None,
      ['early_stopping.asha.reduction_factor', '1']),
+    ('bad worker retries', _set('fault_tolerance', {'worker_retries': -1}), None,
+     ['fault_tolerance.worker_retries', '-1']),
     ('yaml syntax', None, 'name: t\nparameters: {a: [1, 2}\n', ['space.yaml', 'invalid YAML', 'line']),
     ('not a mapping', None, '- just\n- a list\n', ['space.yaml', 'mapping']),
     ('unsafe python tag', None, "name: !!python/object/apply:os.system ['touch /tmp/pwned']\n",
@@ -135,6 +137,23 @@ def test_more_workers_than_the_machine_has_fails_fast(space, tmp_path, capsys):
     code, err = run(space(_set('resources/workers_per_trial', too_many)), capsys)
     assert code == 2 and 'could never be scheduled' in err and f'{too_many} workers' in err
     assert not (tmp_path / 'out').exists()
+
+
+def test_resume_without_a_sweep_to_resume_fails_fast(space, tmp_path, capsys):
+    code, err = run(space(), capsys, '--resume')
+    assert code == 2 and err.count('\n') == 0 and '--resume: no sweep to resume' in err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_resume_with_a_changed_space_file_fails_fast(space, tmp_path, capsys):
+    path = space()
+    sweep = tmp_path / 'out' / 't'
+    (sweep / 'tune' / 't').mkdir(parents=True)
+    (sweep / 'tune' / 't' / 'tuner.pkl').write_bytes(b'state of an earlier run')
+    (sweep / 'space.yaml').write_text(path.read_text().replace('0.5', '0.25'))
+    code, err = run(path, capsys, '--resume')
+    assert code == 2 and 'differs from the one the sweep started with' in err
+    assert sorted(p.name for p in sweep.iterdir()) == ['space.yaml', 'tune']  # nothing added
 
 
 def test_good_space_dry_run_prints_plan(space, capsys):

@@ -1,5 +1,6 @@
 """A real sweep: local Ray cluster, warm worker groups over gloo, a real sqlite MLflow store."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import cli
 
+SECRET_VAR, SECRET = 'ORCHESTRATOR_TEST_TOKEN', 'tok-5f1c0e9a7b'
 SEARCHED = ['model.decode_head.num_convs', 'optimizer.lr', 'fewshot.fraction']
 
 
@@ -27,7 +29,11 @@ def sweep(tmp_path_factory, synthetic_root, ray_address):
         tracking={'experiment': 'e2e'}, output=str(tmp / 'out'))
     path = tmp / 'space.yaml'
     path.write_text(yaml.safe_dump(space))
-    code = cli.main(['sweep', str(path), '--address', ray_address])
+    os.environ[SECRET_VAR] = SECRET  # a credential in the environment must not reach MLflow
+    try:
+        code = cli.main(['sweep', str(path), '--address', ray_address])
+    finally:
+        del os.environ[SECRET_VAR]
     uri = 'sqlite:///' + str(tmp / 'out' / 'mlflow.db')
     return dict(code=code, client=MlflowClient(uri), out=tmp / 'out' / 'e2e')
 
@@ -99,3 +105,11 @@ def test_workers_trained_in_sync(sweep):
         digests = json.loads(sync.read_text())['decode_head_sha256']
         assert len(digests) == 2 and digests[0] == digests[1]
     assert len(list(sweep['out'].glob('trials/*/mmseg/rank_sync.json'))) == 2
+
+
+def test_no_environment_secret_in_mlflow_or_outputs(sweep):
+    out = sweep['out'].parent
+    files = [p for p in out.rglob('*') if p.is_file()]
+    assert any(p.name == 'mlflow.db' for p in files) and any('mlartifacts' in p.parts for p in files)
+    leaked = [p for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaked

@@ -1,0 +1,193 @@
+"""Every MLflow write of a sweep is first a line in the sweep's journal, then an MLflow call.
+
+A sweep runs for days; its tracking server may be restarted, and two sweeps may share one sqlite
+store (which is then briefly locked). A write that fails stays in the journal,
+``<sweep>/mlflow_journal.jsonl``, and the journal is replayed in order: at the next write, at the
+end of the sweep, at the sweep's next start (``--resume``) and by ``orchestrator sync SWEEP``.
+
+Replaying is idempotent, so a record applied twice (a crash between the MLflow call and the
+journal's applied-count update) still counts once: runs are looked up by tags (``sweep_uid``,
+``trial_id``) before one is created, MLflow keeps one copy of a metric logged twice with the same
+key, value, step and timestamp, params are rewritten with the same values, statuses set again.
+"""
+import json
+import os
+import os.path as osp
+import sys
+import time
+
+JOURNAL = 'mlflow_journal.jsonl'
+# Fail fast when a server is down (MLflow's default is minutes of retries per call): the journal
+# is the retry.
+_HTTP_ENV = {'MLFLOW_HTTP_REQUEST_MAX_RETRIES': '0', 'MLFLOW_HTTP_REQUEST_TIMEOUT': '10'}
+
+
+class TrackingJournal:
+
+    def __init__(self, sweep_dir, tracking_uri, experiment, sweep_uid):
+        self.sweep_dir = sweep_dir
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.sweep_uid = sweep_uid
+        self.path = osp.join(sweep_dir, JOURNAL)
+        self.applied_path = self.path + '.applied'
+        self._client = None
+        self._experiment_id = None
+        self._ids = {}
+        self.last_error = None
+
+    @classmethod
+    def open(cls, sweep_dir):
+        """The journal of an existing sweep directory (for ``orchestrator sync``)."""
+        with open(osp.join(sweep_dir, 'tracking.json')) as f:
+            meta = json.load(f)
+        return cls(sweep_dir, meta['tracking_uri'], meta['experiment'], meta['sweep_uid'])
+
+    def save_meta(self):
+        with open(osp.join(self.sweep_dir, 'tracking.json'), 'w') as f:
+            json.dump(dict(tracking_uri=self.tracking_uri, experiment=self.experiment,
+                           sweep_uid=self.sweep_uid), f)
+
+    def __getstate__(self):  # Tune pickles callbacks (and this with them): no live client
+        return dict(self.__dict__, _client=None)
+
+    @property
+    def client(self):
+        if self._client is None:
+            if self.tracking_uri.startswith(('http://', 'https://')):
+                for k, v in _HTTP_ENV.items():
+                    os.environ.setdefault(k, v)
+            from mlflow.tracking import MlflowClient
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def record(self, op, **fields):
+        """Append one write to the journal (on disk before anything else), then deliver all
+        pending writes. Returns the number still pending."""
+        line = json.dumps(dict(op=op, **fields), default=str)
+        with open(self.path, 'a') as f:
+            f.write(line + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+        return self.flush()
+
+    def _records(self):
+        if not osp.isfile(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def _applied(self):
+        try:
+            with open(self.applied_path) as f:
+                return int(f.read().strip() or 0)
+        except FileNotFoundError:
+            return 0
+
+    def _set_applied(self, n):
+        tmp = self.applied_path + '.tmp'
+        with open(tmp, 'w') as f:
+            f.write(str(n))
+        os.replace(tmp, self.applied_path)
+
+    def pending(self):
+        return len(self._records()) - self._applied()
+
+    def flush(self, attempts=1, wait_s=2.0):
+        """Deliver pending records in order; stop at the first failure (kept for later).
+        Returns how many are still pending."""
+        for attempt in range(attempts):
+            records, done = self._records(), self._applied()
+            for i in range(done, len(records)):
+                try:
+                    self._apply(records[i])
+                except Exception as e:  # unreachable server, locked sqlite, ...: retried later
+                    if self.last_error is None:
+                        print(f'MLflow unavailable ({type(e).__name__}: '
+                              f'{str(e).splitlines()[0][:200]}); results are kept in '
+                              f'{self.path} and will be delivered later', file=sys.stderr)
+                    self.last_error = e
+                    self._client = None  # a fresh connection next time
+                    break
+                self._set_applied(i + 1)
+            else:
+                if self.last_error is not None:
+                    print(f'MLflow reachable again: journal {self.path} delivered',
+                          file=sys.stderr)
+                self.last_error = None
+                return 0
+            if attempt + 1 < attempts:
+                time.sleep(wait_s)
+        return len(records) - self._applied()
+
+    # -- applying ----------------------------------------------------------------------------
+
+    def experiment_id(self):
+        if self._experiment_id is None:
+            from orchestrator.tracking import get_or_create_experiment
+            self._experiment_id = get_or_create_experiment(
+                self.client, self.experiment, osp.join(osp.dirname(self.sweep_dir), 'mlartifacts'))
+        return self._experiment_id
+
+    def _find(self, filter_string):
+        runs = self.client.search_runs([self.experiment_id()], filter_string=filter_string,
+                                       max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def parent_id(self):
+        if 'parent' not in self._ids:
+            found = self._find(f"tags.sweep_uid = '{self.sweep_uid}' and tags.role = 'sweep'")
+            if found is None:
+                return None
+            self._ids['parent'] = found
+        return self._ids['parent']
+
+    def child_id(self, trial_id):
+        if trial_id not in self._ids:
+            found = self._find(f"tags.sweep_uid = '{self.sweep_uid}' and "
+                               f"tags.trial_id = '{trial_id}'")
+            if found is None:
+                return None
+            self._ids[trial_id] = found
+        return self._ids[trial_id]
+
+    def _apply(self, rec):
+        from mlflow.entities import Metric, Param, RunTag
+        client, op = self.client, rec['op']
+        if op == 'parent':
+            run_id = self.parent_id()
+            if run_id is None:
+                run = client.create_run(self.experiment_id(), run_name=rec['name'],
+                                        tags=dict(rec['tags'], sweep_uid=self.sweep_uid))
+                self._ids['parent'] = run_id = run.info.run_id
+            if rec.get('artifact') and osp.isfile(rec['artifact']):
+                client.log_artifact(run_id, rec['artifact'])
+        elif op == 'child':
+            run_id = self.child_id(rec['trial_id'])
+            if run_id is None:
+                tags = dict(rec['tags'], sweep_uid=self.sweep_uid,
+                            **{'mlflow.parentRunId': self.parent_id()})
+                run = client.create_run(self.experiment_id(), run_name=rec['name'], tags=tags)
+                self._ids[rec['trial_id']] = run_id = run.info.run_id
+            client.log_batch(run_id, params=[Param(k, v) for k, v in rec['params'].items()])
+        elif op == 'metrics':
+            client.log_batch(self.child_id(rec['trial_id']), metrics=[
+                Metric(k, v, rec['ts'], rec['step']) for k, v in rec['metrics'].items()])
+        elif op == 'tags':
+            run_id = self.child_id(rec['trial_id']) if rec.get('trial_id') else self.parent_id()
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in rec['tags'].items()])
+        elif op == 'artifacts':
+            run_id = self.child_id(rec['trial_id'])
+            for path in rec['paths']:
+                if osp.isfile(path):
+                    client.log_artifact(run_id, path)
+        elif op == 'status':
+            run_id = self.child_id(rec['trial_id']) if rec.get('trial_id') else self.parent_id()
+            if rec['status'] == 'RUNNING':
+                client.update_run(run_id, 'RUNNING')
+            else:
+                client.set_terminated(run_id, rec['status'])
+        else:
+            raise ValueError(f'{self.path}: unknown journal record {rec!r}')

@@ -1,0 +1,236 @@
+"""Faults with real processes on the session's real Ray cluster: a SIGKILLed driver resumed with
+--resume, a SIGKILLed training worker, a diverging trial. MLflow is read back each time: one
+child per trial, no evaluation logged twice, nothing missing."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+ORCHESTRATOR = str(Path(sys.executable).with_name('orchestrator'))
+
+
+def _space(tmp, synthetic_root, name, parameters, iters, evaluations, **extra):
+    space = dict(
+        name=name, base_config=str(ROOT / 'configs' / 'tiny_fcn_synthetic.py'),
+        data_root=str(synthetic_root), parameters=parameters,
+        derived={'iterations': {'at_full_data': iters}, 'evaluations': evaluations},
+        resources={'workers_per_trial': 2, 'cpus_per_worker': 1},
+        tracking={'experiment': name}, output=str(tmp / 'out'))
+    space.update(extra)
+    path = tmp / f'{name}.yaml'
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def _sweep(path, address, env, *flags):
+    return subprocess.Popen([ORCHESTRATOR, 'sweep', str(path), '--address', address, *flags],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    raise AssertionError('timed out')
+
+
+def _runs(tmp, experiment):
+    client = MlflowClient('sqlite:///' + str(tmp / 'out' / 'mlflow.db'))
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if 'mlflow.parentRunId' not in r.data.tags]
+    children = [r for r in runs if 'mlflow.parentRunId' in r.data.tags]
+    return client, parents, children
+
+
+def _steps(client, run, key='mIoU'):
+    return [m.step for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                   key=lambda m: m.step)]
+
+
+def test_killed_driver_resumes_without_rerunning_or_doubling(tmp_path, synthetic_root,
+                                                              ray_address, cli_env):
+    path = _space(tmp_path, synthetic_root, 'resume',
+                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=240, evaluations=4)
+    trials = tmp_path / 'out' / 'resume' / 'trials'
+    driver = _sweep(path, ray_address, cli_env)
+    # Kill it once one trial has finished and the other has a checkpoint past its start.
+    _wait_for(lambda: len(list(trials.glob('*/mmseg/rank_sync.json'))) == 1 and
+              len(list(trials.glob('*/mmseg/iter_60.pth'))) == 2, driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    finished = next(trials.glob('*/mmseg/rank_sync.json')).parent
+    finished_files = sorted(p.name for p in finished.iterdir())
+    killed_at = time.time()
+
+    resumed = _sweep(path, ray_address, cli_env, '--resume')
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    client, parents, children = _runs(tmp_path, 'resume')
+    assert len(parents) == 1 and parents[0].info.status == 'FINISHED'
+    assert len(children) == 2 and all(c.info.status == 'FINISHED' for c in children)
+    for child in children:  # every evaluation exactly once, none missing
+        assert _steps(client, child) == [60, 120, 180, 240], child.data.tags['trial_id']
+    # The finished trial was not run again; the running one continued from iteration 60 or later.
+    assert sorted(p.name for p in finished.iterdir()) == finished_files
+    other = next(d for d in trials.glob('*/mmseg') if d != finished)
+    log = '\n'.join(p.read_text() for p in sorted(other.glob('*.log')))
+    assert 'resumed from' in log.lower() or 'resumed epoch' in log.lower()
+    assert 'Iter [10/240]' in log and log.count('Iter [10/240]') == 1
+    print(f'resume: killed -> finished in {time.time() - killed_at:.1f} s')
+
+
+def test_killed_worker_restarts_the_trial_from_its_checkpoint(tmp_path, synthetic_root,
+                                                               ray_address, cli_env):
+    path = _space(tmp_path, synthetic_root, 'workerkill',
+                  {'model.decode_head.num_convs': {'grid': [1]}}, iters=240, evaluations=4,
+                  fault_tolerance={'worker_retries': 1})
+    work = tmp_path / 'out' / 'workerkill' / 'trials'
+    driver = _sweep(path, ray_address, cli_env)
+    _wait_for(lambda: list(work.glob('*/mmseg/iter_120.pth')), driver)
+    victims = subprocess.run(['pgrep', '-f', 'ray::TrainWorker.run'], capture_output=True,
+                             text=True).stdout.split()
+    assert len(victims) == 2
+    os.kill(int(victims[-1]), signal.SIGKILL)
+    killed_at = time.time()
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 0, output[-3000:]
+    client, _, children = _runs(tmp_path, 'workerkill')
+    (child,) = children
+    assert child.info.status == 'FINISHED'
+    assert child.data.metrics['restarts'] == 1
+    assert _steps(client, child) == [60, 120, 180, 240]
+    log = '\n'.join(p.read_text() for p in sorted(next(work.glob('*/mmseg')).glob('*.log')))
+    assert log.count('Iter [10/240]') == 1  # restarted from a checkpoint, not from iteration 0
+    print(f'worker restart: killed -> finished in {time.time() - killed_at:.1f} s')
+
+
+def test_a_diverging_trial_fails_as_diverged_and_the_sweep_goes_on(tmp_path, synthetic_root,
+                                                                    ray_address, cli_env):
+    path = _space(tmp_path, synthetic_root, 'diverge',
+                  {'optimizer.lr': {'grid': [3.0e-3, 1.0e+12]}}, iters=60, evaluations=2)
+    driver = _sweep(path, ray_address, cli_env)
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 1, output[-3000:]
+    assert '1 of 2 trials failed' in output and 'diverged' in output
+    client, parents, children = _runs(tmp_path, 'diverge')
+    by_lr = {float(c.data.params['optimizer.lr']): c for c in children}
+    assert by_lr[3.0e-3].info.status == 'FINISHED'
+    bad = by_lr[1.0e+12]
+    assert bad.info.status == 'FAILED'
+    assert bad.data.tags['failure_reason'].startswith('diverged')
+    assert parents[0].info.status == 'FAILED'
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _start_mlflow_server(tmp, port, env):
+    """A real `mlflow server` on 127.0.0.1 (its own process group, so stopping it stops its
+    web workers too); returns once it answers /health."""
+    import urllib.request
+    log = open(tmp / 'mlflow_server.log', 'a')
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name('mlflow')), 'server', '--host', '127.0.0.1',
+         '--port', str(port), '--workers', '1',
+         '--backend-store-uri', 'sqlite:///' + str(tmp / 'server.db'),
+         '--artifacts-destination', str(tmp / 'server_artifacts')],
+        env=env, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError((tmp / 'mlflow_server.log').read_text()[-3000:])
+
+
+def _stop(proc):
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_mlflow_server_outage_loses_nothing_and_doubles_nothing(tmp_path, synthetic_root,
+                                                               ray_address, cli_env):
+    port = _free_port()
+    uri = f'http://127.0.0.1:{port}'
+    server = _start_mlflow_server(tmp_path, port, cli_env)
+    path = _space(tmp_path, synthetic_root, 'outage',
+                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=120, evaluations=3,
+                  tracking={'experiment': 'outage', 'uri': uri})
+    trials = tmp_path / 'out' / 'outage' / 'trials'
+    driver = _sweep(path, ray_address, cli_env)
+    try:
+        _wait_for(lambda: any(p.read_text().count('\n') >= 1
+                              for p in trials.glob('*/mmseg/metrics.jsonl')), driver)
+    finally:
+        _stop(server)  # the tracking server goes away mid-sweep
+    down_at = time.time()
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 3, output[-3000:]  # trials done, MLflow writes journaled
+    assert 'orchestrator sync' in output
+
+    server = _start_mlflow_server(tmp_path, port, cli_env)
+    try:
+        sync = subprocess.run([ORCHESTRATOR, 'sync', str(tmp_path / 'out' / 'outage')],
+                              env=cli_env, capture_output=True, text=True)
+        assert sync.returncode == 0 and ', 0 pending' in sync.stdout, sync.stdout + sync.stderr
+        again = subprocess.run([ORCHESTRATOR, 'sync', str(tmp_path / 'out' / 'outage')],
+                               env=cli_env, capture_output=True, text=True)
+        assert again.returncode == 0 and '0 write(s) delivered' in again.stdout
+        print(f'outage: server down -> all delivered in {time.time() - down_at:.1f} s')
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name('outage')
+        runs = client.search_runs([exp.experiment_id], max_results=100)
+        parents = [r for r in runs if 'mlflow.parentRunId' not in r.data.tags]
+        children = [r for r in runs if 'mlflow.parentRunId' in r.data.tags]
+        assert len(parents) == 1 and parents[0].info.status == 'FINISHED'
+        assert len(children) == 2
+        for child in children:
+            assert child.info.status == 'FINISHED'
+            assert child.data.tags['mlflow.parentRunId'] == parents[0].info.run_id
+            assert _steps(client, child) == [40, 80, 120]
+            assert _steps(client, child, 'loss') == [40, 80, 120]
+            files = {a.path for a in client.list_artifacts(child.info.run_id)}
+            assert {'resolved_config.py', 'fewshot_subset.txt', 'metrics.jsonl'} <= files
+    finally:
+        _stop(server)
+
+
+def test_two_sweeps_at_once_share_the_default_store(tmp_path, synthetic_root, ray_address,
+                                                    cli_env):
+    procs, paths = [], []
+    for name in ('left', 'right'):
+        path = _space(tmp_path, synthetic_root, name,
+                      {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=40, evaluations=2,
+                      resources={'workers_per_trial': 1, 'cpus_per_worker': 1,
+                                 'max_concurrent_trials': 1})
+        paths.append(path)
+    for path in paths:  # both at once, into tmp/out/mlflow.db
+        procs.append(_sweep(path, ray_address, cli_env))
+    for proc in procs:
+        output = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, output[-3000:]
+        assert 'locked' not in output.lower()
+    for name in ('left', 'right'):
+        client, parents, children = _runs(tmp_path, name)
+        assert len(parents) == 1 and len(children) == 2
+        for child in children:
+            assert child.info.status == 'FINISHED' and _steps(client, child) == [20, 40]
