@@ -24,6 +24,8 @@ def apply():
     _build_ddp_accepts_cpu()
     _local_checkpoints_load_full_pickle()
     _no_epoch_sleep_without_loader_workers()
+    _resume_on_cpu()
+    _resume_after_the_saved_iteration()
     _applied = True
 
 
@@ -138,3 +140,38 @@ def _no_epoch_sleep_without_loader_workers():
             return next(self.iter_loader)
 
     IterLoader.__next__ = __next__
+
+
+def _resume_on_cpu():
+    # IterBasedRunner.resume maps the checkpoint to torch.cuda.current_device() unconditionally,
+    # so resuming (mmseg's auto_resume after a lost worker or a killed sweep) fails on CPU with
+    # "Found no NVIDIA driver". Without CUDA it loads to the CPU instead.
+    from mmcv.runner.iter_based_runner import IterBasedRunner
+    original = IterBasedRunner.resume
+
+    def resume(self, checkpoint, resume_optimizer=True, map_location='default'):
+        if map_location == 'default' and not torch.cuda.is_available():
+            map_location = 'cpu'
+        return original(self, checkpoint, resume_optimizer, map_location)
+
+    IterBasedRunner.resume = resume
+
+
+def _resume_after_the_saved_iteration():
+    # IterBasedRunner saves in after_train_iter, before it counts the iteration: iter_120.pth
+    # records iter=119, so a resumed run trains iteration 120 twice and evaluates (and reports)
+    # it twice. Resuming from iter_N.pth now continues with iteration N + 1.
+    import os.path as osp
+    import re
+
+    from mmcv.runner.iter_based_runner import IterBasedRunner
+    original = IterBasedRunner.resume
+
+    def resume(self, checkpoint, *args, **kwargs):
+        original(self, checkpoint, *args, **kwargs)
+        saved = re.fullmatch(r'iter_(\d+)\.pth', osp.basename(osp.realpath(checkpoint)))
+        if saved and int(saved.group(1)) == self._iter + 1:
+            self._iter = self._inner_iter = int(saved.group(1))
+            self.logger.info(f'continuing after iteration {self._iter}')
+
+    IterBasedRunner.resume = resume

@@ -86,7 +86,7 @@ class MLflowTrialCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get('iter', result.get('training_iteration', 0)))
         self.journal.record('metrics', trial_id=trial.trial_id, step=step,
-                            ts=int(result.get('timestamp', 0) * 1000),
+                            ts=int(result.get('eval_time', result.get('timestamp', 0)) * 1000),
                             metrics=metrics_of(result))
 
     def _finish(self, trial, status, reason=None):

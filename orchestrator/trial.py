@@ -3,6 +3,7 @@ run the training on its N workers and forward rank 0's evaluations to Tune (so A
 
 The trial process only drives: it never imports mmcv or mmseg; the workers merge the config.
 """
+import json
 import os
 import os.path as osp
 
@@ -90,6 +91,18 @@ def _train_on_group(pool, job, forward):
             w.request_stop.remote(trial_id)
 
 
+def _replay_history(work_dir):
+    """Report the evaluations an earlier attempt of this trial computed (a killed driver may
+    never have received them). Each is the identical record (same value, step and eval_time),
+    so MLflow keeps one copy of what it already has and gains what it missed."""
+    path = osp.join(work_dir, 'metrics.jsonl')
+    if osp.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    tune.report(json.loads(line))
+
+
 def run_trial(config, spec, base, base_filename, output_dir, pool_name):
     """Tune function trainable (a plain function, as in Ray Tune's examples).
 
@@ -110,6 +123,7 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name):
         tune.report(dict(metrics, restarts=restarts))
 
     while True:
+        _replay_history(overrides['work_dir'])
         try:
             return _train_on_group(pool, job, forward)
         except WorkersLost as e:

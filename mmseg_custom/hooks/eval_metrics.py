@@ -5,10 +5,15 @@ them; this hook (priority 80: after EvalHook at LOW=70, before the loggers at VE
 each evaluation, adds the mean training loss and the lr since the previous one, broadcasts it to
 all ranks (each rank gets the same dict back), appends it to ``work_dir/metrics.jsonl`` and
 hands it to ``callback``. It also evaluates after the last iteration when the interval did not land
-on it, so a run always ends with metrics of its final weights.
+on it, so a run always ends with metrics of its final weights, and, in a run resumed from a
+checkpoint taken at an evaluation iteration whose evaluation never made it to the file (the
+process died between mmcv's checkpoint and its evaluation), evaluates that iteration first.
+Each dict carries ``eval_time`` (when it was computed): replaying an evaluation from the file
+gives MLflow the identical record, which it stores once.
 """
 import json
 import os.path as osp
+import time
 
 import torch.distributed as dist
 from mmcv.runner import HOOKS, Hook
@@ -43,6 +48,7 @@ class EvalMetricsHook(Hook):
             lr = next(iter(lr.values())) if isinstance(lr, dict) else lr
             metrics['lr'] = float(lr[0])
             metrics['iter'] = iteration
+            metrics['eval_time'] = time.time()
             with open(osp.join(runner.work_dir, self.out_file), 'a') as f:
                 f.write(json.dumps(metrics) + '\n')
         self._losses = []
@@ -55,8 +61,23 @@ class EvalMetricsHook(Hook):
 
     def before_run(self, runner):
         # A fresh run starts a fresh file; a resumed run (iter > 0) appends to its history.
-        if runner.iter == 0 and get_dist_info()[0] == 0:
-            open(osp.join(runner.work_dir, self.out_file), 'w').close()
+        path = osp.join(runner.work_dir, self.out_file)
+        if runner.iter == 0:
+            if get_dist_info()[0] == 0:
+                open(path, 'w').close()
+            return
+        hook = self._eval_hook(runner)
+        if hook is None or runner.iter % hook.interval != 0:
+            return
+        done = [False]
+        if get_dist_info()[0] == 0 and osp.isfile(path):
+            with open(path) as f:
+                done[0] = any(json.loads(line).get('iter') == runner.iter
+                              for line in f if line.strip())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(done, src=0)
+        if not done[0]:
+            self._evaluate_now(runner, hook)
 
     def after_train_iter(self, runner):
         log_vars = (runner.outputs or {}).get('log_vars', {})
@@ -67,13 +88,16 @@ class EvalMetricsHook(Hook):
         if hook is not None and hook._should_evaluate(runner):
             self._publish(runner, runner.iter + 1)
 
+    def _evaluate_now(self, runner, hook):
+        # _do_evaluate asks _should_evaluate, which only knows interval boundaries.
+        hook._should_evaluate = lambda _runner: True
+        try:
+            hook._do_evaluate(runner)
+        finally:
+            del hook._should_evaluate
+        self._publish(runner, runner.iter)
+
     def after_run(self, runner):
         hook = self._eval_hook(runner)
         if hook is not None and runner.iter % hook.interval != 0:
-            # _do_evaluate asks _should_evaluate, which only knows interval boundaries.
-            hook._should_evaluate = lambda _runner: True
-            try:
-                hook._do_evaluate(runner)
-            finally:
-                del hook._should_evaluate
-            self._publish(runner, runner.iter)
+            self._evaluate_now(runner, hook)
