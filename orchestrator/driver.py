@@ -40,19 +40,6 @@ def _local_resources():
     return {'CPU': float(os.cpu_count() or 1), 'GPU': float(torch.cuda.device_count())}
 
 
-def _warm_store(tracking_uri, experiment, output_root):
-    """Import MLflow and create the store and experiment, so the first journal write is quick;
-    an unreachable server is the journal's business, not an error here."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.tracking import get_or_create_experiment
-    try:
-        get_or_create_experiment(MlflowClient(tracking_uri), experiment,
-                                 osp.join(output_root, 'mlartifacts'))
-    except Exception:
-        pass
-
-
 def _check_resumable(spec, sweep_dir, experiment_path):
     """--resume needs the sweep's Tune state and the same search space it started with."""
     if not osp.isfile(osp.join(experiment_path, 'tuner.pkl')):
@@ -147,7 +134,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
 
     # MLflow's import and store set-up (~5 s) overlap ray.init, which mostly waits on processes.
     with ThreadPoolExecutor(1) as background:
-        background.submit(_warm_store, tracking_uri, spec.experiment, output_root)
+        warming = background.submit(journal.warm)
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  runtime_env={'env_vars': env_vars} if address else None)
         started = False
@@ -158,7 +145,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
             pool = WorkerPool.options(name=pool_name).remote(  # noqa: F841 (lives with the driver)
                 max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec))
-            background.shutdown(wait=True)
+            warming.result()  # the journal is used by one thread at a time
             journal.record('parent', name=spec.name, tags=parent_tags(spec.name),
                            artifact=osp.join(sweep_dir, 'space.yaml'))
             journal.record('status', status='RUNNING')

@@ -10,6 +10,8 @@ journal's applied-count update) still counts once: runs are looked up by tags (`
 ``trial_id``) before one is created, MLflow keeps one copy of a metric logged twice with the same
 key, value, step and timestamp, params are rewritten with the same values, statuses set again.
 """
+import contextlib
+import fcntl
 import json
 import os
 import os.path as osp
@@ -20,6 +22,22 @@ JOURNAL = 'mlflow_journal.jsonl'
 # Fail fast when a server is down (MLflow's default is minutes of retries per call): the journal
 # is the retry.
 _HTTP_ENV = {'MLFLOW_HTTP_REQUEST_MAX_RETRIES': '0', 'MLFLOW_HTTP_REQUEST_TIMEOUT': '10'}
+
+
+@contextlib.contextmanager
+def _sqlite_init_lock(uri):
+    """Two sweeps starting at once on a new sqlite store would both create and migrate its
+    tables; measured: one of them fails ('duplicate column name: step', then an alembic
+    version mismatch). A file lock beside the database lets one process at a time do it."""
+    if not uri.startswith('sqlite:///'):
+        yield
+        return
+    with open(uri[len('sqlite:///'):] + '.init.lock', 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class TrackingJournal:
@@ -58,7 +76,10 @@ class TrackingJournal:
                 for k, v in _HTTP_ENV.items():
                     os.environ.setdefault(k, v)
             from mlflow.tracking import MlflowClient
-            self._client = MlflowClient(self.tracking_uri)
+            with _sqlite_init_lock(self.tracking_uri):
+                client = MlflowClient(self.tracking_uri)
+                client.search_experiments(max_results=1)  # creates/migrates the tables now
+            self._client = client
         return self._client
 
     # -- writing ---------------------------------------------------------------------------
@@ -123,6 +144,14 @@ class TrackingJournal:
         return len(records) - self._applied()
 
     # -- applying ----------------------------------------------------------------------------
+
+    def warm(self):
+        """Import MLflow and create the store and experiment now, so the first write is quick;
+        an unreachable server is no error here (records wait in the journal)."""
+        try:
+            self.experiment_id()
+        except Exception:
+            self._client = None
 
     def experiment_id(self):
         if self._experiment_id is None:
