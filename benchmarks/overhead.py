@@ -77,7 +77,9 @@ def main():
                      parameters={'model.decode_head.num_convs': {'grid': [1]}},
                      derived={'iterations': {'at_full_data': args.iters}, 'evaluations': evals},
                      search={'num_samples': args.trials},
-                     resources={'workers_per_trial': args.workers, 'cpus_per_worker': 1},
+                     # one trial at a time, like the direct runs it is compared with
+                     resources={'workers_per_trial': args.workers, 'cpus_per_worker': 1,
+                                'max_concurrent_trials': 1},
                      output=str(tmp / 'sweep'))
         (tmp / 'space.yaml').write_text(yaml.safe_dump(space))
         b_start, b = timed([bin_, 'sweep', str(tmp / 'space.yaml')], env)

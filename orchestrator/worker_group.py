@@ -9,8 +9,9 @@ mmseg once and trains one trial after another, joining a fresh ``torch.distribut
 
 ``WorkerPool`` (one named actor per sweep) leases groups to trials: ``acquire`` waits for a free
 group, ``release_when_done`` frees it when the trial's workers return, so a trial process that
-dies never strands a group. A group whose run failed is rebuilt from fresh processes. A worker
-whose trial stops polling it (its Tune trial was stopped or is gone) stops training by itself.
+dies never strands a group. A group whose run failed is rebuilt from fresh processes. The pool
+watches each trial's process and stops its run when it dies; as a fallback, a rank 0 that nobody
+has polled for ABANDONED_AFTER_S stops training by itself.
 """
 import asyncio
 import os
@@ -139,10 +140,6 @@ class WorkerPool:
         if self._changed is None:
             self._changed = asyncio.Condition()
         return self._changed
-
-    async def ready(self):
-        """Wait until every worker has started and imported mmseg; returns their locations."""
-        return await asyncio.gather(*[w.where.remote() for _, ws in self.groups for w in ws])
 
     async def acquire(self, trial_id):
         async with self._cond():
