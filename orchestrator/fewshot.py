@@ -22,14 +22,19 @@ def list_images(img_dir, img_suffix='.jpg'):
     return sorted(names)
 
 
+def seeded_prefix(names, keep, seed=0):
+    """The first ``keep`` names of the seeded permutation of the sorted names."""
+    names = sorted(names)
+    order = np.random.default_rng(seed).permutation(len(names))
+    return [names[i] for i in order[:keep]]
+
+
 def fewshot_subset(names, fraction, seed=0):
     """The kept names, in permutation order; fraction in (0, 1]."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f'few-shot fraction must be in (0, 1], got {fraction!r}')
-    names = sorted(names)
     keep = max(1, int(round(fraction * len(names)))) if names else 0
-    order = np.random.default_rng(seed).permutation(len(names))
-    return [names[i] for i in order[:keep]]
+    return seeded_prefix(names, keep, seed)
 
 
 def write_split_file(img_dir, fraction, path, seed=0, img_suffix='.jpg'):

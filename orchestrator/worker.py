@@ -17,6 +17,7 @@ import os
 import os.path as osp
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -100,6 +101,19 @@ def _fresh_root_logger(log_file, log_level):
     return get_root_logger(log_file=log_file, log_level=log_level)
 
 
+def _drop_deepspeed_keys(cfg, source):
+    """InternVL's configs carry DeepSpeed switches for their own patched mmcv; here training is
+    mmseg's DDP, so the keys are ignored (with a warning, not silently)."""
+    found = [k for k in ('deepspeed', 'deepspeed_config') if k in cfg]
+    for key in found:
+        cfg.pop(key)
+    if isinstance(cfg.get('checkpoint_config'), dict) and 'deepspeed' in cfg.checkpoint_config:
+        cfg.checkpoint_config.pop('deepspeed')
+        found.append('checkpoint_config.deepspeed')
+    if found:
+        warnings.warn(f'{source}: ignoring DeepSpeed keys {found}: training uses mmseg\'s DDP')
+
+
 def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
     """Train and evaluate ``cfg`` (an mmcv Config); return the final evaluation's metrics.
 
@@ -110,6 +124,7 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
     """
     cfg = copy.deepcopy(cfg)
     check_data_paths(cfg, source)
+    _drop_deepspeed_keys(cfg, source)
     distributed = init_distributed()
     rank, world_size = get_dist_info()
     cuda = torch.cuda.is_available()

@@ -1,4 +1,5 @@
 from .ade_layout import ADELayoutDataset
+from .max_image_num import ADE20KDataset
 from .synthetic import generate_ade_layout
 
-__all__ = ['ADELayoutDataset', 'generate_ade_layout']
+__all__ = ['ADE20KDataset', 'ADELayoutDataset', 'generate_ade_layout']

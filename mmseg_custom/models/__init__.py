@@ -1,4 +1,4 @@
-from .backbones import TinyCNN
+from .backbones import InternViT, TinyCNN
 from .decode_heads import FCNHead
 
-__all__ = ['FCNHead', 'TinyCNN']
+__all__ = ['FCNHead', 'InternViT', 'TinyCNN']

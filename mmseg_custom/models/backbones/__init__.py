@@ -1,3 +1,4 @@
+from .intern_vit import InternViT
 from .tiny_cnn import TinyCNN
 
-__all__ = ['TinyCNN']
+__all__ = ['InternViT', 'TinyCNN']

@@ -1,0 +1,3 @@
+from .layer_decay import CustomLayerDecayOptimizerConstructor
+
+__all__ = ['CustomLayerDecayOptimizerConstructor']

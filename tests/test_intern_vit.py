@@ -1,0 +1,215 @@
+"""InternViT on CPU at a tiny width (depth 2, width 64): shapes at InternVL's 504 crop, frozen
+probing, bf16 features into the fp32 FCNHead, local weights, layer decay, an InternVL-style config."""
+import copy
+
+import pytest
+import torch
+
+import mmseg_custom  # noqa: F401  (registrations)
+from mmcv import Config
+from mmseg.models import build_backbone, build_segmentor
+
+TINY = dict(type='InternViT6B', pretrain_size=224, img_size=504, patch_size=14, embed_dim=64,
+            depth=2, num_heads=4, mlp_ratio=4.0, qkv_bias=False, qk_normalization=True,
+            drop_path_rate=0.0, init_values=0.1, with_cp=False, use_flash_attn=True,
+            freeze_vit=False, out_indices=[1])
+
+
+def _segmentor(freeze=False, num_classes=4):
+    backbone = dict(TINY, freeze_vit=freeze)
+    model = build_segmentor(dict(
+        type='EncoderDecoder', backbone=backbone,
+        decode_head=dict(type='FCNHead', in_channels=64, channels=64, num_convs=0,
+                         concat_input=False, with_norm=False, num_classes=num_classes,
+                         dropout_ratio=0.0, align_corners=False,
+                         loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0)),
+        train_cfg=dict(), test_cfg=dict(mode='whole')))
+    model.init_weights()
+    return model
+
+
+def _batch(size=56, n=2, num_classes=4):
+    torch.manual_seed(0)
+    img = torch.randn(n, 3, size, size)
+    seg = torch.randint(0, num_classes, (n, 1, size, size))
+    metas = [dict(img_shape=(size, size, 3), ori_shape=(size, size, 3), pad_shape=(size, size, 3),
+                  flip=False)] * n
+    return img, metas, seg
+
+
+def test_504_crop_gives_36x36_tokens_with_interpolated_positions():
+    backbone = build_backbone(dict(TINY, out_indices=[0, 1]))
+    outs = backbone(torch.randn(1, 3, 504, 504))
+    assert [tuple(o.shape) for o in outs] == [(1, 64, 36, 36)] * 2
+    assert backbone.pos_embed.shape[1] == 16 * 16 + 1  # learned at 224 / 14
+
+
+def test_presets_have_internvit_shapes():
+    from mmseg_custom.models.backbones.intern_vit import PRESETS
+    assert PRESETS['6B'] == dict(embed_dim=3200, depth=48, num_heads=25, mlp_ratio=4.0,
+                                 qkv_bias=False, qk_normalization=True, norm_type='rms')
+    small = build_backbone(dict(type='InternViT', preset='300M', depth=1, out_indices=[0]))
+    assert small.embed_dim == 1024 and isinstance(small.blocks[0].norm1, torch.nn.LayerNorm)
+
+
+def test_frozen_backbone_gets_no_gradient_and_stays_unchanged():
+    model = _segmentor(freeze=True)
+    model.train()
+    assert not model.backbone.training and model.decode_head.training
+    before = copy.deepcopy(model.backbone.state_dict())
+    head_before = model.decode_head.conv_seg.weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    img, metas, seg = _batch()
+    loss = model.forward_train(img, metas, seg)['decode.loss_ce']
+    loss.backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    optimizer.step()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(head_before, model.decode_head.conv_seg.weight)
+
+
+def test_bf16_backbone_features_give_fp32_logits_and_a_finite_loss():
+    model = _segmentor(freeze=True)
+    model.backbone.to(torch.bfloat16)
+    img, metas, seg = _batch()
+    feats = model.extract_feat(img)
+    assert feats[0].dtype == torch.bfloat16
+    logits = model.decode_head(feats)
+    assert logits.dtype == torch.float32
+    loss = model.forward_train(img, metas, seg)['decode.loss_ce']
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_local_weights_round_trip_reproduces_outputs(tmp_path, suffix):
+    source = build_backbone(dict(TINY))
+    source.eval()
+    path = tmp_path / f'vit{suffix}'
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    if suffix == '.pth':
+        torch.save({'module': state}, path)  # wrappers are unwrapped
+    else:
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+    loaded = build_backbone(dict(TINY, pretrained=str(path)))
+    loaded.init_weights()
+    loaded.eval()
+    x = torch.randn(1, 3, 56, 56)
+    assert torch.equal(source(x)[0], loaded(x)[0])
+    assert not loaded.load_report.missing_keys and not loaded.load_report.unexpected_keys
+
+
+def test_renamed_key_is_reported_missing_and_unexpected(tmp_path, caplog):
+    state = build_backbone(dict(TINY)).state_dict()
+    state['blocks.0.attn.qkv_renamed.weight'] = state.pop('blocks.0.attn.qkv.weight')
+    torch.save(state, tmp_path / 'renamed.pth')
+    model = build_backbone(dict(TINY, pretrained=str(tmp_path / 'renamed.pth')))
+    model.init_weights()
+    assert model.load_report.missing_keys == ['blocks.0.attn.qkv.weight']
+    assert model.load_report.unexpected_keys == ['blocks.0.attn.qkv_renamed.weight']
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    model = build_backbone(dict(TINY, pretrained=str(tmp_path / 'nope.pth')))
+    with pytest.raises(FileNotFoundError, match='nope.pth: no such file'):
+        model.init_weights()
+
+
+def test_layer_wise_learning_rates_follow_the_decay_rule():
+    from mmcv.runner import build_optimizer
+    model = _segmentor()
+    optimizer = build_optimizer(model, dict(
+        type='AdamW', lr=1.0, weight_decay=0.05, constructor='CustomLayerDecayOptimizerConstructor',
+        paramwise_cfg=dict(num_layers=2, layer_decay_rate=0.5)))
+    lr = {g['name']: g['lr'] for g in optimizer.param_groups}
+    wd = {g['name']: g['weight_decay'] for g in optimizer.param_groups}
+    assert lr['backbone.pos_embed'] == lr['backbone.patch_embed.weight'] == 0.5 ** 3
+    assert lr['backbone.blocks.0.attn.qkv.weight'] == 0.5 ** 2
+    assert lr['backbone.blocks.1.mlp.0.weight'] == 0.5
+    assert lr['decode_head.conv_seg.weight'] == 1.0
+    assert wd['backbone.blocks.1.mlp.0.weight'] == 0.05 and wd['backbone.blocks.1.mlp.0.bias'] == 0
+
+
+INTERNVL_STYLE = '''
+_base_ = ['{root}/configs/_base_/default_runtime.py']
+deepspeed = False
+deepspeed_config = 'zero_configs/adam_zero1_bf16.json'
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+model = dict(
+    type='EncoderDecoder', pretrained=None,
+    backbone=dict(type='InternViT6B', pretrain_size=224, img_size=56, patch_size=14,
+                  embed_dim=64, depth=2, num_heads=4, mlp_ratio=4., qkv_bias=False,
+                  drop_path_rate=0.1, init_values=0.1, with_cp=True, use_flash_attn=True,
+                  qk_normalization=True, layerscale_force_fp32=False, freeze_vit=True,
+                  out_indices=[1]),
+    decode_head=dict(type='FCNHead', in_channels=64, channels=64, num_convs=0,
+                     dropout_ratio=0.0, concat_input=False, num_classes=4, with_norm=True,
+                     align_corners=False,
+                     loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    train_cfg=dict(), test_cfg=dict(mode='whole'))
+img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
+train_pipeline = [
+    dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='Resize', img_scale=(56, 56), keep_ratio=False), dict(type='RandomFlip', prob=0.0),
+    dict(type='Normalize', **img_norm_cfg), dict(type='DefaultFormatBundle'),
+    dict(type='Collect', keys=['img', 'gt_semantic_seg'])]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='MultiScaleFlipAug', img_scale=(56, 56), flip=False,
+         transforms=[dict(type='Resize', keep_ratio=False), dict(type='Normalize', **img_norm_cfg),
+                     dict(type='ImageToTensor', keys=['img']), dict(type='Collect', keys=['img'])])]
+data = dict(
+    samples_per_gpu=2, workers_per_gpu=0,
+    train=dict(type='ADELayoutDataset', num_classes=4, data_root='{data}', img_dir='images/training',
+               ann_dir='annotations/training', pipeline=train_pipeline, max_image_num=12),
+    val=dict(type='ADELayoutDataset', num_classes=4, data_root='{data}',
+             img_dir='images/validation', ann_dir='annotations/validation',
+             pipeline=test_pipeline),
+    test=dict(type='ADELayoutDataset', num_classes=4, data_root='{data}',
+              img_dir='images/validation', ann_dir='annotations/validation',
+              pipeline=test_pipeline))
+optimizer = dict(type='AdamW', lr=4e-3, betas=(0.9, 0.999), weight_decay=0.05,
+                 constructor='CustomLayerDecayOptimizerConstructor',
+                 paramwise_cfg=dict(num_layers=2, layer_decay_rate=0.95))
+optimizer_config = dict()
+lr_config = dict(policy='poly', warmup='linear', warmup_iters=2, warmup_ratio=1e-6, power=1.0,
+                 min_lr=0.0, by_epoch=False)
+runner = dict(type='IterBasedRunner', max_iters=4)
+checkpoint_config = dict(deepspeed=deepspeed, by_epoch=False, interval=4, max_keep_ckpts=1)
+evaluation = dict(interval=4, metric='mIoU', save_best='auto')
+custom_hooks = [dict(type='ToBFloat16Hook', priority=49)]
+log_config = dict(interval=1, hooks=[dict(type='TextLoggerHook', by_epoch=False)])
+'''
+
+
+def test_internvl_style_config_builds_and_trains(tmp_path, synthetic_root):
+    from pathlib import Path
+
+    from mmseg.datasets import build_dataset
+    from orchestrator import worker
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / 'linear_intern_vit_tiny.py'
+    path.write_text(INTERNVL_STYLE.format(root=root, data=synthetic_root))
+    cfg = Config.fromfile(str(path))
+    first = [i['filename'] for i in build_dataset(cfg.data.train).img_infos]
+    again = [i['filename'] for i in build_dataset(cfg.data.train).img_infos]
+    assert len(first) == 12 and first == again  # max_image_num: deterministic subset
+    with pytest.warns(UserWarning, match='DeepSpeed'):
+        metrics = worker.train(cfg, str(tmp_path / 'work'), source=str(path))
+    assert metrics['iter'] == 4 and 0.0 <= metrics['mIoU'] <= 1.0
+    log = next((tmp_path / 'work').glob('*.log')).read_text()
+    assert 'ToBFloat16Hook: the backbone runs in bfloat16' in log and 'Iter [4/4]' in log
+
+
+def test_shipped_internvl_configs_load_with_internvit_and_its_vocabulary():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / 'configs'
+    probe = Config.fromfile(str(root / 'vit6b_fcn_linear_probe_ade20k_504.py'))
+    fewshot = Config.fromfile(str(root / 'vit6b_fcn_fewshot_1of16_ade20k_504.py'))
+    for cfg in (probe, fewshot):
+        assert cfg.model.backbone.type == 'InternViT6B' and cfg.model.backbone.freeze_vit
+        assert cfg.model.decode_head.num_convs == 0 and cfg.model.decode_head.with_norm
+        assert cfg.optimizer.constructor == 'CustomLayerDecayOptimizerConstructor'
+        assert cfg.custom_hooks[0].type == 'ToBFloat16Hook'
+    assert fewshot.data.train.max_image_num == 1263 and fewshot.runner.max_iters == 5000
