@@ -44,6 +44,13 @@ def test_504_crop_gives_36x36_tokens_with_interpolated_positions():
     assert backbone.pos_embed.shape[1] == 16 * 16 + 1  # learned at 224 / 14
 
 
+def test_parameter_names_are_internvl_checkpoint_names():
+    names = set(build_backbone(dict(TINY)).state_dict())
+    assert {'cls_token', 'pos_embed', 'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight',
+            'blocks.0.attn.q_norm.weight', 'blocks.0.attn.k_norm.weight', 'blocks.0.ls1.gamma',
+            'blocks.0.mlp.fc1.weight', 'blocks.0.mlp.fc2.bias', 'blocks.1.norm2.weight'} <= names
+
+
 def test_presets_have_internvit_shapes():
     from mmseg_custom.models.backbones.intern_vit import PRESETS
     assert PRESETS['6B'] == dict(embed_dim=3200, depth=48, num_heads=25, mlp_ratio=4.0,
@@ -124,11 +131,11 @@ def test_layer_wise_learning_rates_follow_the_decay_rule():
         paramwise_cfg=dict(num_layers=2, layer_decay_rate=0.5)))
     lr = {g['name']: g['lr'] for g in optimizer.param_groups}
     wd = {g['name']: g['weight_decay'] for g in optimizer.param_groups}
-    assert lr['backbone.pos_embed'] == lr['backbone.patch_embed.weight'] == 0.5 ** 3
+    assert lr['backbone.pos_embed'] == lr['backbone.patch_embed.proj.weight'] == 0.5 ** 3
     assert lr['backbone.blocks.0.attn.qkv.weight'] == 0.5 ** 2
-    assert lr['backbone.blocks.1.mlp.0.weight'] == 0.5
+    assert lr['backbone.blocks.1.mlp.fc1.weight'] == 0.5
     assert lr['decode_head.conv_seg.weight'] == 1.0
-    assert wd['backbone.blocks.1.mlp.0.weight'] == 0.05 and wd['backbone.blocks.1.mlp.0.bias'] == 0
+    assert wd['backbone.blocks.1.mlp.fc1.weight'] == 0.05 and wd['backbone.blocks.1.mlp.fc1.bias'] == 0
 
 
 INTERNVL_STYLE = '''

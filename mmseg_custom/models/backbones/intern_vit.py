@@ -6,7 +6,9 @@ path; attention is torch's ``scaled_dot_product_attention`` (flash kernels on GP
 package), so ``use_flash_attn`` in InternVL's configs is accepted and needs nothing. Position
 embeddings are learned at ``pretrain_size`` and interpolated to the input's token grid.
 ``freeze_vit`` keeps the encoder in eval mode without gradients (probing). Weights load from a
-local ``.pth``/``.safetensors`` file only, with missing and unexpected keys reported.
+local ``.pth``/``.safetensors`` file only, with missing and unexpected keys reported; parameter
+names follow InternVL's (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``mlp.fc1``, ``ls1.gamma``,
+...), so its checkpoints load as they are.
 """
 import os.path as osp
 
@@ -94,6 +96,28 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
+class Mlp(nn.Module):
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 class Block(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, qk_normalization, norm_type,
@@ -104,7 +128,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values, layerscale_force_fp32)
         self.norm2 = _norm(norm_type, dim)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.mlp = Mlp(dim, hidden)
         self.ls2 = LayerScale(dim, init_values, layerscale_force_fp32)
         self.drop_path = DropPath(drop_path)
 
@@ -140,8 +164,11 @@ class InternViT(BaseModule):
                  embed_dim=None, depth=None, num_heads=None, mlp_ratio=None, qkv_bias=None,
                  qk_normalization=None, norm_type=None, drop_path_rate=0.0, init_values=0.1,
                  with_cp=False, use_flash_attn=True, layerscale_force_fp32=False,
-                 freeze_vit=False, out_indices=(-1,), pretrained=None, init_cfg=None):
+                 layerscale_no_force_fp32=None, freeze_vit=False, out_indices=(-1,),
+                 pretrained=None, init_cfg=None):
         super().__init__(init_cfg)
+        if layerscale_no_force_fp32 is not None:  # the other spelling in InternVL's code
+            layerscale_force_fp32 = not layerscale_no_force_fp32
         shape = dict(PRESETS['6B'] if preset is None else PRESETS[preset])
         given = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                      qkv_bias=qkv_bias, qk_normalization=qk_normalization, norm_type=norm_type)
@@ -153,7 +180,7 @@ class InternViT(BaseModule):
         self.embed_dim, self.depth = dim, depth
         self.with_cp, self.freeze_vit, self.pretrained = with_cp, freeze_vit, pretrained
         self.out_indices = [i % depth for i in out_indices]
-        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_embed = PatchEmbed(patch_size, dim)
         grid = pretrain_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))
@@ -206,7 +233,7 @@ class InternViT(BaseModule):
         return torch.cat([cls_pos, pos], dim=1)
 
     def forward(self, x):
-        x = self.patch_embed(x.to(self.patch_embed.weight.dtype))  # bf16 when ToBFloat16Hook ran
+        x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))  # bf16 after ToBFloat16Hook
         b, _, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self._pos_embed(h, w)
