@@ -1,5 +1,6 @@
-"""Run a sweep: validate, plan, start or attach Ray, open the parent MLflow run, let Ray Tune run
-the trials (search algorithm, ASHA, concurrency cap), print the ranked result."""
+"""Run a sweep: validate, plan, start or attach Ray, start the warm worker pool, open the parent
+MLflow run (through the sweep's journal), let Ray Tune run the trials (search algorithm, ASHA,
+concurrency cap) or resume them, print the ranked result; and ``sync`` for journaled writes."""
 import os
 import os.path as osp
 import shutil
@@ -117,11 +118,10 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     import ray
     from ray import tune
 
-    from orchestrator.trial import run_trial, trial_dir
-    from orchestrator.worker_group import WorkerPool
-
     from orchestrator.journal import TrackingJournal
     from orchestrator.tracking import MLflowTrialCallback, default_tracking_uri, parent_tags
+    from orchestrator.trial import run_trial, trial_dir
+    from orchestrator.worker_group import WorkerPool
     if resume:  # the same parent and child runs, the same store (unless told otherwise)
         journal = TrackingJournal.open(sweep_dir)
         journal.tracking_uri = tracking_uri or journal.tracking_uri
