@@ -94,11 +94,13 @@ class TrackingJournal:
             os.fsync(f.fileno())
         return self.flush()
 
-    def _records(self):
+    def _pending_records(self, done):
+        """Records after the first ``done`` (only those are parsed: this runs at every write)."""
         if not osp.isfile(self.path):
             return []
         with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        return [json.loads(line) for line in lines[done:]]
 
     def _applied(self):
         try:
@@ -114,16 +116,17 @@ class TrackingJournal:
         os.replace(tmp, self.applied_path)
 
     def pending(self):
-        return len(self._records()) - self._applied()
+        return len(self._pending_records(self._applied()))
 
     def flush(self, attempts=1, wait_s=2.0):
         """Deliver pending records in order; stop at the first failure (kept for later).
         Returns how many are still pending."""
         for attempt in range(attempts):
-            records, done = self._records(), self._applied()
-            for i in range(done, len(records)):
+            done = self._applied()
+            pending = self._pending_records(done)
+            for i, rec in enumerate(pending):
                 try:
-                    self._apply(records[i])
+                    self._apply(rec)
                 except Exception as e:  # unreachable server, locked sqlite, ...: retried later
                     if self.last_error is None:
                         print(f'MLflow unavailable ({type(e).__name__}: '
@@ -132,7 +135,7 @@ class TrackingJournal:
                     self.last_error = e
                     self._client = None  # a fresh connection next time
                     break
-                self._set_applied(i + 1)
+                self._set_applied(done + i + 1)
             else:
                 if self.last_error is not None:
                     print(f'MLflow reachable again: journal {self.path} delivered',
@@ -141,7 +144,7 @@ class TrackingJournal:
                 return 0
             if attempt + 1 < attempts:
                 time.sleep(wait_s)
-        return len(records) - self._applied()
+        return self.pending()
 
     # -- applying ----------------------------------------------------------------------------
 
