@@ -8,6 +8,7 @@ import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from orchestrator import cluster
 from orchestrator import plan as planning
 from orchestrator.errors import ConfigError
 
@@ -36,9 +37,20 @@ def _check_data(spec, base_cfg):
     check_data_paths(cfg, spec.source)
 
 
-def _local_resources():
-    import torch
-    return {'CPU': float(os.cpu_count() or 1), 'GPU': float(torch.cuda.device_count())}
+def _dry_run_plan(spec, address):
+    """The packing on the cluster at ``address``, or on this machine (where a plan that does not
+    fit is only reported: a dry run plans for a bigger cluster anywhere)."""
+    if not address:
+        try:
+            return planning.resource_plan(spec, cluster.local_nodes())[1]
+        except ConfigError as e:
+            return [f'on this machine: {str(e).split(": resources: ", 1)[-1]}']
+    import ray
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        return planning.resource_plan(spec, cluster.cluster_nodes())[1]
+    finally:
+        ray.shutdown()
 
 
 def _check_resumable(spec, sweep_dir, experiment_path):
@@ -87,19 +99,20 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     spec, base_cfg = load_spec(space_file)
     spec.name = name or spec.name
     spec.output = output or spec.output
+    address = address or os.environ.get('RAY_ADDRESS')
     if dry_run:
         header, rows, budget = planning.dry_run_table(spec, base_cfg)
         print(format_table(header, rows), file=out)
         print(budget, file=out)
+        print('\n'.join(_dry_run_plan(spec, address)), file=out)
         return 0
 
     if spec.generate_data:
         from mmseg_custom.datasets.synthetic import generate_ade_layout
         generate_ade_layout(spec.data_root, **spec.generate_data)
     _check_data(spec, base_cfg)
-    address = address or os.environ.get('RAY_ADDRESS')
-    if not address:
-        planning.concurrency(spec, _local_resources())  # fail fast before starting Ray
+    if not address:  # fail fast before starting Ray
+        planning.resource_plan(spec, cluster.local_nodes())
 
     output_root = osp.abspath(spec.output)
     sweep_dir = osp.join(output_root, spec.name)
@@ -108,8 +121,6 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
         _check_resumable(spec, sweep_dir, experiment_path)
     else:
         _clear_delivered_journal(spec, sweep_dir)
-        os.makedirs(sweep_dir, exist_ok=True)
-        shutil.copy(spec.source, osp.join(sweep_dir, 'space.yaml'))
 
     # Inherited by a local cluster's processes; sent as the job's runtime_env to an existing one
     # (a runtime_env on a local cluster would make every actor start a fresh worker process).
@@ -117,6 +128,19 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     os.environ.update(env_vars)
     import ray
     from ray import tune
+    if address:  # an existing cluster: plan on its nodes and check its storage before any work
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={'env_vars': env_vars})
+        try:
+            nodes = cluster.cluster_nodes()
+            max_concurrent, plan_lines = planning.resource_plan(spec, nodes)
+            cluster.check_shared_storage(output_root, nodes, spec.source)
+        except BaseException:
+            ray.shutdown()
+            raise
+    if not resume:
+        os.makedirs(sweep_dir, exist_ok=True)
+        shutil.copy(spec.source, osp.join(sweep_dir, 'space.yaml'))
 
     from orchestrator.journal import TrackingJournal
     from orchestrator.tracking import MLflowTrialCallback, default_tracking_uri, parent_tags
@@ -135,11 +159,13 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     # MLflow's import and store set-up (~5 s) overlap ray.init, which mostly waits on processes.
     with ThreadPoolExecutor(1) as background:
         warming = background.submit(journal.warm)
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={'env_vars': env_vars} if address else None)
+        if not address:
+            ray.init(include_dashboard=False, log_to_driver=False)
         started = False
         try:
-            max_concurrent = planning.concurrency(spec, ray.cluster_resources())
+            if not address:
+                max_concurrent, plan_lines = planning.resource_plan(spec, cluster.cluster_nodes())
+            print('\n'.join(plan_lines), file=out, flush=True)
             # Started at once: its workers import mmseg (the start-up's longest step) while
             # MLflow and Tune get ready.
             pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'

@@ -110,28 +110,51 @@ def worker_bundle(spec):
     return bundle
 
 
-def concurrency(spec, cluster):
-    """How many trials can run at once on `cluster` (Ray's resource dict); ConfigError if none.
+def _fmt(resources):
+    return ', '.join(f'{resources.get(r, 0):g} {r}' for r in ('CPU', 'GPU'))
 
-    Tune does not count a trial's workers (they belong to the worker pool), so the cap is
-    computed here; the pool holds exactly that many worker groups.
+
+def resource_plan(spec, nodes):
+    """How many trials run at once on ``nodes`` (dicts of name and Ray resources), computed from
+    per-node resources.
+
+    Every worker asks for the same bundle, so the most workers a node can hold is the floor of
+    its resources over the bundle's, and any grouping of those workers into trials is feasible
+    (a trial's placement group packs its workers on as few nodes as possible and spans nodes
+    when it must). Returns (concurrent trials, text lines of the packing); ConfigError when no
+    trial could ever be scheduled, so a sweep fails at once instead of waiting forever.
     """
-    need = per_trial_resources(spec)
-    fits = []
-    for res in ('CPU', 'GPU'):
-        if need[res] > 0:
-            have = cluster.get(res, 0)
-            if have < need[res]:
-                raise ConfigError(
-                    f'{spec.source}: resources: one trial needs {need[res]:g} {res} '
-                    f'({spec.workers_per_trial} workers x '
-                    f'{spec.cpus_per_worker if res == "CPU" else spec.gpus_per_worker:g}), '
-                    f'the cluster has {have:g}: it could never be scheduled')
-            fits.append(int(have // need[res] + 1e-9))
-    n = min(fits) if fits else 1
+    bundle = worker_bundle(spec)
+    per_node = []
+    for node in nodes:
+        fits = [int(node['resources'].get(r, 0) / need + 1e-9) for r, need in bundle.items()
+                if need > 0]
+        per_node.append(min(fits) if fits else 0)
+    workers = sum(per_node)
+    w = spec.workers_per_trial
+    if workers < w:
+        biggest = max(nodes, key=lambda n: (n['resources'].get('GPU', 0),
+                                            n['resources'].get('CPU', 0)))
+        total = {r: sum(n['resources'].get(r, 0) for n in nodes) for r in ('CPU', 'GPU')}
+        why = (f'no node can hold one worker (largest: {_fmt(biggest["resources"])})'
+               if workers == 0 else f'its nodes hold {workers} such worker(s) in all')
+        raise ConfigError(
+            f'{spec.source}: resources: one trial needs {w} workers x ({_fmt(bundle)}) = '
+            f'{_fmt(per_trial_resources(spec))}; the cluster has {_fmt(total)} on '
+            f'{len(nodes)} node(s) and {why}: it could never be scheduled')
+    trials = workers // w
     if spec.max_concurrent_trials:
-        n = min(n, spec.max_concurrent_trials)
-    return max(1, n)
+        trials = min(trials, spec.max_concurrent_trials)
+    lines = [f'resource plan: {w} worker(s) per trial, each {_fmt(bundle)}']
+    for node, n in zip(nodes, per_node):
+        lines.append(f'  {node["name"]}: {_fmt(node["resources"])} -> {n} worker(s)')
+    share = bundle.get('GPU', 0)
+    lines.append(f'  => {trials} concurrent trial(s) ({trials * w} of {workers} worker slots)'
+                 + (f'; {int(1 / share + 1e-9)} workers share each GPU' if 0 < share < 1 else '')
+                 + (f'; capped by max_concurrent_trials={spec.max_concurrent_trials}'
+                    if spec.max_concurrent_trials and trials == spec.max_concurrent_trials
+                    and workers // w > trials else ''))
+    return trials, lines
 
 
 def dry_run_table(spec, base_cfg):

@@ -309,8 +309,14 @@ def load_spec(path):
                                   lambda v: _int(v) and v > 0, 'a positive integer', 1)
     spec.cpus_per_worker = _get(source, 'resources', res, 'cpus_per_worker',
                                 lambda v: _num(v) and v > 0, 'a number > 0', 1)
+    # Ray shares a GPU between workers only in fractions of one; above one it assigns whole GPUs
     spec.gpus_per_worker = _get(source, 'resources', res, 'gpus_per_worker',
-                                lambda v: _num(v) and v >= 0, 'a number >= 0', 0)
+                                lambda v: _num(v) and (0 <= v <= 1 or float(v).is_integer()),
+                                'a fraction in [0, 1] (workers share a GPU) or a whole number', 0)
+    if 0 < spec.gpus_per_worker < 1 and spec.workers_per_trial > 1:
+        raise _err(source, 'resources.gpus_per_worker', spec.gpus_per_worker,
+                   'a fraction of a GPU needs workers_per_trial: 1 (NCCL cannot run two ranks '
+                   'of one trial on one GPU)')
     spec.max_concurrent_trials = _get(source, 'resources', res, 'max_concurrent_trials',
                                       lambda v: _int(v) and v > 0, 'a positive integer')
 
@@ -325,7 +331,9 @@ def load_spec(path):
                              'a URI such as sqlite:////abs/mlflow.db or http://127.0.0.1:5000')
     spec.experiment = _get(source, 'tracking', track, 'experiment',
                            lambda v: isinstance(v, str) and v.strip(), 'a name', name)
-    output = _get(source, '', raw, 'output', lambda v: isinstance(v, str), 'a path')
+    # A path, not a URI: workers on every node write their checkpoints and logs under it
+    output = _get(source, '', raw, 'output', lambda v: isinstance(v, str) and '://' not in v,
+                  'a filesystem path (on a multi-node cluster, one every node mounts)')
     spec.output = rel(output) if output else osp.abspath('runs')
 
     _check_head_combinations(spec, base_dict)

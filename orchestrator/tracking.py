@@ -5,6 +5,7 @@ Ray's MLflowLoggerCallback does not nest runs, and its step is Tune's report cou
 callback creates children with ``mlflow.parentRunId`` (what the MLflow UI nests by), logs the same
 param columns on every child, and steps metrics by the mmseg iteration.
 """
+import json
 import os.path as osp
 import re
 import subprocess
@@ -64,6 +65,20 @@ def metrics_of(result):
             and not isinstance(v, bool)}
 
 
+def placement_tags(ranks):
+    """MLflow tags saying where a trial's workers ran: per rank, and the distinct nodes (so the
+    UI can filter, e.g. ``tags.num_nodes = '2'``)."""
+    tags = {}
+    for rank, w in enumerate(ranks):
+        tags[f'worker.{rank}.node_id'] = w['node_id']
+        tags[f'worker.{rank}.node_ip'] = w['node_ip']
+        tags[f'worker.{rank}.gpu_ids'] = ','.join(w['gpu_ids'])
+    nodes = sorted({w['node_id'] for w in ranks})
+    tags.update(node_ids=','.join(nodes), num_nodes=str(len(nodes)),
+                gpu_ids=';'.join(','.join(w['gpu_ids']) for w in ranks))
+    return tags
+
+
 class MLflowTrialCallback(Callback):
     """Child run per trial: params at start, metrics at every report, artifacts and status at
     the end. Every write goes through the sweep's TrackingJournal (nothing is lost while MLflow
@@ -74,6 +89,19 @@ class MLflowTrialCallback(Callback):
         self.sweep_name = sweep_name
         self.params_of = params_of        # trial.config -> {param key: value}
         self.trial_dir_of = trial_dir_of  # trial_id -> directory with the trial's artifacts
+        self._placed = {}  # trial_id -> the placement last recorded (a restart may move it)
+
+    def _record_placement(self, trial_id):
+        path = osp.join(self.trial_dir_of(trial_id), 'placement.json')
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            return
+        if text and self._placed.get(trial_id) != text:
+            self._placed[trial_id] = text
+            self.journal.record('tags', trial_id=trial_id,
+                                tags=placement_tags(json.loads(text)))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         params = {k: str(v) for k, v in self.params_of(trial.config).items()}
@@ -84,12 +112,14 @@ class MLflowTrialCallback(Callback):
         self.journal.record('status', trial_id=trial.trial_id, status='RUNNING')
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._record_placement(trial.trial_id)
         step = int(result.get('iter', result.get('training_iteration', 0)))
         self.journal.record('metrics', trial_id=trial.trial_id, step=step,
                             ts=int(result.get('eval_time', result.get('timestamp', 0)) * 1000),
                             metrics=metrics_of(result))
 
     def _finish(self, trial, status, reason=None):
+        self._record_placement(trial.trial_id)
         trial_dir = self.trial_dir_of(trial.trial_id)
         paths = [osp.join(trial_dir, name) for name in
                  ('resolved_config.py', 'fewshot_subset.txt', 'mmseg/metrics.jsonl')]

@@ -17,6 +17,7 @@ from orchestrator.spec import FRACTION_KEY
 from orchestrator.worker_group import GRACE_S
 
 POLL_S = 1.0
+PLACEMENT = 'placement.json'
 
 
 def trial_dir(output_dir, trial_id):
@@ -65,12 +66,21 @@ def _failure(runs):
     return raised.as_instanceof_cause() if raised is not None else None
 
 
+def _write_placement(out_dir, where):
+    """Where each rank runs (node, GPUs), for the trial's MLflow tags (tracking.placement_tags)."""
+    path = osp.join(out_dir, PLACEMENT)
+    with open(path + '.tmp', 'w') as f:
+        json.dump([{k: w[k] for k in ('node_id', 'node_ip', 'gpu_ids')} for w in where], f)
+    os.replace(path + '.tmp', path)
+
+
 def _train_on_group(pool, job, forward):
     """One attempt: lease a group, run the job on it, forward rank 0's reports; raises the
     attempt's failure (WorkersLost or the worker's own exception)."""
     trial_id = job['trial_id']
     gid, workers = ray.get(pool.acquire.remote(trial_id))
     n = len(workers)
+    _write_placement(job['trial_dir'], ray.get([w.where.remote() for w in workers]))
     init_method = ray.get(workers[0].rendezvous.remote())
     runs = [w.run.remote(job, rank, n, init_method) for rank, w in enumerate(workers)]
     pool.release_when_done.remote(gid, runs, ray.get_runtime_context().current_actor, trial_id)

@@ -38,7 +38,7 @@ class TrainWorker:
         # finished trial's process can arrive after the next trial started on this worker
 
     def where(self):
-        """Where this worker runs (node, GPUs, pid): for tests and diagnostics."""
+        """Where this worker runs (node, GPUs, pid): the trial's placement tags in MLflow."""
         ctx = ray.get_runtime_context()
         return dict(node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address(),
                     gpu_ids=[str(g) for g in ray.get_gpu_ids()], pid=os.getpid())

@@ -1,0 +1,64 @@
+"""The Ray cluster a sweep runs on: its nodes and their resources (for the resource plan), and
+whether the sweep's output directory is the same directory on every node.
+
+A trial's workers may run on any node: they read the trial's few-shot list and write its
+checkpoints and logs under the sweep's output directory, and the driver reads them back. On an
+existing cluster that directory must therefore be on a filesystem every node mounts (NFS, a
+Kubernetes volume, Slurm's shared home); this is checked before a sweep starts, not discovered
+when a trial cannot find its files.
+"""
+import os
+import os.path as osp
+import uuid
+
+from orchestrator.errors import ConfigError
+
+STORAGE_CHECK_TIMEOUT_S = 120  # one small task per node; a fresh worker process on each
+
+
+def local_nodes():
+    """This machine as the one node of the local cluster ``ray.init`` would start."""
+    import torch
+    return [dict(name='this machine', resources={'CPU': float(os.cpu_count() or 1),
+                                                 'GPU': float(torch.cuda.device_count())})]
+
+
+def cluster_nodes():
+    """The alive nodes of the connected Ray cluster: name (IP and short ID), ID, resources."""
+    import ray
+    return [dict(name=f'{n["NodeManagerAddress"]} ({n["NodeID"][:8]})', node_id=n['NodeID'],
+                 resources=dict(n['Resources']))
+            for n in ray.nodes() if n['Alive']]
+
+
+def _reads(path, token):
+    try:
+        with open(path) as f:
+            return f.read() == token
+    except OSError:
+        return False
+
+
+def check_shared_storage(directory, nodes, source):
+    """ConfigError unless every node in ``nodes`` sees the file the driver writes in ``directory``."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    os.makedirs(directory, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = osp.join(directory, f'.storage-check-{token[:12]}')
+    with open(marker, 'w') as f:
+        f.write(token)
+    try:
+        reads = ray.remote(num_cpus=0)(_reads)
+        refs = [reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n['node_id'], soft=False)).remote(marker, token) for n in nodes]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STORAGE_CHECK_TIMEOUT_S)
+        blind = [n['name'] for n, ref in zip(nodes, refs)
+                 if ref not in ready or not ray.get(ref)]
+    finally:
+        os.remove(marker)
+    if blind:
+        raise ConfigError(
+            f'{source}: output: {directory} is not the same directory on node(s) '
+            f'{", ".join(blind)}: a sweep on a cluster needs its output on a filesystem every '
+            'node mounts (NFS, a shared volume); pass --output with such a path')

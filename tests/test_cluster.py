@@ -1,0 +1,168 @@
+"""Beyond one machine: the resource plan (pure: computed from per-node resources), and real
+sweeps on a two-node Ray cluster — the session's head plus a second `ray start --address` node
+with a logical GPU — read back from MLflow's placement tags."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator import cli
+from orchestrator.errors import ConfigError
+from orchestrator.plan import resource_plan
+from orchestrator.spec import SweepSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name('ray'))
+
+
+def _spec(workers, cpus=1, gpus=0, cap=None):
+    return SweepSpec(source='s.yaml', name='s', base_config='', params=[],
+                     workers_per_trial=workers, cpus_per_worker=cpus, gpus_per_worker=gpus,
+                     max_concurrent_trials=cap)
+
+
+def _node(name, cpu, gpu=0):
+    return dict(name=name, resources={'CPU': float(cpu), 'GPU': float(gpu)})
+
+
+def test_plan_counts_whole_workers_per_node():
+    # 8-GPU trials on two 8-GPU nodes with 64 CPUs: one trial per node, CPUs do not limit
+    nodes = [_node('a', 64, 8), _node('b', 64, 8), _node('cpu-only', 96)]
+    trials, lines = resource_plan(_spec(8, cpus=4, gpus=1), nodes)
+    assert trials == 2
+    assert any('cpu-only' in line and '-> 0 worker(s)' in line for line in lines)
+    # 3 GPUs on one node and 5 on another still host one 8-worker trial (it spans them)
+    assert resource_plan(_spec(8, cpus=1, gpus=1), [_node('a', 8, 3), _node('b', 8, 5)])[0] == 1
+    # CPUs bound it: 10 CPUs hold 2 workers of 4 CPUs, not 2.5
+    assert resource_plan(_spec(1, cpus=4), [_node('a', 10)])[0] == 2
+    assert resource_plan(_spec(1, cpus=1), [_node('a', 16)], )[0] == 16
+    assert resource_plan(_spec(1, cpus=1, cap=3), [_node('a', 16)])[0] == 3
+
+
+def test_plan_packs_fractional_gpus():
+    trials, lines = resource_plan(_spec(1, cpus=1, gpus=0.5), [_node('a', 4, 1)])
+    assert trials == 2 and '2 workers share each GPU' in lines[-1]
+    assert resource_plan(_spec(1, cpus=1, gpus=0.25), [_node('a', 16, 2)])[0] == 8
+
+
+@pytest.mark.parametrize('spec,nodes,needle', [
+    (_spec(1, gpus=2), [_node('a', 8, 1), _node('b', 8, 1)], 'no node can hold one worker'),
+    (_spec(4, gpus=1), [_node('a', 8, 1), _node('b', 8, 2)], 'hold 3 such worker(s)'),
+    (_spec(1, cpus=4), [_node('a', 2), _node('b', 3)], 'no node can hold one worker'),
+])
+def test_impossible_plans_are_refused(spec, nodes, needle):
+    with pytest.raises(ConfigError) as e:
+        resource_plan(spec, nodes)
+    assert needle in str(e.value) and 'could never be scheduled' in str(e.value)
+
+
+@pytest.fixture(scope='module')
+def two_nodes(ray_address):
+    """The session's head (2 CPUs) plus a second node (2 CPUs, 1 logical GPU) for this module.
+    `ray start --block` keeps the node's processes tied to this Popen: terminating it removes
+    the node, so the later test modules see the one-node cluster again."""
+    import ray
+    node = subprocess.Popen([RAY, 'start', f'--address={ray_address}', '--num-cpus=2',
+                             '--num-gpus=1', '--block', '--disable-usage-stats'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ray.init(address=ray_address, log_to_driver=False)
+    try:
+        deadline = time.time() + 60
+        while len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        alive = [n for n in ray.nodes() if n['Alive']]
+        assert len(alive) == 2, alive
+        ids = {('gpu' if n['Resources'].get('GPU') else 'head'): n['NodeID'] for n in alive}
+    finally:
+        ray.shutdown()
+    yield ray_address, ids
+    node.terminate()
+    node.wait(timeout=60)
+
+
+def _space(tmp, synthetic_root, name, resources, grid):
+    space = dict(
+        name=name, base_config=str(ROOT / 'configs' / 'tiny_fcn_synthetic.py'),
+        data_root=str(synthetic_root),
+        parameters={'model.decode_head.num_convs': {'grid': grid}},
+        derived={'iterations': {'at_full_data': 40}, 'evaluations': 1},
+        resources=resources, tracking={'experiment': name}, output=str(tmp / 'out'))
+    path = tmp / f'{name}.yaml'
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def _children(tmp, name):
+    client = MlflowClient('sqlite:///' + str(tmp / 'out' / 'mlflow.db'))
+    exp = client.get_experiment_by_name(name)
+    return [r for r in client.search_runs([exp.experiment_id])
+            if 'mlflow.parentRunId' in r.data.tags]
+
+
+def test_two_worker_trials_span_both_nodes(two_nodes, synthetic_root, tmp_path, capsys):
+    """2 workers x 2 CPUs: each node holds one worker, so every trial spans both nodes."""
+    address, ids = two_nodes
+    path = _space(tmp_path, synthetic_root, 'span', {'workers_per_trial': 2, 'cpus_per_worker': 2},
+                  [0, 1])
+    code = cli.main(['sweep', str(path), '--address', address])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert '=> 1 concurrent trial(s) (2 of 2 worker slots)' in out
+    children = _children(tmp_path, 'span')
+    assert len(children) == 2
+    for c in children:
+        tags = c.data.tags
+        assert c.info.status == 'FINISHED' and 0 <= c.data.metrics['mIoU'] <= 1
+        assert {tags['worker.0.node_id'], tags['worker.1.node_id']} == set(ids.values())
+        assert tags['num_nodes'] == '2'
+        assert tags['node_ids'] == ','.join(sorted(ids.values()))
+        # the worker on the GPU node was given no GPU (it asked for none)
+        assert tags['worker.0.gpu_ids'] == tags['worker.1.gpu_ids'] == ''
+
+
+def test_half_gpu_trials_share_the_gpu_at_once(two_nodes, synthetic_root, tmp_path, capsys):
+    address, ids = two_nodes
+    path = _space(tmp_path, synthetic_root, 'shared-gpu',
+                  {'workers_per_trial': 1, 'cpus_per_worker': 1, 'gpus_per_worker': 0.5}, [0, 1])
+    code = cli.main(['sweep', str(path), '--address', address])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert '=> 2 concurrent trial(s)' in out and '2 workers share each GPU' in out
+    children = _children(tmp_path, 'shared-gpu')
+    assert len(children) == 2
+    for c in children:
+        assert c.data.tags['worker.0.node_id'] == ids['gpu']  # the head has no GPU
+        assert c.data.tags['worker.0.gpu_ids'] == '0'         # Ray's ID of that one GPU
+    a, b = sorted(children, key=lambda c: c.info.start_time)
+    assert b.info.start_time < a.info.end_time  # they ran at the same time, on the same GPU
+
+
+@pytest.mark.parametrize('resources,needle', [
+    ({'workers_per_trial': 1, 'gpus_per_worker': 2}, 'no node can hold one worker'),
+    ({'workers_per_trial': 2, 'gpus_per_worker': 1}, 'hold 1 such worker(s)'),
+])
+def test_impossible_plan_on_the_cluster_fails_fast(two_nodes, synthetic_root, tmp_path, capsys,
+                                                   resources, needle):
+    import ray
+    address, _ = two_nodes
+    path = _space(tmp_path, synthetic_root, 'impossible', resources, [0])
+    code = cli.main(['sweep', str(path), '--address', address])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count('\n') == 0 and str(path) in err, err
+    assert needle in err and '1 GPU on 2 node(s)' in err, err
+    assert not (tmp_path / 'out').exists() and not ray.is_initialized()
+
+
+def test_dry_run_shows_the_clusters_packing(two_nodes, synthetic_root, tmp_path, capsys):
+    address, ids = two_nodes
+    path = _space(tmp_path, synthetic_root, 'plan',
+                  {'workers_per_trial': 1, 'cpus_per_worker': 1, 'gpus_per_worker': 0.5}, [0, 1])
+    assert cli.main(['sweep', str(path), '--dry-run', '--address', address]) == 0
+    out = capsys.readouterr().out
+    assert f'({ids["gpu"][:8]}): 2 CPU, 1 GPU -> 2 worker(s)' in out
+    assert f'({ids["head"][:8]}): 2 CPU, 0 GPU -> 0 worker(s)' in out
