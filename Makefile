@@ -6,6 +6,7 @@ setup:
 
 demo: setup
 	.venv/bin/orchestrator sweep search_spaces/demo.yaml
+	.venv/bin/orchestrator report demo
 
 test: setup
 	.venv/bin/python -m pytest tests

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+
 def _parser():
     p = argparse.ArgumentParser(prog='orchestrator', description=(
         'Ray Tune sweeps of MMSegmentation FCN-head probing, tracked in MLflow; single trainings '
@@ -39,6 +40,20 @@ def _parser():
     y = sub.add_parser('sync', help='deliver a sweep\'s MLflow writes that waited in its journal')
     y.add_argument('sweep_dir', help='the sweep\'s output directory, e.g. runs/demo')
 
+    sweep_arg = dict(help='a sweep: its output directory (runs/demo) or its name (demo)')
+    output_arg = dict(default='runs', help='output root holding sweeps by name (default: runs)')
+    r = sub.add_parser('report', help='ranked table and plots of a sweep (Markdown + PNG), '
+                                      'also attached to its parent MLflow run')
+    r.add_argument('sweep', **sweep_arg)
+    r.add_argument('--output', **output_arg)
+    st = sub.add_parser('status', help='each trial\'s state, iteration, latest metric and ETA')
+    st.add_argument('sweep', **sweep_arg)
+    st.add_argument('--output', **output_arg)
+    b = sub.add_parser('best', help='the best trial\'s resolved mmseg config, loadable by mmseg')
+    b.add_argument('sweep', **sweep_arg)
+    b.add_argument('--out', required=True, help='file to write, e.g. best.py')
+    b.add_argument('--output', **output_arg)
+
     return p
 
 
@@ -60,23 +75,42 @@ def run_training(config, work_dir, workers=1, cfg_options=()):
     return subprocess.call(cmd, env=env)
 
 
+def _results_command(args):
+    """report / status / best: a finished or running sweep, read back."""
+    from orchestrator.results import sweep_dir_of
+    sweep_dir = sweep_dir_of(args.sweep, args.output)
+    if args.command == 'status':
+        from orchestrator.status import format_status, sweep_status
+        print(format_status(*sweep_status(sweep_dir)))
+        return 0
+    from orchestrator.results import SweepResults
+    results = SweepResults(sweep_dir)
+    if args.command == 'report':
+        from orchestrator.report import write_report
+        path = write_report(results)
+        print(f'{path} (and its PNGs), attached to MLflow run {results.parent.info.run_id} '
+              'under report/')
+        return 0
+    from orchestrator.best_config import export_best
+    path, best = export_best(results, args.out)
+    print(f'{path}: trial {best["trial_id"]}, {results.metric} = {best[results.metric]:.4f}')
+    return 0
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
-    if args.command == 'sweep':
-        from orchestrator.driver import run_sweep
+    if args.command in ('sweep', 'sync', 'report', 'status', 'best'):
         from orchestrator.errors import ConfigError
         try:
-            return run_sweep(args.space, name=args.name, output=args.output,
-                             tracking_uri=args.tracking_uri, address=args.address,
-                             dry_run=args.dry_run, resume=args.resume)
-        except ConfigError as e:
-            print(f'error: {e}', file=sys.stderr)
-            return e.exit_code
-    if args.command == 'sync':
-        from orchestrator.driver import sync
-        from orchestrator.errors import ConfigError
-        try:
-            return sync(args.sweep_dir)
+            if args.command == 'sweep':
+                from orchestrator.driver import run_sweep
+                return run_sweep(args.space, name=args.name, output=args.output,
+                                 tracking_uri=args.tracking_uri, address=args.address,
+                                 dry_run=args.dry_run, resume=args.resume)
+            if args.command == 'sync':
+                from orchestrator.driver import sync
+                return sync(args.sweep_dir)
+            return _results_command(args)
         except ConfigError as e:
             print(f'error: {e}', file=sys.stderr)
             return e.exit_code

@@ -1,6 +1,7 @@
 """Run a sweep: validate, plan, start or attach Ray, start the warm worker pool, open the parent
 MLflow run (through the sweep's journal), let Ray Tune run the trials (search algorithm, ASHA,
 concurrency cap) or resume them, print the ranked result; and ``sync`` for journaled writes."""
+import json
 import os
 import os.path as osp
 import shutil
@@ -143,6 +144,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
         shutil.copy(spec.source, osp.join(sweep_dir, 'space.yaml'))
 
     from orchestrator.journal import TrackingJournal
+    from orchestrator.status import LiveStatus, write_plan
     from orchestrator.tracking import MLflowTrialCallback, default_tracking_uri, parent_tags
     from orchestrator.trial import run_trial, trial_dir
     from orchestrator.worker_group import WorkerPool
@@ -172,11 +174,14 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             pool = WorkerPool.options(name=pool_name).remote(  # noqa: F841 (lives with the driver)
                 max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec))
             warming.result()  # the journal is used by one thread at a time
-            journal.record('parent', name=spec.name, tags=parent_tags(spec.name),
+            keys = planning.searched_keys(spec)
+            # what `orchestrator report` and `best` need to read the children back
+            tags = dict(parent_tags(spec.name), searched_params=json.dumps(keys),
+                        metric=spec.metric, mode=spec.mode)
+            journal.record('parent', name=spec.name, tags=tags,
                            artifact=osp.join(sweep_dir, 'space.yaml'))
             journal.record('status', status='RUNNING')
             started = True
-            keys = planning.searched_keys(spec)
             base = planning.plain(base_cfg)
 
             def params_of(config):
@@ -186,6 +191,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
 
             callback = MLflowTrialCallback(journal, spec.name, params_of,
                                            lambda tid: trial_dir(sweep_dir, tid))
+            write_plan(sweep_dir, len(planning.grid_trials(spec)), max_concurrent, spec.metric)
+            live = LiveStatus(sweep_dir, out)  # after the MLflow callback: reads its journal
             _, full = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})
             max_iters = full['runner.max_iters']
             trainable = tune.with_resources(
@@ -207,10 +214,11 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
                         max_concurrent_trials=max_concurrent, reuse_actors=True),
                     run_config=tune.RunConfig(name=spec.name,
                                               storage_path=osp.dirname(experiment_path),
-                                              callbacks=[callback], verbose=1))
+                                              callbacks=[callback, live], verbose=0))
             results = tuner.fit()
             header, rows, failed = ranked_results(results, keys, spec.metric, spec.mode)
             journal.record('status', status='FAILED' if failed else 'FINISHED')
+            live.show(force=True)
         except BaseException:
             if started:  # interrupted or crashed: the parent must not stay RUNNING
                 journal.record('status', status='KILLED')

@@ -87,7 +87,8 @@ class TrackingJournal:
     def record(self, op, **fields):
         """Append one write to the journal (on disk before anything else), then deliver all
         pending writes. Returns the number still pending."""
-        line = json.dumps(dict(op=op, **fields), default=str)
+        # `at`: when it happened (for `orchestrator status`; MLflow does not see it)
+        line = json.dumps(dict(op=op, at=round(time.time(), 3), **fields), default=str)
         with open(self.path, 'a') as f:
             f.write(line + '\n')
             f.flush()

@@ -1,5 +1,12 @@
-"""What the researcher reads at the end of a sweep: the ranked table and where results are."""
-from prettytable import PrettyTable
+"""What the researcher reads: the ranked table at the end of a sweep, and ``orchestrator report``:
+mIoU against data fraction per head variant, searched values against mIoU, the best trial's
+per-class IoU, written as Markdown + PNGs and attached to the sweep's parent MLflow run.
+Plots read the runs back from MLflow (orchestrator/results.py): they show what MLflow holds."""
+import os.path as osp
+
+from prettytable import PrettyTable, TableStyle
+
+from orchestrator.errors import ConfigError
 
 
 def format_table(header, rows):
@@ -25,3 +32,171 @@ def ranked_results(result_grid, keys, metric='mIoU', mode='max'):
     done.sort(key=lambda row: row[len(keys) + 1], reverse=(mode == 'max'))
     header = ['trial', *keys, metric, 'iters', 'time_s']
     return header, done, failed
+
+
+# -- `orchestrator report SWEEP`: the study's answer as pictures ---------------------------------
+
+REPORT_DIR = 'report'
+CURVE_PNG, CURVE_CSV = 'miou_vs_fraction.png', 'miou_vs_fraction.csv'
+PARALLEL_PNG, CLASSES_PNG = 'parallel_coordinates.png', 'per_class_iou_best.png'
+
+
+def _short(key):
+    return key.rsplit('.', 1)[-1] if key.startswith('model.') else key
+
+
+def variant_label(row, keys):
+    return ', '.join(f'{_short(k)}={row.get(k)}' for k in keys) or 'all trials'
+
+
+def fraction_curve(results):
+    """The table behind the mIoU-vs-fraction plot: per (head variant, fraction), the mean, std
+    (population) and count of the finished trials' final metric; repeats and other searched
+    values are averaged over."""
+    import numpy as np
+    keys = results.variant_keys()
+    groups = {}
+    for row in results.ranked():
+        variant = variant_label(row, keys)
+        groups.setdefault((variant, row.get('fewshot.fraction', 1.0)), []).append(
+            row[results.metric])
+    return [dict(variant=v, fraction=f, mean=float(np.mean(x)), std=float(np.std(x)), n=len(x))
+            for (v, f), x in sorted(groups.items())]
+
+
+def _plot_curve(curve, metric, path):
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in sorted({c['variant'] for c in curve}):
+        pts = [c for c in curve if c['variant'] == variant]
+        ax.errorbar([c['fraction'] for c in pts], [c['mean'] for c in pts],
+                    yerr=[c['std'] for c in pts], marker='o', capsize=3, label=variant)
+    fractions = sorted({c['fraction'] for c in curve})
+    ax.set_xscale('log', base=2)
+    ax.xaxis.set_major_locator(FixedLocator(fractions))
+    ax.xaxis.set_major_formatter(FuncFormatter(
+        lambda f, _: '1' if f >= 1 else f'1/{1 / f:.3g}' if (1 / f).is_integer() else f'{f:g}'))
+    ax.set_xlabel('training data fraction (log2)')
+    ax.set_ylabel(f'{metric} (mean ± std over repeats)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_parallel(rows, keys, metric, path):
+    """One polyline per finished trial across its searched values, coloured by the metric."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    axes = keys + [metric]
+    cols, marks = [], []  # per axis: values scaled to [0, 1]; (position, text) tick labels
+    for k in axes:
+        values = [r.get(k) for r in rows]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            x = np.asarray(values, dtype=float)
+            log = k != metric and (x > 0).all() and x.max() / x.min() > 20  # learning rates
+            x = np.log10(x) if log else x
+            lo, hi = x.min(), x.max()
+            fmt = (lambda v: f'{10 ** v:.2g}') if log else (lambda v: f'{v:.3g}')
+            marks.append([(0.0, fmt(lo)), (1.0, fmt(hi))] if hi > lo else [(0.5, fmt(lo))])
+        else:  # booleans and strings: evenly spaced categories
+            cats = sorted({str(v) for v in values})
+            x = np.asarray([cats.index(str(v)) for v in values], dtype=float)
+            lo, hi = 0.0, float(len(cats) - 1)
+            marks.append([((i - lo) / (hi - lo) if hi > lo else 0.5, c)
+                          for i, c in enumerate(cats)])
+        cols.append((x - lo) / (hi - lo) if hi > lo else np.full_like(x, 0.5))
+    data = np.stack(cols, axis=1)
+    score = np.asarray([r[metric] for r in rows], dtype=float)
+    cmap = plt.get_cmap('viridis')
+    norm = plt.Normalize(score.min(), score.max() if score.max() > score.min() else score.min() + 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(axes)), 4.5))
+    for line, s in sorted(zip(data, score), key=lambda p: p[1]):
+        ax.plot(range(len(axes)), line, color=cmap(norm(s)), alpha=0.8)
+    for i, axis_marks in enumerate(marks):
+        ax.axvline(i, color='grey', lw=0.8)
+        for y, text in axis_marks:
+            ax.text(i + 0.03, y, text, ha='left', va='center', fontsize=7,
+                    bbox=dict(facecolor='white', edgecolor='none', alpha=0.7, pad=1))
+    ax.set_xticks(range(len(axes)), [_short(k) for k in axes], fontsize=8)
+    ax.set_yticks([])
+    ax.set_ylim(-0.05, 1.05)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_classes(best, path):
+    import matplotlib.pyplot as plt
+    classes = sorted(k for k in best if k.startswith('IoU.'))
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(classes) + 2), 4))
+    ax.bar([c[4:] for c in classes], [best[c] for c in classes], color='tab:blue')
+    ax.set_ylim(0, 1)
+    ax.set_ylabel('IoU')
+    ax.set_title(f'per-class IoU of the best trial ({best["trial_id"]})', fontsize=10)
+    ax.tick_params(axis='x', rotation=90 if len(classes) > 12 else 0, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown_table(header, rows):
+    t = PrettyTable(header)
+    t.set_style(TableStyle.MARKDOWN)
+    for row in rows:
+        t.add_row([f'{v:.4g}' if isinstance(v, float) else v for v in row])
+    return t.get_string()
+
+
+def write_report(results):
+    """Write ``<sweep>/report/`` (report.md, PNGs, the CSV behind the curve) and attach it to
+    the sweep's parent MLflow run under ``report/``. Returns the report's path."""
+    import csv
+    import os
+    import matplotlib
+    matplotlib.use('Agg')
+    out = os.path.join(results.sweep_dir, REPORT_DIR)
+    os.makedirs(out, exist_ok=True)
+    ranked, metric, keys = results.ranked(), results.metric, results.searched
+    if not ranked:
+        raise ConfigError(f'{results.sweep_dir}: no finished trial with metric {metric} to report')
+    curve = fraction_curve(results)
+    with open(os.path.join(out, CURVE_CSV), 'w', newline='') as f:
+        writer = csv.DictWriter(f, ['variant', 'fraction', 'mean', 'std', 'n'])
+        writer.writeheader()
+        writer.writerows(curve)
+    _plot_curve(curve, metric, os.path.join(out, CURVE_PNG))
+    _plot_parallel(ranked, keys, metric, os.path.join(out, PARALLEL_PNG))
+    best = ranked[0]
+    _plot_classes(best, os.path.join(out, CLASSES_PNG))
+
+    name = results.parent.data.tags.get('sweep', osp.basename(results.sweep_dir))
+    failed = [r for r in results.rows() if r['status'] != 'FINISHED']
+    lines = [
+        f'# Sweep `{name}`', '',
+        f'{len(ranked)} finished trial(s), {len(failed)} other(s); MLflow: {results.tracking_uri},'
+        f' parent run `{results.parent.info.run_id}`.', '',
+        f'Best: trial `{best["trial_id"]}`, {metric} = {best[metric]:.4f} '
+        f'({variant_label(best, keys)}).', '',
+        f'## {metric} vs training data fraction', '', f'![curve]({CURVE_PNG})', '',
+        _markdown_table(['variant', 'fraction', 'mean', 'std', 'n'],
+                        [[c[k] for k in ('variant', 'fraction', 'mean', 'std', 'n')]
+                         for c in curve]), '',
+        '## Searched values against the metric', '', f'![parallel]({PARALLEL_PNG})', '',
+        '## Per-class IoU of the best trial', '', f'![classes]({CLASSES_PNG})', '',
+        '## All finished trials, best first', '',
+        _markdown_table(['trial', *map(_short, keys), metric],
+                        [[r['trial_id'], *[r.get(k) for k in keys], r[metric]] for r in ranked]),
+    ]
+    if failed:
+        lines += ['', '## Not finished', '', _markdown_table(
+            ['trial', 'status', 'reason'],
+            [[r['trial_id'], r['status'], r['failure_reason']] for r in failed])]
+    path = os.path.join(out, 'report.md')
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    results.client.log_artifacts(results.parent.info.run_id, out, REPORT_DIR)
+    return path

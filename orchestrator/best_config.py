@@ -1,0 +1,45 @@
+"""``orchestrator best SWEEP --out best.py``: the winning trial's fully resolved mmseg config, as a
+file mmseg's own tools load unchanged (``mmcv.Config.fromfile``, ``tools/train.py``), so the winner
+can be retrained or evaluated without this project's CLI.
+
+It is the config the trial's workers trained (``trials/<id>/resolved_config.py``), with three
+changes for a fresh run: its few-shot list is copied beside the file and referenced from
+``data.train.split``; ``custom_imports`` registers our FCNHead and friends on load; the trial's
+``work_dir`` and ``auto_resume`` are dropped (a retraining starts clean in a directory of its own).
+"""
+import os
+import os.path as osp
+import shutil
+
+from orchestrator.errors import ConfigError
+
+CUSTOM_IMPORTS = dict(imports=['mmseg_custom'], allow_failed_imports=False)
+
+
+def export_best(results, out_path):
+    """Write the best finished trial's config to ``out_path``; returns (path, best row)."""
+    from mmcv import Config
+    best = results.best()
+    trial = osp.join(results.sweep_dir, 'trials', best['trial_id'])
+    source = osp.join(trial, 'resolved_config.py')
+    if not osp.isfile(source):
+        raise ConfigError(f'{source}: missing: the best trial\'s resolved config was not written')
+    cfg = Config.fromfile(source)
+    out_path = osp.abspath(out_path)
+    os.makedirs(osp.dirname(out_path), exist_ok=True)
+    subset = osp.join(trial, 'fewshot_subset.txt')
+    if osp.isfile(subset):
+        kept = osp.splitext(out_path)[0] + '_fewshot_subset.txt'
+        shutil.copyfile(subset, kept)
+        cfg.data.train.split = kept
+    cfg.custom_imports = CUSTOM_IMPORTS
+    cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(out_path))[0])
+    cfg.pop('auto_resume', None)
+    header = (f'# Best trial of sweep {results.parent.data.tags.get("sweep")}: '
+              f'{best["trial_id"]}, {results.metric} = {best[results.metric]:.4f}\n'
+              f'# MLflow {results.tracking_uri} run {best["run_id"]}\n'
+              f'# Written by `orchestrator best`; load with mmcv.Config.fromfile.\n')
+    with open(out_path, 'w') as f:
+        f.write(header + cfg.pretty_text)
+    Config.fromfile(out_path)  # what a user will do first: fail here, not in their hands
+    return out_path, best

@@ -1,0 +1,98 @@
+"""A finished (or running) sweep's results as MLflow holds them: its parent run, one child run per
+trial, and one table row per trial with typed params and final metrics. The report and the
+best-config export read this, so what they show is what the MLflow UI shows."""
+import json
+import os.path as osp
+
+from orchestrator.errors import ConfigError
+
+SCHEDULE = ('runner.max_iters', 'evaluation.interval', 'checkpoint_config.interval')
+HEAD_VARIANT = ('model.decode_head.num_convs', 'model.decode_head.with_norm',
+                'model.decode_head.concat_input')
+
+
+def sweep_dir_of(sweep, output='runs'):
+    """A sweep given as its output directory or its name (under ``output``)."""
+    for candidate in (sweep, osp.join(output, sweep)):
+        if osp.isfile(osp.join(candidate, 'tracking.json')):
+            return osp.abspath(candidate)
+    raise ConfigError(f'{sweep}: not a sweep: neither it nor {osp.join(output, sweep)} is a sweep '
+                      'output directory (with tracking.json); give the directory or --output ROOT')
+
+
+def typed(value):
+    """An MLflow param string back to the YAML value it was (MLflow stores params as text)."""
+    if value in ('True', 'False'):
+        return value == 'True'
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+class SweepResults:
+    """The parent run, the children and the table of a sweep directory's MLflow runs."""
+
+    def __init__(self, sweep_dir):
+        from mlflow.tracking import MlflowClient
+        self.sweep_dir = sweep_dir
+        with open(osp.join(sweep_dir, 'tracking.json')) as f:
+            meta = json.load(f)
+        self.tracking_uri = meta['tracking_uri']
+        self.client = MlflowClient(self.tracking_uri)
+        try:
+            exp = self.client.get_experiment_by_name(meta['experiment'])
+        except Exception as e:  # unreachable server, locked or missing store
+            raise ConfigError(f'{sweep_dir}: MLflow at {self.tracking_uri} cannot be read: '
+                              f'{str(e).splitlines()[0]}') from None
+        runs = self.client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.sweep_uid = '{meta['sweep_uid']}'",
+            max_results=10000) if exp else []
+        parents = [r for r in runs if r.data.tags.get('role') == 'sweep']
+        if not parents:
+            raise ConfigError(f'{sweep_dir}: its parent run is not in MLflow at '
+                              f'{self.tracking_uri} (`orchestrator sync {sweep_dir}` first?)')
+        self.parent = parents[0]
+        self.children = [r for r in runs if r.data.tags.get('role') == 'trial']
+        tags = self.parent.data.tags
+        self.metric = tags.get('metric', 'mIoU')
+        self.mode = tags.get('mode', 'max')
+        if 'searched_params' in tags:
+            self.searched = json.loads(tags['searched_params'])
+        else:  # a sweep from before that tag: the params that vary, less the schedule's
+            self.searched = sorted({k for c in self.children for k in c.data.params
+                                    if k not in SCHEDULE and len({o.data.params.get(k)
+                                                                  for o in self.children}) > 1})
+
+    def rows(self):
+        """One dict per trial: trial_id, run_id, status, searched params (typed), the metric and
+        per-class IoU as MLflow holds them (latest values), failure reason."""
+        rows = []
+        for c in self.children:
+            row = dict(trial_id=c.data.tags.get('trial_id'), run_id=c.info.run_id,
+                       status=c.info.status, failure_reason=c.data.tags.get('failure_reason', ''))
+            row.update({k: typed(c.data.params[k]) for k in self.searched if k in c.data.params})
+            for k in ('runner.max_iters', 'fewshot.fraction'):
+                if k in c.data.params:
+                    row[k] = typed(c.data.params[k])
+            row.update({k: v for k, v in c.data.metrics.items()
+                        if k == self.metric or k.startswith('IoU.')})
+            rows.append(row)
+        return rows
+
+    def ranked(self):
+        """Finished trials with the metric, best first."""
+        done = [r for r in self.rows() if r['status'] == 'FINISHED' and self.metric in r]
+        return sorted(done, key=lambda r: r[self.metric], reverse=self.mode == 'max')
+
+    def best(self):
+        ranked = self.ranked()
+        if not ranked:
+            raise ConfigError(f'{self.sweep_dir}: no finished trial with metric {self.metric} yet')
+        return ranked[0]
+
+    def variant_keys(self):
+        """The head-variant keys (num_convs x with_norm x concat_input) the sweep searched."""
+        return [k for k in HEAD_VARIANT if k in self.searched]

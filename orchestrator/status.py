@@ -1,0 +1,221 @@
+"""Where a sweep stands, while it runs and after: each trial's state, iteration, latest metric and
+ETA, read from files the sweep already writes (no MLflow, no Ray needed, so it also works while
+the tracking server is down):
+
+- ``plan.json``: how many trials the sweep will run and how many run at once (the driver);
+- ``mlflow_journal.jsonl``: every trial start, evaluation, failure reason and end, timestamped
+  (orchestrator/journal.py);
+- ``trials/<id>/mmseg/*.log.json``: mmseg's training log, for the iteration and seconds per
+  iteration between evaluations.
+
+``orchestrator status SWEEP`` prints it; ``LiveStatus`` shows the same during ``orchestrator
+sweep``: redrawn in place on a terminal, one line per change otherwise.
+"""
+import glob
+import json
+import os
+import os.path as osp
+import socket
+import sys
+import time
+
+from ray.tune import Callback
+
+from orchestrator.journal import JOURNAL
+from orchestrator.report import format_table
+
+PLAN = 'plan.json'
+STATES = ('pending', 'running', 'done', 'stopped', 'failed', 'interrupted')
+
+
+def write_plan(sweep_dir, total_trials, concurrent, metric):
+    """What the status needs from the driver: the trial count, concurrency, and who runs it."""
+    with open(osp.join(sweep_dir, PLAN), 'w') as f:
+        json.dump(dict(total_trials=total_trials, concurrent=concurrent, metric=metric,
+                       driver_pid=os.getpid(), driver_host=socket.gethostname()), f)
+
+
+def _driver_gone(plan):
+    """True when the sweep's driver ran on this host and its process is gone (killed)."""
+    if plan.get('driver_host') != socket.gethostname():
+        return False  # cannot tell from here
+    try:
+        os.kill(plan['driver_pid'], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
+def _journal(sweep_dir):
+    path = osp.join(sweep_dir, JOURNAL)
+    if not osp.isfile(path):
+        return []
+    with open(path) as f:
+        lines = f.readlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the line the driver is writing right now
+            pass
+    return records
+
+
+def _train_progress(trial_dir):
+    """(iteration, seconds per iteration) from the trial's newest mmseg json log."""
+    logs = sorted(glob.glob(osp.join(trial_dir, 'mmseg', '*.log.json')), key=osp.getmtime)
+    it, times = 0, []
+    for path in logs[-1:]:
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get('mode') == 'train':
+                    it = rec['iter']
+                    times.append(rec.get('time', 0.0))
+    return it, (sum(times[-5:]) / len(times[-5:]) if times else None)
+
+
+def sweep_status(sweep_dir):
+    """(trials, summary): one dict per started trial and counts of every state plus ETA."""
+    with open(osp.join(sweep_dir, PLAN)) as f:
+        plan = json.load(f)
+    metric = plan['metric']
+    trials, sweep_state, started_at = {}, 'RUNNING', None
+    for rec in _journal(sweep_dir):
+        tid = rec.get('trial_id')
+        if rec['op'] == 'parent':
+            started_at = started_at or rec.get('at')
+        elif rec['op'] == 'status' and tid is None:
+            sweep_state = rec['status']
+        elif rec['op'] == 'child':
+            t = trials.setdefault(tid, dict(trial=tid, state='running', iter=0, metric=None,
+                                            reason='', started=rec.get('at'), ended=None))
+            t['max_iters'] = int(rec['params'].get('runner.max_iters', 0)) or None
+            t['params'] = rec['params']
+        elif tid in trials:
+            t = trials[tid]
+            if rec['op'] == 'metrics':
+                t['iter'] = max(t['iter'], rec['step'])
+                if metric in rec['metrics']:
+                    t['metric'] = rec['metrics'][metric]
+            elif rec['op'] == 'tags' and 'failure_reason' in rec['tags']:
+                t['reason'] = rec['tags']['failure_reason']
+            elif rec['op'] == 'status':
+                t['ended'] = None if rec['status'] == 'RUNNING' else rec.get('at')
+                t['state'] = {'RUNNING': 'running', 'FINISHED': 'done'}.get(rec['status'],
+                                                                            'failed')
+    if sweep_state == 'RUNNING' and _driver_gone(plan):
+        sweep_state = 'INTERRUPTED'  # driver killed: `orchestrator sweep SPACE --resume`
+    if sweep_state in ('INTERRUPTED', 'KILLED'):
+        for t in trials.values():
+            if t['state'] == 'running':
+                t['state'] = 'interrupted'
+    now = time.time()
+    remaining_s = []
+    for t in trials.values():
+        if t['state'] == 'running':
+            it, s_per_it = _train_progress(osp.join(sweep_dir, 'trials', t['trial']))
+            t['iter'] = max(t['iter'], it)
+            if s_per_it and t['max_iters']:
+                t['eta_s'] = max(0, t['max_iters'] - t['iter']) * s_per_it
+                remaining_s.append(t['eta_s'])
+        elif t['state'] == 'done' and t['max_iters'] and t['iter'] < t['max_iters']:
+            t['state'] = 'stopped'  # ended early by the scheduler (ASHA)
+    counts = {s: sum(t['state'] == s for t in trials.values()) for s in STATES}
+    counts['pending'] = max(0, plan['total_trials'] - len(trials))
+    durations = [t['ended'] - t['started'] for t in trials.values()
+                 if t['state'] == 'done' and t['ended'] and t['started']]
+    eta = None
+    if sweep_state == 'RUNNING' and (remaining_s or durations or not counts['pending']):
+        per_trial = (sum(durations) / len(durations)) if durations else None
+        if counts['pending'] == 0 or per_trial is not None:
+            work = sum(remaining_s) + counts['pending'] * (per_trial or 0)
+            eta = work / max(1, min(plan['concurrent'], counts['running'] + counts['pending']))
+    summary = dict(counts, total=plan['total_trials'], sweep=sweep_state, eta_s=eta,
+                   elapsed_s=(now - started_at) if started_at else None, metric=metric)
+    return list(trials.values()), summary
+
+
+def _dur(seconds):
+    if seconds is None:
+        return '?'
+    seconds = int(seconds)
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
+        f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def summary_line(summary):
+    s = summary
+    return (f'{s["sweep"].lower()}: {s["done"] + s["stopped"]}/{s["total"]} done'
+            + (f' ({s["stopped"]} stopped early)' if s['stopped'] else '')
+            + f', {s["running"]} running, {s["pending"]} pending, {s["failed"]} failed'
+            + (f', {s["interrupted"]} interrupted' if s['interrupted'] else '')
+            + (f'; elapsed {_dur(s["elapsed_s"])}' if s['elapsed_s'] is not None else '')
+            + (f', ETA {_dur(s["eta_s"])}' if s['eta_s'] is not None else ''))
+
+
+def format_status(trials, summary):
+    metric = summary['metric']
+    rows = []
+    for t in sorted(trials, key=lambda t: t['trial']):
+        progress = f'{t["iter"]}/{t["max_iters"] or "?"}'
+        eta = _dur(t['eta_s']) if t.get('eta_s') is not None else ''
+        rows.append([t['trial'], t['state'], progress,
+                     '' if t['metric'] is None else f'{t["metric"]:.4f}', eta, t['reason'][:80]])
+    table = format_table(['trial', 'state', 'iter', metric, 'ETA', 'reason'], rows) if rows else ''
+    return (table + '\n' if table else '') + summary_line(summary)
+
+
+class LiveStatus(Callback):
+    """The status during ``orchestrator sweep``: on a terminal the table is redrawn in place
+    every ``interval_s``; elsewhere (CI logs, ``| tee``) one summary line when a count changes."""
+
+    def __init__(self, sweep_dir, out=None, interval_s=2.0):
+        self.sweep_dir, self.out, self.interval_s = sweep_dir, out or sys.stdout, interval_s
+        self._last, self._last_line, self._drawn = 0.0, None, 0
+
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment (for --resume)
+        return dict(self.__dict__, out=None, _drawn=0)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.out = self.out or sys.stdout
+
+    def _tty(self):
+        return hasattr(self.out, 'isatty') and self.out.isatty() and \
+            os.environ.get('TERM', 'dumb') != 'dumb'
+
+    def show(self, force=False):
+        if not force and time.time() - self._last < self.interval_s:
+            return
+        self._last = time.time()
+        try:
+            trials, summary = sweep_status(self.sweep_dir)
+        except (OSError, ValueError, KeyError):
+            return
+        if self._tty():
+            text = format_status(trials, summary)
+            # move up over the previous drawing and clear it
+            prefix = f'\x1b[{self._drawn}F\x1b[J' if self._drawn else ''
+            self.out.write(prefix + text + '\n')
+            self._drawn = text.count('\n') + 1
+        else:
+            line = summary_line(dict(summary, eta_s=None, elapsed_s=None))
+            if line != self._last_line:
+                self._last_line = line
+                self.out.write(f'[{time.strftime("%H:%M:%S")}] {summary_line(summary)}\n')
+        self.out.flush()
+
+    def on_step(self, iteration, trials, **info):
+        self.show()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.show(force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.show(force=True)

@@ -1,0 +1,232 @@
+"""What a researcher looks at, on a real sweep tracked by a real `mlflow server` on 127.0.0.1:
+`orchestrator status` during and after the run, `orchestrator report` (PNGs + the table behind
+the curve, compared with what MLflow holds), `orchestrator best` (a config mmseg loads and
+builds), and the MLflow REST API the UI uses (filter children by a searched param, order by
+mIoU)."""
+import csv
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from orchestrator import cli
+from orchestrator.status import sweep_status
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NUM_CONVS, FRACTION = 'model.decode_head.num_convs', 'fewshot.fraction'
+TRIALS = 8  # num_convs {0, 1} x fraction {0.5, 1} x 2 repeats
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _rest(uri, endpoint, body=None):
+    """MLflow's REST API, as its UI calls it."""
+    req = urllib.request.Request(f'{uri}/api/2.0/mlflow/{endpoint}',
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={'Content-Type': 'application/json'})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _children(uri, experiment_id, parent_id, filter_extra='', order_by=()):
+    flt = f"tags.mlflow.parentRunId = '{parent_id}'" + (f' and {filter_extra}' if filter_extra
+                                                        else '')
+    runs = _rest(uri, 'runs/search', dict(experiment_ids=[experiment_id], filter=flt,
+                                           order_by=list(order_by), max_results=1000))
+    return runs.get('runs', [])
+
+
+def _params(run):
+    return {p['key']: p['value'] for p in run['data'].get('params', [])}
+
+
+def _metrics(run):
+    return {m['key']: m['value'] for m in run['data'].get('metrics', [])}
+
+
+@pytest.fixture(scope='module')
+def study(tmp_path_factory, synthetic_root, ray_address):
+    """A real mlflow server, and a sweep against it whose status is sampled while it runs."""
+    cli_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
+    tmp = tmp_path_factory.mktemp('report')
+    port = _free_port()
+    uri = f'http://127.0.0.1:{port}'
+    log = open(tmp / 'mlflow_server.log', 'a')
+    server = subprocess.Popen(
+        [str(BIN / 'mlflow'), 'server', '--host', '127.0.0.1', '--port', str(port),
+         '--workers', '1', '--backend-store-uri', 'sqlite:///' + str(tmp / 'server.db'),
+         '--artifacts-destination', str(tmp / 'server_artifacts')],
+        env=cli_env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f'{uri}/health', timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, (tmp / 'mlflow_server.log').read_text()[-3000:]
+                time.sleep(0.5)
+        space = dict(
+            name='study', base_config=str(ROOT / 'configs' / 'tiny_fcn_synthetic.py'),
+            data_root=str(synthetic_root),
+            parameters={NUM_CONVS: {'grid': [0, 1]}, FRACTION: {'grid': [0.5, 1.0]}},
+            repeats=2, derived={'iterations': {'at_full_data': 60, 'min': 30}, 'evaluations': 1},
+            resources={'workers_per_trial': 1, 'cpus_per_worker': 1},
+            tracking={'experiment': 'study', 'uri': uri}, output=str(tmp / 'out'))
+        path = tmp / 'study.yaml'
+        path.write_text(yaml.safe_dump(space))
+        sweep_dir = tmp / 'out' / 'study'
+        driver = subprocess.Popen([str(BIN / 'orchestrator'), 'sweep', str(path),
+                                   '--address', ray_address], env=cli_env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        samples = []  # (MLflow FINISHED children before, status summary, ... after)
+        exp_id = parent_id = None
+        while driver.poll() is None:
+            time.sleep(1.0)
+            if not (sweep_dir / 'plan.json').is_file() or not (sweep_dir / 'mlflow_journal.jsonl').is_file():
+                continue
+            if parent_id is None:
+                exp = _rest(uri, 'experiments/get-by-name?experiment_name=study')['experiment']
+                exp_id = exp['experiment_id']
+                parents = _rest(uri, 'runs/search', dict(
+                    experiment_ids=[exp_id], filter="tags.role = 'sweep'")).get('runs', [])
+                if not parents:
+                    continue
+                parent_id = parents[0]['info']['run_id']
+
+            def finished():
+                return sum(r['info']['status'] == 'FINISHED'
+                           for r in _children(uri, exp_id, parent_id))
+            before = finished()
+            trials, summary = sweep_status(str(sweep_dir))
+            time.sleep(0.3)  # a journal line is delivered to MLflow just after it is written
+            samples.append((before, summary, finished(), trials))
+        output = driver.stdout.read()
+        yield dict(code=driver.returncode, output=output, samples=samples, uri=uri,
+                   sweep_dir=sweep_dir, exp_id=exp_id, tmp=tmp)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope='module')
+def parent_id(study):
+    parents = _rest(study['uri'], 'runs/search', dict(
+        experiment_ids=[study['exp_id']], filter="tags.role = 'sweep'"))['runs']
+    assert len(parents) == 1
+    return parents[0]['info']['run_id']
+
+
+def test_sweep_ran_and_showed_progress_lines(study):
+    assert study['code'] == 0, study['output'][-3000:]
+    progress = re.findall(r'^\[\d\d:\d\d:\d\d\] (\w+): (\d+)/8 done, (\d+) running, (\d+) pending',
+                          study['output'], re.M)
+    assert progress, study['output'][-3000:]
+    done = [int(p[1]) for p in progress]
+    assert done == sorted(done) and len(set(done)) > 2  # it advanced, one line per change
+    assert progress[-1][:2] == ('finished', '8')
+
+
+def test_status_counts_are_right_while_the_sweep_runs(study):
+    mid_run = [s for s in study['samples'] if s[1]['sweep'] == 'RUNNING'
+               and 0 < s[1]['done'] < TRIALS]
+    assert len(mid_run) >= 2, [s[1] for s in study['samples']]
+    for before, summary, after, trials in study['samples']:
+        counts = [summary[k] for k in ('pending', 'running', 'done', 'stopped', 'failed')]
+        assert sum(counts) == TRIALS and summary['total'] == TRIALS, summary
+        assert summary['running'] <= 2  # 2 cores, 1-CPU workers: 2 trials at once
+        # the status agrees with MLflow read just before and just after it
+        assert before <= summary['done'] <= after, (before, summary, after)
+        for t in trials:
+            assert 0 <= t['iter'] <= t['max_iters']
+            if t['state'] == 'done':
+                assert t['iter'] == t['max_iters'] and 0 <= t['metric'] <= 1
+    assert any(t['state'] == 'running' and t['iter'] > 0 for s in mid_run for t in s[3])
+
+
+def test_status_command_after_the_sweep(study, capsys):
+    assert cli.main(['status', str(study['sweep_dir'])]) == 0
+    out = capsys.readouterr().out
+    assert out.count('| done ') == TRIALS and 'finished: 8/8 done, 0 running, 0 pending' in out
+
+
+def test_report_plots_exist_decode_and_show_something(study, parent_id, capsys):
+    from PIL import Image
+    assert cli.main(['report', 'study', '--output', str(study['tmp'] / 'out')]) == 0
+    report = study['sweep_dir'] / 'report'
+    for name in ('miou_vs_fraction.png', 'parallel_coordinates.png', 'per_class_iou_best.png'):
+        img = np.asarray(Image.open(report / name).convert('RGB'))
+        assert img.shape[0] > 300 and img.shape[1] > 400, (name, img.shape)
+        assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50, name  # lines, text, colours
+    text = (report / 'report.md').read_text()
+    assert '![curve](miou_vs_fraction.png)' in text and text.count('\n| ') >= TRIALS
+    attached = _rest(study['uri'], f'artifacts/list?run_id={parent_id}&path=report')['files']
+    assert {Path(f['path']).name for f in attached} >= {
+        'report.md', 'miou_vs_fraction.png', 'miou_vs_fraction.csv', 'parallel_coordinates.png',
+        'per_class_iou_best.png'}
+
+
+def test_the_curve_is_what_mlflow_holds(study, parent_id):
+    if not (study['sweep_dir'] / 'report' / 'miou_vs_fraction.csv').is_file():
+        assert cli.main(['report', str(study['sweep_dir'])]) == 0
+    with open(study['sweep_dir'] / 'report' / 'miou_vs_fraction.csv') as f:
+        table = {(r['variant'], float(r['fraction'])): r for r in csv.DictReader(f)}
+    expected = {}
+    for run in _children(study['uri'], study['exp_id'], parent_id):
+        p = _params(run)
+        key = (f'num_convs={p[NUM_CONVS]}', float(p[FRACTION]))
+        expected.setdefault(key, []).append(_metrics(run)['mIoU'])
+    assert set(table) == set(expected) and len(table) == 4
+    for key, values in expected.items():
+        assert int(table[key]['n']) == len(values) == 2
+        assert float(table[key]['mean']) == pytest.approx(np.mean(values), abs=1e-9)
+        assert float(table[key]['std']) == pytest.approx(np.std(values), abs=1e-9)
+
+
+def test_best_config_loads_in_mmcv_and_builds_our_head(study, parent_id, tmp_path):
+    from mmcv import Config
+    from mmseg.models import build_segmentor
+    out = tmp_path / 'best.py'
+    assert cli.main(['best', str(study['sweep_dir']), '--out', str(out)]) == 0
+    ranked = _children(study['uri'], study['exp_id'], parent_id, order_by=['metrics.mIoU DESC'])
+    best = ranked[0]
+    cfg = Config.fromfile(str(out))  # custom_imports registers mmseg_custom on load
+    model = build_segmentor(cfg.model)
+    assert type(model.decode_head).__module__ == 'mmseg_custom.models.decode_heads.fcn_head'
+    assert cfg.model.decode_head.num_convs == int(_params(best)[NUM_CONVS])
+    assert cfg.runner.max_iters == int(_params(best)['runner.max_iters'])
+    trial = best['data']['tags']
+    trial_id = next(t['value'] for t in trial if t['key'] == 'trial_id')
+    kept = Path(cfg.data.train.split).read_text()
+    assert kept == (study['sweep_dir'] / 'trials' / trial_id / 'fewshot_subset.txt').read_text()
+    assert len(kept.split()) == round(float(_params(best)[FRACTION]) * 48)
+    assert 'auto_resume' not in cfg and str(study['sweep_dir']) not in cfg.work_dir
+
+
+def test_mlflow_rest_filters_by_a_searched_param_and_orders_by_miou(study, parent_id):
+    everyone = _children(study['uri'], study['exp_id'], parent_id)
+    assert len(everyone) == TRIALS
+    columns = {frozenset(_params(r)) for r in everyone}
+    assert len(columns) == 1  # every child has the same param columns
+    assert {NUM_CONVS, FRACTION, 'seed', 'runner.max_iters'} <= set(next(iter(columns)))
+    ones = _children(study['uri'], study['exp_id'], parent_id,
+                     filter_extra=f"params.`{NUM_CONVS}` = '1'", order_by=['metrics.mIoU DESC'])
+    assert len(ones) == TRIALS // 2
+    assert all(_params(r)[NUM_CONVS] == '1' for r in ones)
+    scores = [_metrics(r)['mIoU'] for r in ones]
+    assert scores == sorted(scores, reverse=True)
