@@ -191,7 +191,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
 
             callback = MLflowTrialCallback(journal, spec.name, params_of,
                                            lambda tid: trial_dir(sweep_dir, tid))
-            write_plan(sweep_dir, len(planning.grid_trials(spec)), max_concurrent, spec.metric)
+            write_plan(sweep_dir, len(planning.grid_trials(spec)), max_concurrent, spec.metric,
+                       keys)
             live = LiveStatus(sweep_dir, out)  # after the MLflow callback: reads its journal
             _, full = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})
             max_iters = full['runner.max_iters']
@@ -218,7 +219,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             results = tuner.fit()
             header, rows, failed = ranked_results(results, keys, spec.metric, spec.mode)
             journal.record('status', status='FAILED' if failed else 'FINISHED')
-            live.show(force=True)
+            live.show(force=True, final=True)
         except BaseException:
             if started:  # interrupted or crashed: the parent must not stay RUNNING
                 journal.record('status', status='KILLED')

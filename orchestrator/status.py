@@ -28,11 +28,13 @@ PLAN = 'plan.json'
 STATES = ('pending', 'running', 'done', 'stopped', 'failed', 'interrupted')
 
 
-def write_plan(sweep_dir, total_trials, concurrent, metric):
-    """What the status needs from the driver: the trial count, concurrency, and who runs it."""
+def write_plan(sweep_dir, total_trials, concurrent, metric, searched):
+    """What the status needs from the driver: the trial count, concurrency, the searched keys
+    (shown per trial), and who runs it."""
     with open(osp.join(sweep_dir, PLAN), 'w') as f:
         json.dump(dict(total_trials=total_trials, concurrent=concurrent, metric=metric,
-                       driver_pid=os.getpid(), driver_host=socket.gethostname()), f)
+                       searched=searched, driver_pid=os.getpid(),
+                       driver_host=socket.gethostname()), f)
 
 
 def _driver_gone(plan):
@@ -85,13 +87,14 @@ def sweep_status(sweep_dir):
     with open(osp.join(sweep_dir, PLAN)) as f:
         plan = json.load(f)
     metric = plan['metric']
-    trials, sweep_state, started_at = {}, 'RUNNING', None
+    trials, sweep_state, started_at, ended_at = {}, 'RUNNING', None, None
     for rec in _journal(sweep_dir):
         tid = rec.get('trial_id')
         if rec['op'] == 'parent':
             started_at = started_at or rec.get('at')
         elif rec['op'] == 'status' and tid is None:
             sweep_state = rec['status']
+            ended_at = None if sweep_state == 'RUNNING' else rec.get('at')
         elif rec['op'] == 'child':
             t = trials.setdefault(tid, dict(trial=tid, state='running', iter=0, metric=None,
                                             reason='', started=rec.get('at'), ended=None))
@@ -137,7 +140,8 @@ def sweep_status(sweep_dir):
             work = sum(remaining_s) + counts['pending'] * (per_trial or 0)
             eta = work / max(1, min(plan['concurrent'], counts['running'] + counts['pending']))
     summary = dict(counts, total=plan['total_trials'], sweep=sweep_state, eta_s=eta,
-                   elapsed_s=(now - started_at) if started_at else None, metric=metric)
+                   elapsed_s=((ended_at or now) - started_at) if started_at else None,
+                   metric=metric, searched=plan.get('searched', []))
     return list(trials.values()), summary
 
 
@@ -160,14 +164,17 @@ def summary_line(summary):
 
 
 def format_status(trials, summary):
-    metric = summary['metric']
+    metric, searched = summary['metric'], summary['searched']
     rows = []
     for t in sorted(trials, key=lambda t: t['trial']):
         progress = f'{t["iter"]}/{t["max_iters"] or "?"}'
         eta = _dur(t['eta_s']) if t.get('eta_s') is not None else ''
-        rows.append([t['trial'], t['state'], progress,
-                     '' if t['metric'] is None else f'{t["metric"]:.4f}', eta, t['reason'][:80]])
-    table = format_table(['trial', 'state', 'iter', metric, 'ETA', 'reason'], rows) if rows else ''
+        rows.append([t['trial'], *[t['params'].get(k, '') for k in searched], t['state'],
+                     progress, '' if t['metric'] is None else f'{t["metric"]:.4f}', eta,
+                     t['reason'][:80]])
+    header = ['trial', *[k.rsplit('.', 1)[-1] if k.startswith('model.') else k
+                         for k in searched], 'state', 'iter', metric, 'ETA', 'reason']
+    table = format_table(header, rows) if rows else ''
     return (table + '\n' if table else '') + summary_line(summary)
 
 
@@ -190,9 +197,11 @@ class LiveStatus(Callback):
         return hasattr(self.out, 'isatty') and self.out.isatty() and \
             os.environ.get('TERM', 'dumb') != 'dumb'
 
-    def show(self, force=False):
+    def show(self, force=False, final=False):
         if not force and time.time() - self._last < self.interval_s:
             return
+        if final:  # printed below whatever Tune logged at its end, not over it
+            self._drawn = 0
         self._last = time.time()
         try:
             trials, summary = sweep_status(self.sweep_dir)
@@ -211,7 +220,7 @@ class LiveStatus(Callback):
                 self.out.write(f'[{time.strftime("%H:%M:%S")}] {summary_line(summary)}\n')
         self.out.flush()
 
-    def on_step(self, iteration, trials, **info):
+    def on_step_end(self, iteration, trials, **info):
         self.show()
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -139,6 +139,7 @@ def test_sweep_ran_and_showed_progress_lines(study):
     assert progress, study['output'][-3000:]
     done = [int(p[1]) for p in progress]
     assert done == sorted(done) and len(set(done)) > 2  # it advanced, one line per change
+    assert any(int(p[2]) > 0 for p in progress)  # trials seen running, not only finished
     assert progress[-1][:2] == ('finished', '8')
 
 
