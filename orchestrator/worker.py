@@ -33,9 +33,13 @@ from mmseg.models import build_segmentor
 from mmseg.utils import get_root_logger
 
 from mmseg_custom.hooks import TrainingDiverged, TrainingStopped
+from mmseg_custom.models.head_rng import isolate_head_rng, reinit_head
 
 from orchestrator.errors import ConfigError
 from orchestrator.spec import check_data_paths
+
+
+HEAD_FILE = 'head_final.pth'  # the trained head's weights, solo or grouped
 
 
 def state_digest(module_or_state):
@@ -151,6 +155,7 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
     model.init_weights()
     if not cuda:
         model = _revert_sync_bn_on_cpu(model, distributed, logger)
+    _own_head_rng([model.decode_head], seed, cfg)
     datasets = [build_dataset(cfg.data.train)]
     model.CLASSES = datasets[0].CLASSES
     model.PALETTE = datasets[0].PALETTE
@@ -178,7 +183,113 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
         return history[-1] if history else None
 
     _record_rank_sync(model, cfg.work_dir, distributed, logger)
+    _save_head(model.decode_head, cfg.work_dir)
     return history[-1] if history else None
+
+
+def _own_head_rng(heads, seed, cfg):
+    """Each head's initial weights and dropout masks from streams of its own, then the data
+    stream restarted at ``seed``: a head trains the same alone or in a group (head_rng.py)."""
+    for head in heads:
+        reinit_head(head, seed)
+        isolate_head_rng(head, seed)
+    set_random_seed(seed, deterministic=cfg.get('deterministic', False))
+
+
+def _save_head(head, work_dir):
+    """The final head weights (rank 0), the same file for solo and grouped runs."""
+    if get_dist_info()[0] == 0:
+        torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()},
+                   osp.join(work_dir, HEAD_FILE))
+
+
+def grouped_config(cfgs, group_dir):
+    """The mmcv Config that trains ``cfgs`` (trials differing only in head-side values) as one
+    MultiHeadEncoderDecoder: their heads, each head's optimizer, the shared rest."""
+    gcfg = copy.deepcopy(cfgs[0])
+    model = gcfg.model
+    model.type = 'MultiHeadEncoderDecoder'
+    model.decode_heads = [copy.deepcopy(c.model.decode_head) for c in cfgs]
+    model.pop('decode_head')
+    gcfg.optimizer = dict(type=cfgs[0].optimizer.type, constructor='MultiHeadOptimizerConstructor',
+                          paramwise_cfg=dict(heads=[copy.deepcopy(c.optimizer) for c in cfgs]))
+    gcfg.find_unused_parameters = True  # a stopped head's parameters get no gradient under DDP
+    # the heads' evaluations are MultiHeadEvalHook's; a grouped run starts over rather than resume
+    gcfg.checkpoint_config = dict(by_epoch=False, interval=10 ** 9, save_last=False)
+    gcfg.pop('auto_resume', None)
+    gcfg.work_dir = group_dir
+    return gcfg
+
+
+def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, source='config'):
+    """Train the heads of ``cfgs`` on one frozen backbone pass per batch; head k's evaluations go
+    to ``work_dirs[k]/metrics.jsonl`` and ``callbacks[k]``, ``should_stops[k]()`` stops head k
+    alone. Returns the heads' last metrics. Each head ends as it would have in its solo run
+    (tests/test_trial_groups.py checks the weights)."""
+    from mmseg.datasets import build_dataloader
+    cfgs = [copy.deepcopy(c) for c in cfgs]
+    for c in cfgs:
+        check_data_paths(c, source)
+        _drop_deepspeed_keys(c, source)
+    gcfg = grouped_config(cfgs, osp.abspath(group_dir))
+    n = len(cfgs)
+    callbacks = callbacks or [None] * n
+    distributed = init_distributed()
+    rank, world_size = get_dist_info()
+    cuda = torch.cuda.is_available()
+    gcfg.device = 'cuda' if cuda else 'cpu'
+    gcfg.gpu_ids = [int(os.environ.get('LOCAL_RANK', 0))] if cuda else [0]
+    seed = gcfg.get('seed', 0)
+    gcfg.seed = seed
+    set_random_seed(seed, deterministic=gcfg.get('deterministic', False))
+    model = build_model(gcfg, source, init_weights=False)
+    frozen = [name for name, p in model.backbone.named_parameters() if p.requires_grad]
+    if frozen:
+        raise ConfigError(f'{source}: grouped heads need a frozen backbone; '
+                          f'{frozen[0]} (and {len(frozen) - 1} more) would train')
+    mmcv.mkdir_or_exist(gcfg.work_dir)
+    if gcfg.data.get('workers_per_gpu', 2) == 0:
+        gcfg.data.persistent_workers = False
+    timestamp = time.strftime('%Y%m%d_%H%M%S', time.localtime())
+    logger = _fresh_root_logger(osp.join(gcfg.work_dir, f'{timestamp}.log'),
+                                gcfg.get('log_level', 'INFO'))
+    logger.info(f'trial group of {n} heads: rank {rank}/{world_size}, device {gcfg.device}')
+    if rank == 0:
+        gcfg.dump(osp.join(gcfg.work_dir, 'config.py'))
+    model.init_weights()
+    if not cuda:
+        model = _revert_sync_bn_on_cpu(model, distributed, logger)
+    _own_head_rng(model.heads, seed, gcfg)
+    datasets = [build_dataset(gcfg.data.train)]
+    model.CLASSES, model.PALETTE = datasets[0].CLASSES, datasets[0].PALETTE
+    loader_workers = gcfg.data.get('workers_per_gpu', 2)
+    val = build_dataloader(build_dataset(gcfg.data.val, dict(test_mode=True)), samples_per_gpu=1,
+                           workers_per_gpu=loader_workers, dist=False, shuffle=False,
+                           persistent_workers=loader_workers > 0)
+    history = [[] for _ in range(n)]
+
+    def on_eval(k):
+        def record(metrics):
+            history[k].append(metrics)
+            if callbacks[k] is not None:
+                callbacks[k](metrics)
+        return record
+
+    interval = gcfg.get('evaluation', {}).get('interval', gcfg.runner.max_iters)
+    gcfg.custom_hooks = [h for h in gcfg.get('custom_hooks', [])] + [
+        dict(type='MultiHeadEvalHook', dataloader=val, interval=interval, work_dirs=work_dirs,
+             callbacks=[on_eval(k) for k in range(n)], priority=80),
+        dict(type='HeadControlHook', should_stop=should_stops, callbacks=callbacks,
+             priority='LOWEST')]
+    try:
+        train_segmentor(model, datasets, gcfg, distributed=distributed, validate=False,
+                        timestamp=timestamp, meta=dict(seed=seed))
+    except TrainingStopped as e:
+        logger.info(f'grouped training ended early: {e}')
+    for k, head in enumerate(model.heads):
+        if model.active[k] or history[k]:
+            _save_head(head, work_dirs[k])
+    return [h[-1] if h else None for h in history]
 
 
 def _record_rank_sync(model, work_dir, distributed, logger):

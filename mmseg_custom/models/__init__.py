@@ -1,4 +1,5 @@
 from .backbones import InternViT, TinyCNN
 from .decode_heads import FCNHead
+from .segmentors import MultiHeadEncoderDecoder
 
-__all__ = ['FCNHead', 'InternViT', 'TinyCNN']
+__all__ = ['FCNHead', 'InternViT', 'MultiHeadEncoderDecoder', 'TinyCNN']

@@ -1,0 +1,144 @@
+"""Hooks of a grouped run (``MultiHeadEncoderDecoder``): one evaluation pass for all heads, and
+per-head stop and divergence, so one head can leave the group while the others train on.
+
+``MultiHeadEvalHook`` does for every head what mmseg's EvalHook + ``EvalMetricsHook`` do for a solo
+run: at every ``interval`` and at the last iteration it evaluates (on rank 0, with rank 0's BN
+buffers, as mmseg's distributed evaluation does after broadcasting them), adds the head's mean
+training loss and its learning rate, appends the dict to that head's ``metrics.jsonl`` and hands
+it to that head's callback, on every rank. The backbone runs once per validation input for all
+heads (the segmentor caches its features).
+
+``HeadControlHook`` asks each head's ``should_stop()`` after every iteration (answers all-reduced,
+so every rank switches the same heads off at the same iteration), reports a head that diverged
+(``{'failed': 'diverged: ...'}`` to its callback) and ends the run when no head is left.
+"""
+import json
+import os
+import os.path as osp
+import time
+
+import torch
+import torch.distributed as dist
+from mmcv.runner import HOOKS, Hook
+from mmcv.runner.dist_utils import get_dist_info
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .stop_request import TrainingStopped
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast(obj):
+    if _distributed():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj
+
+
+@HOOKS.register_module()
+class MultiHeadEvalHook(Hook):
+
+    def __init__(self, dataloader, interval, work_dirs, callbacks=None, out_file='metrics.jsonl'):
+        self.dataloader = dataloader
+        self.interval = interval
+        self.work_dirs = work_dirs
+        self.callbacks = callbacks or [None] * len(work_dirs)
+        self.out_file = out_file
+        self._losses = [[] for _ in work_dirs]
+
+    def before_run(self, runner):
+        if get_dist_info()[0] == 0:
+            for d in self.work_dirs:
+                os.makedirs(d, exist_ok=True)
+                open(osp.join(d, self.out_file), 'w').close()
+
+    def after_train_iter(self, runner):
+        log_vars = (runner.outputs or {}).get('log_vars', {})
+        for k in range(len(self.work_dirs)):
+            loss = sum(v for n, v in log_vars.items() if n.startswith(f'head{k}.') and 'loss' in n)
+            if any(n.startswith(f'head{k}.') for n in log_vars):
+                self._losses[k].append(float(loss))
+        last = runner.iter + 1 == runner.max_iters
+        if (runner.iter + 1) % self.interval == 0 or last:
+            self._evaluate(runner, runner.iter + 1)
+
+    def _evaluate(self, runner, iteration):
+        model = runner.model
+        segmentor = getattr(model, 'module', model)
+        if _distributed():
+            for m in segmentor.heads.modules():
+                if isinstance(m, _BatchNorm) and m.track_running_stats:
+                    dist.broadcast(m.running_var, 0)
+                    dist.broadcast(m.running_mean, 0)
+        metrics = None
+        if get_dist_info()[0] == 0:
+            metrics = self._metrics(runner, model, segmentor, iteration)
+        metrics = _broadcast(metrics)
+        for k, m in metrics.items():
+            self._losses[k] = []
+            if self.callbacks[k] is not None:
+                self.callbacks[k](m)
+
+    def _metrics(self, runner, model, segmentor, iteration):
+        dataset = self.dataloader.dataset
+        results = {k: [] for k, on in enumerate(segmentor.active) if on}
+        model.eval()
+        segmentor.eval_all_heads = True
+        try:
+            for indices, data in zip(self.dataloader.batch_sampler, self.dataloader):
+                with torch.no_grad():
+                    out = model(return_loss=False, rescale=True, **data)
+                for k, result in out.items():
+                    results[k].extend(dataset.pre_eval(result, indices=indices))
+        finally:
+            segmentor.eval_all_heads = False
+            model.train()
+        lrs = {g['head']: g['lr'] for g in runner.optimizer.param_groups}
+        metrics = {}
+        for k, res in results.items():
+            scores = dataset.evaluate(res, metric='mIoU', logger='silent')
+            m = {n: float(v) for n, v in scores.items()
+                 if n in ('mIoU', 'mAcc', 'aAcc') or n.startswith(('IoU.', 'Acc.'))}
+            if self._losses[k]:
+                m['loss'] = sum(self._losses[k]) / len(self._losses[k])
+            m.update(lr=float(lrs[k]), iter=iteration, eval_time=time.time())
+            with open(osp.join(self.work_dirs[k], self.out_file), 'a') as f:
+                f.write(json.dumps(m) + '\n')
+            metrics[k] = m
+        runner.logger.info('grouped evaluation at iteration %d: %s', iteration,
+                           ', '.join(f'head{k} mIoU {m["mIoU"]:.4f}' for k, m in metrics.items()))
+        return metrics
+
+
+@HOOKS.register_module()
+class HeadControlHook(Hook):
+
+    def __init__(self, should_stop=None, callbacks=None):
+        self.should_stop = should_stop  # per head: a callable or None
+        self.callbacks = callbacks
+
+    def after_train_iter(self, runner):
+        segmentor = getattr(runner.model, 'module', runner.model)
+        for k, loss in sorted(segmentor.diverged.items()):
+            reason = f'diverged: training loss is {loss} at iteration {runner.iter + 1}'
+            runner.logger.warning(f'head {k}: {reason}; the other heads go on')
+            if self.callbacks and self.callbacks[k] is not None:
+                self.callbacks[k]({'failed': reason})
+        segmentor.diverged.clear()
+        n = len(segmentor.heads)
+        asked = [1.0 if (self.should_stop and self.should_stop[k] and self.should_stop[k]())
+                 else 0.0 for k in range(n)]
+        flags = torch.tensor(asked)
+        if _distributed():
+            if dist.get_backend() == 'nccl':
+                flags = flags.cuda()
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        for k, stop in enumerate(flags.tolist()):
+            if stop and segmentor.active[k]:
+                segmentor.active[k] = False
+                runner.logger.info(f'head {k}: stopped at iteration {runner.iter + 1}')
+        if not any(segmentor.active):
+            raise TrainingStopped(f'no head left at iteration {runner.iter + 1}')

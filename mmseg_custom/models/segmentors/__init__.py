@@ -1,0 +1,3 @@
+from .multi_head import MultiHeadEncoderDecoder
+
+__all__ = ['MultiHeadEncoderDecoder']
