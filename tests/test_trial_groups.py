@@ -1,0 +1,98 @@
+"""Trial groups: K heads trained on one frozen-backbone pass per batch end exactly as they end
+when trained alone (same batches, augmentations, initial weights, dropout masks, optimizer
+steps); a head that diverges or is stopped leaves the others untouched."""
+import copy
+import json
+
+import pytest
+import torch
+from mmcv import Config
+
+from orchestrator import worker
+
+CONFIG = 'configs/tiny_vit_frozen_fcn_synthetic.py'
+# head-side values only: depth, norm, concat, width, kernel, learning rate
+VARIANTS = [
+    dict(num_convs=0, channels=64, with_norm=True, lr=1e-3),
+    dict(num_convs=1, lr=3e-3),
+    dict(num_convs=2, concat_input=False, kernel_size=1, channels=16, lr=5e-3),
+]
+
+
+def _cfg(root, iters=12, lr=None, **head):
+    cfg = Config.fromfile(CONFIG)
+    for split in ('train', 'val', 'test'):
+        cfg.data[split].data_root = str(root)
+    cfg.runner.max_iters = iters
+    cfg.evaluation.interval = iters // 2
+    cfg.checkpoint_config.interval = iters // 2
+    cfg.deterministic = True
+    if lr is not None:
+        cfg.optimizer.lr = lr
+    cfg.model.decode_head.update(head)
+    return cfg
+
+
+def _head(path):
+    return torch.load(path / worker.HEAD_FILE)
+
+
+def _history(path):
+    return [{k: v for k, v in json.loads(line).items() if k != 'eval_time'}
+            for line in (path / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def solo(synthetic_root, tmp_path_factory):
+    """Each variant trained alone, as an ungrouped sweep trial would be."""
+    out = tmp_path_factory.mktemp('solo')
+    for k, v in enumerate(VARIANTS):
+        worker.train(_cfg(synthetic_root, **copy.deepcopy(v)), str(out / f'h{k}'))
+    return out
+
+
+def _assert_same_head(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=0, atol=1e-6), name
+
+
+def test_grouped_heads_are_their_solo_selves(synthetic_root, solo, tmp_path):
+    cfgs = [_cfg(synthetic_root, **copy.deepcopy(v)) for v in VARIANTS]
+    dirs = [str(tmp_path / f'h{k}') for k in range(len(VARIANTS))]
+    final = worker.train_group(cfgs, dirs, str(tmp_path / 'group'))
+    for k in range(len(VARIANTS)):
+        _assert_same_head(_head(tmp_path / f'h{k}'), _head(solo / f'h{k}'))
+        assert _history(tmp_path / f'h{k}') == _history(solo / f'h{k}')  # mIoU, loss, lr, iter
+        assert final[k]['iter'] == 12 and final[k]['mIoU'] == _history(solo / f'h{k}')[-1]['mIoU']
+    # the heads really differ from each other (the test would pass trivially otherwise)
+    assert len({json.dumps(_history(tmp_path / f'h{k}')[-1]) for k in range(3)}) == 3
+
+
+def test_a_diverging_head_leaves_and_the_others_are_unchanged(synthetic_root, solo, tmp_path):
+    wild = dict(num_convs=1, lr=1e30)  # AdamW steps of 1e30: the logits overflow within steps
+    cfgs = [_cfg(synthetic_root, **copy.deepcopy(v)) for v in (VARIANTS[0], wild, VARIANTS[2])]
+    dirs = [str(tmp_path / f'h{k}') for k in range(3)]
+    failures = []
+    callbacks = [None, lambda m: failures.append(m) if 'failed' in m else None, None]
+    final = worker.train_group(cfgs, dirs, str(tmp_path / 'group'), callbacks=callbacks)
+    assert len(failures) == 1 and failures[0]['failed'].startswith('diverged: training loss is')
+    assert final[0]['iter'] == final[2]['iter'] == 12
+    _assert_same_head(_head(tmp_path / 'h0'), _head(solo / 'h0'))
+    _assert_same_head(_head(tmp_path / 'h2'), _head(solo / 'h2'))
+
+
+def test_stopping_one_head_stops_only_that_head(synthetic_root, solo, tmp_path):
+    cfgs = [_cfg(synthetic_root, **copy.deepcopy(v)) for v in VARIANTS]
+    dirs = [str(tmp_path / f'h{k}') for k in range(3)]
+    asked = {'n': 0}
+
+    def stop_head_1():  # asked once per iteration: stop after the first evaluation (iter 6)
+        asked['n'] += 1
+        return asked['n'] >= 6
+    final = worker.train_group(cfgs, dirs, str(tmp_path / 'group'),
+                               should_stops=[None, stop_head_1, None])
+    assert [m['iter'] for m in _history(tmp_path / 'h1')] == [6]
+    assert final[0]['iter'] == final[2]['iter'] == 12
+    _assert_same_head(_head(tmp_path / 'h0'), _head(solo / 'h0'))
+    _assert_same_head(_head(tmp_path / 'h2'), _head(solo / 'h2'))
