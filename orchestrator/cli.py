@@ -33,6 +33,9 @@ def _parser():
     s.add_argument('--output', help='output root (default: the file\'s output key, or runs/)')
     s.add_argument('--tracking-uri', help='MLflow URI (default: sqlite under the output root)')
     s.add_argument('--address', help='existing Ray cluster (default: RAY_ADDRESS, else local)')
+    s.add_argument('--no-grouping', action='store_true',
+                   help='train every trial alone, even where trials share a frozen backbone '
+                        '(trial groups: see --dry-run)')
     s.add_argument('--resume', action='store_true',
                    help='finish an interrupted sweep: finished trials are kept, running ones '
                         'continue from their last checkpoint, in the same MLflow runs')
@@ -106,7 +109,8 @@ def main(argv=None):
                 from orchestrator.driver import run_sweep
                 return run_sweep(args.space, name=args.name, output=args.output,
                                  tracking_uri=args.tracking_uri, address=args.address,
-                                 dry_run=args.dry_run, resume=args.resume)
+                                 dry_run=args.dry_run, resume=args.resume,
+                                 no_grouping=args.no_grouping)
             if args.command == 'sync':
                 from orchestrator.driver import sync
                 return sync(args.sweep_dir)

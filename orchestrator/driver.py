@@ -9,7 +9,7 @@ import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from orchestrator import cluster
+from orchestrator import cluster, grouping
 from orchestrator import plan as planning
 from orchestrator.errors import ConfigError
 
@@ -95,9 +95,10 @@ def sync(sweep_dir, out=None):
 
 
 def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=None,
-              dry_run=False, resume=False, out=None):
+              dry_run=False, resume=False, out=None, no_grouping=False):
     out = out or sys.stdout
     spec, base_cfg = load_spec(space_file)
+    spec.grouping = spec.grouping and not no_grouping
     spec.name = name or spec.name
     spec.output = output or spec.output
     address = address or os.environ.get('RAY_ADDRESS')
@@ -105,6 +106,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
         header, rows, budget = planning.dry_run_table(spec, base_cfg)
         print(format_table(header, rows), file=out)
         print(budget, file=out)
+        print('\n'.join(grouping.dry_run_lines(spec, planning.plain(base_cfg),
+                                               planning.grid_trials(spec))), file=out)
         print('\n'.join(_dry_run_plan(spec, address)), file=out)
         return 0
 
@@ -171,8 +174,15 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             # Started at once: its workers import mmseg (the start-up's longest step) while
             # MLflow and Tune get ready.
             pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
+            rows = planning.grid_trials(spec)
+            trial_groups, _ = grouping.plan_groups(spec, planning.plain(base_cfg), rows)
+            if resume and trial_groups:  # some members may have finished: the rest train alone
+                print('trial groups: off for --resume (the unfinished trials train alone, to the '
+                      'same result)', file=out)
+                trial_groups = {}
             pool = WorkerPool.options(name=pool_name).remote(  # noqa: F841 (lives with the driver)
-                max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec))
+                max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec),
+                trial_groups=trial_groups)
             warming.result()  # the journal is used by one thread at a time
             keys = planning.searched_keys(spec)
             # what `orchestrator report` and `best` need to read the children back
@@ -191,15 +201,16 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
 
             callback = MLflowTrialCallback(journal, spec.name, params_of,
                                            lambda tid: trial_dir(sweep_dir, tid))
-            write_plan(sweep_dir, len(planning.grid_trials(spec)), max_concurrent, spec.metric,
-                       keys)
+            write_plan(sweep_dir, len(rows), max_concurrent, spec.metric, keys)
+            if trial_groups:
+                print('\n'.join(grouping.dry_run_lines(spec, base, rows)), file=out)
             live = LiveStatus(sweep_dir, out)  # after the MLflow callback: reads its journal
             _, full = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})
             max_iters = full['runner.max_iters']
             trainable = tune.with_resources(
                 tune.with_parameters(run_trial, spec=spec, base=base,
                                      base_filename=base_cfg.filename, output_dir=sweep_dir,
-                                     pool_name=pool_name),
+                                     pool_name=pool_name, grouped=bool(trial_groups)),
                 # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own.
                 {'cpu': 0, 'memory': 256 * 1024 ** 2})
             if resume:  # finished trials stay finished; running ones resume from checkpoints
@@ -212,7 +223,10 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
                         metric=spec.metric, mode=spec.mode,
                         num_samples=spec.num_samples, search_alg=_search_alg(spec),
                         scheduler=_scheduler(spec, max_iters),
-                        max_concurrent_trials=max_concurrent, reuse_actors=True),
+                        # a group starts when all its trials have joined: with groups, every
+                        # trial is started at once (they wait, idle, for their worker group)
+                        max_concurrent_trials=len(rows) if trial_groups else max_concurrent,
+                        reuse_actors=True),
                     run_config=tune.RunConfig(name=spec.name,
                                               storage_path=osp.dirname(experiment_path),
                                               callbacks=[callback, live], verbose=0))

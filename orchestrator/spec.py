@@ -17,7 +17,7 @@ ALGORITHMS = ('grid', 'random', 'optuna')
 
 TOP_KEYS = {'name', 'base_config', 'data_root', 'generate_data', 'parameters', 'derived',
             'repeats', 'fewshot', 'search', 'early_stopping', 'resources', 'fault_tolerance',
-            'tracking', 'output'}
+            'grouping', 'tracking', 'output'}
 SECTION_KEYS = {
     'derived': {'channels_follow_in_channels', 'iterations', 'evaluations'},
     'derived.iterations': {'at_full_data', 'min'},
@@ -28,6 +28,7 @@ SECTION_KEYS = {
     'resources': {'workers_per_trial', 'cpus_per_worker', 'gpus_per_worker',
                   'max_concurrent_trials'},
     'fault_tolerance': {'worker_retries'},
+    'grouping': {'enabled', 'memory_gb'},
     'tracking': {'uri', 'experiment'},
     'generate_data': {'num_classes', 'num_train', 'num_val', 'size', 'seed'},
 }
@@ -66,6 +67,8 @@ class SweepSpec:
     gpus_per_worker: float = 0
     max_concurrent_trials: int = None
     worker_retries: int = 2
+    grouping: bool = True
+    grouping_memory_gb: float = 8.0
     tracking_uri: str = None
     experiment: str = None
     output: str = 'runs'
@@ -324,6 +327,13 @@ def load_spec(path):
     _check_keys(source, 'fault_tolerance', faults, SECTION_KEYS['fault_tolerance'])
     spec.worker_retries = _get(source, 'fault_tolerance', faults, 'worker_retries',
                                lambda v: _int(v) and v >= 0, 'an integer >= 0', 2)
+
+    grouping = raw.get('grouping') or {}
+    _check_keys(source, 'grouping', grouping, SECTION_KEYS['grouping'])
+    spec.grouping = _get(source, 'grouping', grouping, 'enabled', lambda v: isinstance(v, bool),
+                         'true or false', True)
+    spec.grouping_memory_gb = _get(source, 'grouping', grouping, 'memory_gb',
+                                   lambda v: _num(v) and v > 0, 'a number of GB > 0', 8.0)
 
     track = raw.get('tracking') or {}
     _check_keys(source, 'tracking', track, SECTION_KEYS['tracking'])

@@ -65,9 +65,21 @@ def _journal(sweep_dir):
     return records
 
 
-def _train_progress(trial_dir):
-    """(iteration, seconds per iteration) from the trial's newest mmseg json log."""
-    logs = sorted(glob.glob(osp.join(trial_dir, 'mmseg', '*.log.json')), key=osp.getmtime)
+def _log_dir(sweep_dir, trial):
+    """Where the trial's mmseg json log is: its own work dir, or its trial group's."""
+    try:
+        with open(osp.join(sweep_dir, 'trials', trial, 'placement.json')) as f:
+            group = json.load(f).get('group')
+    except (OSError, ValueError, AttributeError):
+        group = None
+    if group:
+        return osp.join(sweep_dir, 'groups', group['id'])
+    return osp.join(sweep_dir, 'trials', trial, 'mmseg')
+
+
+def _train_progress(log_dir):
+    """(iteration, seconds per iteration) from the newest mmseg json log in ``log_dir``."""
+    logs = sorted(glob.glob(osp.join(log_dir, '*.log.json')), key=osp.getmtime)
     it, times = 0, []
     for path in logs[-1:]:
         with open(path) as f:
@@ -119,14 +131,16 @@ def sweep_status(sweep_dir):
             if t['state'] == 'running':
                 t['state'] = 'interrupted'
     now = time.time()
-    remaining_s = []
+    remaining_s, waiting = [], 0
     for t in trials.values():
         if t['state'] == 'running':
-            it, s_per_it = _train_progress(osp.join(sweep_dir, 'trials', t['trial']))
+            it, s_per_it = _train_progress(_log_dir(sweep_dir, t['trial']))
             t['iter'] = max(t['iter'], it)
             if s_per_it and t['max_iters']:
                 t['eta_s'] = max(0, t['max_iters'] - t['iter']) * s_per_it
                 remaining_s.append(t['eta_s'])
+            else:
+                waiting += 1  # for its worker group or its trial group: like a pending one
         elif t['state'] == 'done' and t['max_iters'] and t['iter'] < t['max_iters']:
             t['state'] = 'stopped'  # ended early by the scheduler (ASHA)
     counts = {s: sum(t['state'] == s for t in trials.values()) for s in STATES}
@@ -134,11 +148,11 @@ def sweep_status(sweep_dir):
     durations = [t['ended'] - t['started'] for t in trials.values()
                  if t['state'] == 'done' and t['ended'] and t['started']]
     eta = None
-    if sweep_state == 'RUNNING' and (remaining_s or durations or not counts['pending']):
-        per_trial = (sum(durations) / len(durations)) if durations else None
-        if counts['pending'] == 0 or per_trial is not None:
-            work = sum(remaining_s) + counts['pending'] * (per_trial or 0)
-            eta = work / max(1, min(plan['concurrent'], counts['running'] + counts['pending']))
+    queued = counts['pending'] + waiting
+    per_trial = (sum(durations) / len(durations)) if durations else None
+    if sweep_state == 'RUNNING' and (queued == 0 or per_trial is not None):
+        work = sum(remaining_s) + queued * (per_trial or 0)
+        eta = work / max(1, min(plan['concurrent'], counts['running'] + counts['pending']))
     summary = dict(counts, total=plan['total_trials'], sweep=sweep_state, eta_s=eta,
                    elapsed_s=((ended_at or now) - started_at) if started_at else None,
                    metric=metric, searched=plan.get('searched', []))

@@ -65,10 +65,13 @@ def metrics_of(result):
             and not isinstance(v, bool)}
 
 
-def placement_tags(ranks):
+def placement_tags(placement):
     """MLflow tags saying where a trial's workers ran: per rank, and the distinct nodes (so the
-    UI can filter, e.g. ``tags.num_nodes = '2'``)."""
+    UI can filter, e.g. ``tags.num_nodes = '2'``); and its trial group, if it trained in one."""
+    ranks, group = placement['ranks'], placement.get('group')
     tags = {}
+    if group:
+        tags.update(trial_group=group['id'], trial_group_size=str(group['size']))
     for rank, w in enumerate(ranks):
         tags[f'worker.{rank}.node_id'] = w['node_id']
         tags[f'worker.{rank}.node_ip'] = w['node_ip']

@@ -12,6 +12,7 @@ from ray import tune
 
 from orchestrator.errors import TrialFailed
 from orchestrator.fewshot import write_split_file
+from orchestrator.grouping import group_key
 from orchestrator.plan import resolve
 from orchestrator.spec import FRACTION_KEY
 from orchestrator.worker_group import GRACE_S
@@ -66,12 +67,53 @@ def _failure(runs):
     return raised.as_instanceof_cause() if raised is not None else None
 
 
-def _write_placement(out_dir, where):
-    """Where each rank runs (node, GPUs), for the trial's MLflow tags (tracking.placement_tags)."""
+def _write_placement(out_dir, where, group=None):
+    """Where each rank runs (node, GPUs) and the trial group it trains in, for the trial's MLflow
+    tags (tracking.placement_tags)."""
     path = osp.join(out_dir, PLACEMENT)
     with open(path + '.tmp', 'w') as f:
-        json.dump([{k: w[k] for k in ('node_id', 'node_ip', 'gpu_ids')} for w in where], f)
+        json.dump(dict(ranks=[{k: w[k] for k in ('node_id', 'node_ip', 'gpu_ids')}
+                              for w in where], group=group), f)
     os.replace(path + '.tmp', path)
+
+
+def _poll(runs, workers, trial_id, forward):
+    """Until the runs end: forward this trial's reports from rank 0; raise the runs' failure
+    (WorkersLost, the worker's exception) or this trial's own ('failed': a head that diverged
+    in a trial group)."""
+    n = len(runs)
+    done = False
+    while not done:
+        ready = ray.wait(runs, num_returns=n, timeout=POLL_S)[0]
+        done = len(ready) == n
+        try:
+            ray.get(ready)
+            reports = ray.get(workers[0].drain.remote(trial_id))
+        except ray.exceptions.RayError as e:
+            raise (_failure(runs) or e) from None
+        for metrics in reports:
+            if 'failed' in metrics:
+                raise TrialFailed(metrics['failed'])
+            forward(metrics)
+
+
+def _train_in_group(pool, job, key, forward):
+    """One attempt inside the trial's group (orchestrator/grouping.py); False when the pool has
+    no group for it (the trial then trains alone)."""
+    trial_id = job['trial_id']
+    joined = ray.get(pool.join.remote(trial_id, key, job,
+                                      ray.get_runtime_context().current_actor))
+    if joined is None:
+        return False
+    _, workers, runs, group_dir, size = joined
+    _write_placement(job['trial_dir'], ray.get([w.where.remote() for w in workers]),
+                     group=dict(id=osp.basename(group_dir), size=size))
+    try:
+        _poll(runs, workers, trial_id, forward)
+    finally:  # finished, failed, or stopped by Tune (ASHA): this head stops, the others go on
+        for w in workers:
+            w.request_stop.remote(trial_id)
+    return True
 
 
 def _train_on_group(pool, job, forward):
@@ -85,17 +127,7 @@ def _train_on_group(pool, job, forward):
     runs = [w.run.remote(job, rank, n, init_method) for rank, w in enumerate(workers)]
     pool.release_when_done.remote(gid, runs, ray.get_runtime_context().current_actor, trial_id)
     try:
-        done = False
-        while not done:
-            ready = ray.wait(runs, num_returns=n, timeout=POLL_S)[0]
-            done = len(ready) == n
-            try:
-                ray.get(ready)
-                reports = ray.get(workers[0].drain.remote(trial_id))
-            except ray.exceptions.RayError as e:
-                raise (_failure(runs) or e) from None
-            for metrics in reports:
-                forward(metrics)
+        _poll(runs, workers, trial_id, forward)
     finally:  # finished, failed, or stopped by Tune (ASHA): no worker keeps training it
         for w in workers:
             w.request_stop.remote(trial_id)
@@ -113,12 +145,14 @@ def _replay_history(work_dir):
                     tune.report(json.loads(line))
 
 
-def run_trial(config, spec, base, base_filename, output_dir, pool_name):
+def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=False):
     """Tune function trainable (a plain function, as in Ray Tune's examples).
 
     Training resumes from the trial's latest mmseg checkpoint whenever there is one (mmseg's
     ``auto_resume``): after a lost worker (up to ``fault_tolerance.worker_retries`` times) and
-    when a killed sweep is resumed.
+    when a killed sweep is resumed. With ``grouped``, the first attempt trains in the trial's
+    group when it has one (no checkpoints there); a retry trains alone from the start, which
+    ends with the same head (tests/test_trial_groups.py).
     """
     trial_id = tune.get_context().get_trial_id()
     out_dir = trial_dir(output_dir, trial_id)
@@ -135,6 +169,9 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name):
     while True:
         _replay_history(overrides['work_dir'])
         try:
+            if grouped and restarts == 0 and \
+                    _train_in_group(pool, job, group_key(spec, dict(config)), forward):
+                return None
             return _train_on_group(pool, job, forward)
         except WorkersLost as e:
             if restarts >= spec.worker_retries:

@@ -108,6 +108,54 @@ class TrainWorker:
                 torch.cuda.empty_cache()
 
 
+    def run_group(self, jobs, rank, world_size, init_method, group_dir):
+        """Train a trial group (``jobs``: its trials, head-side values apart) as ``rank``: one
+        frozen-backbone pass per batch; each trial's reports and stop requests are its own."""
+        import torch
+        import torch.distributed as dist
+
+        from orchestrator import worker
+        from orchestrator.plan import merged_config
+        states, cfgs = [], []
+        for job in jobs:
+            with self._lock:
+                states.append(self._state(job['trial_id']))
+            cfg = merged_config(job['base'], job['overrides'], job['base_filename'])
+            if rank == 0:
+                cfg.dump(os.path.join(job['trial_dir'], 'resolved_config.py'))
+            cfgs.append(cfg)
+
+        def reporter(state):
+            def report(metrics):
+                with self._lock:
+                    state['reports'].append(metrics)
+            return report
+
+        def stopper(state):
+            def should_stop():
+                abandoned = rank == 0 and time.time() - state['polled'] > ABANDONED_AFTER_S
+                return state['stop'] or abandoned
+            return should_stop
+
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK='0')
+        if world_size > 1:
+            cuda = torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(0)
+            dist.init_process_group('nccl' if cuda else 'gloo', init_method=init_method,
+                                    rank=rank, world_size=world_size)
+        try:
+            return worker.train_group(
+                cfgs, [c.work_dir for c in cfgs], group_dir,
+                callbacks=[reporter(s) if rank == 0 else None for s in states],
+                should_stops=[stopper(s) for s in states], source=jobs[0]['source'])
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
 async def _settled(ref):
     try:
         await ref
@@ -128,13 +176,18 @@ def _start_group(n_workers, bundle, strategy):
 class WorkerPool:
     """Leases warm worker groups to trials (an async actor: waiting trials do not block it)."""
 
-    def __init__(self, n_groups, n_workers, bundle, strategy='PACK'):
+    def __init__(self, n_groups, n_workers, bundle, strategy='PACK', trial_groups=None):
         self.n_workers, self.bundle, self.strategy = n_workers, dict(bundle), strategy
         self.groups = [_start_group(n_workers, self.bundle, strategy) for _ in range(n_groups)]
         self.free = list(range(n_groups))
         self.holder = {}
         self.rebuilt = 0
         self._changed = None
+        # trial groups (orchestrator/grouping.py): key -> sizes of its chunks, filled in arrival
+        # order; each forming chunk: its members' (trial id, job, actor) and the launch result
+        self.trial_groups = {k: list(v) for k, v in (trial_groups or {}).items()}
+        self.forming = {}
+        self.launched = 0
 
     def _cond(self):
         if self._changed is None:
@@ -148,6 +201,46 @@ class WorkerPool:
             self.holder[gid] = trial_id
         return gid, self.groups[gid][1]
 
+    async def join(self, trial_id, key, job, holder):
+        """Join trial group ``key``: wait until its chunk is complete, then (the last member to
+        arrive) lease a worker group and start the grouped run. Returns (gid, workers, runs,
+        group dir, size) to every member; None when ``key`` has no group (the trial then runs
+        alone)."""
+        if key not in self.trial_groups:
+            return None
+        async with self._cond():
+            forming = self.forming.setdefault(key, [])
+            if not forming or forming[-1]['done'] or \
+                    len(forming[-1]['members']) == forming[-1]['size']:
+                sizes = self.trial_groups[key]
+                if len(forming) >= len(sizes):
+                    return None  # more trials than planned (e.g. a retry): alone
+                forming.append(dict(size=sizes[len(forming)], members=[], done=False,
+                                    result=None, ready=asyncio.Event()))
+            chunk = forming[-1]
+            chunk['members'].append((trial_id, job, holder))
+            last = len(chunk['members']) == chunk['size']
+        if last:
+            await self._launch(chunk)
+        await chunk['ready'].wait()
+        return chunk['result']
+
+    async def _launch(self, chunk):
+        gid, workers = await self.acquire('+'.join(m[0] for m in chunk['members']))
+        jobs = [m[1] for m in chunk['members']]
+        first = jobs[0]['trial_dir']
+        group_dir = os.path.join(os.path.dirname(os.path.dirname(first)), 'groups',
+                                 os.path.basename(first))
+        init = await workers[0].rendezvous.remote()
+        runs = [w.run_group.remote(jobs, rank, len(workers), init, group_dir)
+                for rank, w in enumerate(workers)]
+        holders = {m[0]: m[2] for m in chunk['members']}
+        asyncio.ensure_future(self.release_when_done(gid, runs, holders=holders))
+        self.launched += 1
+        chunk['result'] = (gid, workers, runs, group_dir, len(jobs))
+        chunk['done'] = True
+        chunk['ready'].set()
+
     async def _watch(self, holder, workers, trial_id):
         """Stop the group's run as soon as the trial process driving it dies (Tune killed it
         after an early stop, or its node went away); an idle or busy one answers or queues."""
@@ -160,12 +253,15 @@ class WorkerPool:
                 return
             await asyncio.sleep(WATCH_S)
 
-    async def release_when_done(self, gid, refs, holder=None, trial_id=None):
+    async def release_when_done(self, gid, refs, holder=None, trial_id=None, holders=None):
         """Free group ``gid`` once the runs ``refs`` have returned; rebuild it if any failed.
-        ``holder``: the trial's actor, watched so that a dead trial does not keep training."""
-        watch = None
+        ``holder``: the trial's actor (``holders``: trial id -> actor, for a trial group),
+        watched so that a dead trial does not keep training (its head alone, in a group)."""
+        holders = dict(holders or {})
         if holder is not None:
-            watch = asyncio.ensure_future(self._watch(holder, self.groups[gid][1], trial_id))
+            holders[trial_id] = holder
+        watches = [asyncio.ensure_future(self._watch(h, self.groups[gid][1], tid))
+                   for tid, h in holders.items()]
         try:
             await asyncio.gather(*refs)
         except Exception as e:  # the trial reports the error itself; here only the group matters
@@ -181,7 +277,7 @@ class WorkerPool:
             remove_placement_group(pg)
             self.groups[gid] = _start_group(self.n_workers, self.bundle, self.strategy)
             self.rebuilt += 1
-        if watch is not None:
+        for watch in watches:
             watch.cancel()
         async with self._cond():
             self.holder.pop(gid, None)
@@ -190,4 +286,4 @@ class WorkerPool:
 
     def stats(self):
         return dict(groups=len(self.groups), free=len(self.free), rebuilt=self.rebuilt,
-                    holders=dict(self.holder))
+                    holders=dict(self.holder), trial_groups_launched=self.launched)

@@ -3,6 +3,7 @@ when trained alone (same batches, augmentations, initial weights, dropout masks,
 steps); a head that diverges or is stopped leaves the others untouched."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,74 @@ def test_stopping_one_head_stops_only_that_head(synthetic_root, solo, tmp_path):
     assert final[0]['iter'] == final[2]['iter'] == 12
     _assert_same_head(_head(tmp_path / 'h0'), _head(solo / 'h0'))
     _assert_same_head(_head(tmp_path / 'h2'), _head(solo / 'h2'))
+
+
+# -- the same through `orchestrator sweep`: grouped and not, on the session's Ray cluster ------
+
+SEARCHED = ['model.decode_head.num_convs', 'model.decode_head.with_norm', 'optimizer.lr']
+
+
+def _sweep(tmp, synthetic_root, address, *flags, asha=False):
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from orchestrator import cli
+    space = dict(
+        name='groups', base_config=str(Path(CONFIG).resolve()), data_root=str(synthetic_root),
+        parameters={'model.decode_head.num_convs': {'grid': [0, 1]},
+                    'model.decode_head.with_norm': {'grid': [False, True]},
+                    'optimizer.lr': {'grid': [3e-3, 1e-6]},
+                    'fewshot.fraction': {'grid': [0.5]}},
+        derived={'iterations': {'at_full_data': 80}, 'evaluations': 4},
+        resources={'workers_per_trial': 2, 'cpus_per_worker': 1},
+        tracking={'experiment': 'groups'}, output=str(tmp / 'out'))
+    if asha:
+        space['early_stopping'] = {'asha': {'grace_period': 10, 'reduction_factor': 2}}
+    (tmp / 'space.yaml').write_text(yaml.safe_dump(space))
+    code = cli.main(['sweep', str(tmp / 'space.yaml'), '--address', address, *flags])
+    client = MlflowClient('sqlite:///' + str(tmp / 'out' / 'mlflow.db'))
+    exp = client.get_experiment_by_name('groups')
+    children = [r for r in client.search_runs([exp.experiment_id])
+                if 'mlflow.parentRunId' in r.data.tags]
+    return code, client, children
+
+
+def _config(run):
+    return tuple(run.data.params[k] for k in SEARCHED)
+
+
+@pytest.fixture(scope='module')
+def sweeps(synthetic_root, ray_address, tmp_path_factory):
+    """8 trials (2 depths x 2 norms x 2 learning rates, one data fraction) trained as one group
+    of 8 with ASHA, and alone without it."""
+    grouped = _sweep(tmp_path_factory.mktemp('grouped'), synthetic_root, ray_address, asha=True)
+    alone = _sweep(tmp_path_factory.mktemp('alone'), synthetic_root, ray_address,
+                   '--no-grouping')
+    return grouped, alone
+
+
+def test_grouped_sweep_has_the_mlflow_structure_of_an_ungrouped_one(sweeps):
+    (g_code, _, grouped), (a_code, _, alone) = sweeps
+    assert g_code == 0 and a_code == 0
+    assert len(grouped) == len(alone) == 8
+    assert sorted(_config(r) for r in grouped) == sorted(_config(r) for r in alone)
+    assert {frozenset(r.data.params) for r in grouped} == {frozenset(r.data.params) for r in alone}
+    assert all(r.data.tags['trial_group_size'] == '8' for r in grouped)
+    assert len({r.data.tags['trial_group'] for r in grouped}) == 1
+    assert not any('trial_group' in r.data.tags for r in alone)
+    assert all(r.info.status == 'FINISHED' for r in grouped + alone)
+
+
+def test_grouped_heads_score_as_their_solo_twins_unless_asha_stopped_them(sweeps):
+    (_, g_client, grouped), (_, a_client, alone) = sweeps
+    twins = {_config(r): r for r in alone}
+    full = 0
+    for run in grouped:
+        twin = twins[_config(run)]
+        steps = [m.step for m in g_client.get_metric_history(run.info.run_id, 'mIoU')]
+        twin_steps = [m.step for m in a_client.get_metric_history(twin.info.run_id, 'mIoU')]
+        assert steps == twin_steps[:len(steps)] and steps  # the same evaluation iterations
+        if len(steps) == len(twin_steps):  # not stopped by ASHA: the very same head
+            full += 1
+            assert run.data.metrics['mIoU'] == pytest.approx(twin.data.metrics['mIoU'],
+                                                             abs=1e-6)
+    assert full >= 1  # ASHA keeps its best trials to the end

@@ -1,0 +1,130 @@
+"""Trial groups: K head variants on a frozen InternViT trained (a) as K separate trainings and
+(b) as one group (one backbone pass per batch), on CPU, one process.
+
+Measures the backbone's forward cost per batch (b) and the heads' forward+backward+step cost
+per batch (h, mean over the K variants), the ideal speedup K(b+h)/(b+Kh), the achieved speedup
+t(a)/t(b) and its share of the ideal. The issue's target: >= 85 % of the ideal at K = 8.
+Printed as ratios measured in one run, never asserted.
+
+    .venv/bin/python benchmarks/shared_backbone.py                   # tiny InternViT (width 64)
+    .venv/bin/python benchmarks/shared_backbone.py --width 256 --depth 6 --iters 30
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADS = [dict(num_convs=0, with_norm=True), dict(num_convs=1), dict(num_convs=2),
+         dict(num_convs=1, with_norm=True, concat_input=False), dict(num_convs=0, lr=1e-3),
+         dict(num_convs=2, with_norm=True), dict(num_convs=1, kernel_size=1, lr=5e-3),
+         dict(num_convs=2, concat_input=False, lr=1e-3)]
+
+
+def config(root, args, head):
+    from mmcv import Config
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'tiny_vit_frozen_fcn_synthetic.py'))
+    for split in ('train', 'val', 'test'):
+        cfg.data[split].data_root = str(root)
+    cfg.model.backbone.update(embed_dim=args.width, depth=args.depth,
+                              num_heads=max(1, args.width // 32), out_indices=[args.depth - 1])
+    head = dict(head)
+    lr = head.pop('lr', None)
+    if lr:
+        cfg.optimizer.lr = lr
+    cfg.model.decode_head.update(in_channels=args.width, **head)
+    if head.get('num_convs') == 0:
+        cfg.model.decode_head.channels = args.width
+    cfg.runner.max_iters = args.iters
+    cfg.evaluation.interval = args.iters
+    cfg.checkpoint_config.interval = args.iters
+    cfg.log_config.interval = args.iters
+    return cfg
+
+
+def unit_costs(cfgs, reps=10):
+    """(b, h): seconds per training batch of the backbone forward, and of one head's
+    forward + backward + optimizer step (mean over the variants)."""
+    import torch
+    from mmcv.cnn.utils import revert_sync_batchnorm
+    from mmcv.runner import build_optimizer
+    from mmseg.models import build_segmentor
+    batch = cfgs[0].data.samples_per_gpu
+    img = torch.randn(batch, 3, 64, 64)
+    gt = torch.randint(0, cfgs[0].model.decode_head.num_classes, (batch, 1, 64, 64))
+    metas = [dict(img_shape=(64, 64, 3), ori_shape=(64, 64, 3), pad_shape=(64, 64, 3),
+                  flip=False)] * batch
+    heads = []
+    for cfg in cfgs:
+        model = revert_sync_batchnorm(build_segmentor(cfg.model))
+        model.init_weights()
+        model.train()
+        opt = build_optimizer(model, copy.deepcopy(cfg.optimizer))
+        heads.append((model, opt))
+    model = heads[0][0]
+    with torch.no_grad():
+        feats = model.extract_feat(img)
+        start = time.perf_counter()
+        for _ in range(reps):
+            model.extract_feat(img)
+        b = (time.perf_counter() - start) / reps
+    hs = []
+    for m, opt in heads:
+        for i in range(reps + 2):
+            if i == 2:
+                start = time.perf_counter()
+            opt.zero_grad()
+            loss = m.decode_head.forward_train(feats, metas, gt, None)
+            sum(v for k, v in loss.items() if 'loss' in k).backward()
+            opt.step()
+        hs.append((time.perf_counter() - start) / reps)
+    return b, statistics.mean(hs)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--ks', type=int, nargs='+', default=[1, 4, 8])
+    p.add_argument('--iters', type=int, default=40)
+    p.add_argument('--width', type=int, default=64)
+    p.add_argument('--depth', type=int, default=2)
+    args = p.parse_args()
+    import torch
+    from mmseg_custom.datasets.synthetic import generate_ade_layout
+    from orchestrator import worker
+    import logging
+    logging.getLogger('mmseg').setLevel(logging.WARNING)
+    print(f'CPU cores {os.cpu_count()}, torch threads {torch.get_num_threads()}; InternViT width '
+          f'{args.width}, depth {args.depth}, frozen; {args.iters} iterations + 1 evaluation per '
+          'training; 64 px crops, batch 4')
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate_ade_layout(Path(tmp) / 'data')
+        for k in args.ks:
+            cfgs = [config(root, args, HEADS[i % len(HEADS)]) for i in range(k)]
+            b, h = unit_costs(cfgs)
+            start = time.perf_counter()
+            for i, cfg in enumerate(cfgs):
+                worker.train(copy.deepcopy(cfg), f'{tmp}/k{k}/solo{i}')
+            separate = time.perf_counter() - start
+            start = time.perf_counter()
+            worker.train_group([copy.deepcopy(c) for c in cfgs],
+                               [f'{tmp}/k{k}/grouped{i}' for i in range(k)], f'{tmp}/k{k}/group')
+            grouped = time.perf_counter() - start
+            ideal = k * (b + h) / (b + k * h)
+            achieved = separate / grouped
+            rows.append((k, b, h, separate, grouped, ideal, achieved))
+    print(f'{"K":>2} {"b ms":>7} {"h ms":>7} {"K trainings s":>14} {"1 group s":>10} '
+          f'{"ideal x":>8} {"achieved x":>10} {"of ideal":>9}')
+    for k, b, h, separate, grouped, ideal, achieved in rows:
+        print(f'{k:>2} {b * 1e3:7.1f} {h * 1e3:7.1f} {separate:14.1f} {grouped:10.1f} '
+              f'{ideal:8.2f} {achieved:10.2f} {achieved / ideal:8.0%}')
+
+
+if __name__ == '__main__':
+    main()

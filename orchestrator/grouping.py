@@ -1,0 +1,117 @@
+"""Trial groups: trials that differ only in head-side values share one frozen-backbone pass.
+
+In a probing sweep the backbone is frozen and is nearly all of the compute. Trials that agree on
+everything that determines the backbone's inputs and outputs (the backbone and its weights, the
+data subset, pipeline and random stream (seed), batch size, schedule) and differ only in the head
+(``model.decode_head.*``) or its optimizer values (``optimizer.lr``, ``optimizer.weight_decay``)
+train together: one backbone forward per batch, one head forward/backward and optimizer step per
+trial (mmseg_custom MultiHeadEncoderDecoder). Each trial stays a Tune trial and an MLflow child.
+
+Grouping is planned here, before the sweep starts, from the grid: a group's trials must all be
+known, so the backbone-side values must be grid values (head-side ones may be sampled). The key
+of a group is the JSON of its trial's backbone-side values, computed the same way by the driver
+(planning) and by each trial (joining its group). Groups larger than the memory estimate allows
+are split.
+"""
+import json
+import math
+
+HEAD_SIDE_PREFIXES = ('model.decode_head.',)
+HEAD_SIDE_KEYS = ('optimizer.lr', 'optimizer.weight_decay')
+BYTES_PER_LOGIT = 4 * 3  # fp32 logits, their gradient, the softmax inside the loss
+
+
+def head_side(key):
+    return key.startswith(HEAD_SIDE_PREFIXES) or key in HEAD_SIDE_KEYS
+
+
+def group_key(spec, params):
+    """The backbone-side values of a trial's sampled params, as a string (the group's name)."""
+    backbone = {k: params[k] for k in sorted(params) if not head_side(k)}
+    return json.dumps(backbone, sort_keys=True, default=str)
+
+
+def _frozen(base, row):
+    backbone = base['model'].get('backbone', {})
+    return bool(row.get('model.backbone.freeze_vit', backbone.get('freeze_vit', False)))
+
+
+def _crop(base):
+    crop = base.get('crop_size')
+    for step in base.get('data', {}).get('train', {}).get('pipeline', []):
+        if step.get('type') == 'RandomCrop':
+            crop = step.get('crop_size', crop)
+    return tuple(crop) if crop else (512, 512)
+
+
+def head_memory_bytes(base):
+    """Per head in a group: its logits at crop size x classes x batch, with gradient and softmax."""
+    h, w = _crop(base)
+    classes = base['model']['decode_head'].get('num_classes', 150)
+    batch = base.get('data', {}).get('samples_per_gpu', 2)
+    return h * w * classes * batch * BYTES_PER_LOGIT
+
+
+def why_not(spec, base):
+    """The reason this sweep cannot group at all, or None."""
+    if not spec.grouping:
+        return 'off (grouping.enabled: false or --no-grouping)'
+    if spec.algorithm == 'optuna':
+        return 'off: Optuna proposes trials one at a time, a group\'s trials must be known first'
+    if base['model'].get('auxiliary_head'):
+        return 'off: the base config has an auxiliary head (trained with the backbone side)'
+    if (base.get('optimizer_config') or {}).get('grad_clip'):
+        return 'off: optimizer_config.grad_clip couples the heads\' gradient norms'
+    sampled = [p.key for p in spec.params if p.kind != 'grid' and not head_side(p.key)]
+    if sampled:
+        return (f'off: {", ".join(sampled)} {"is" if len(sampled) == 1 else "are"} sampled on '
+                'the backbone side (grid values only there)')
+    return None
+
+
+def plan_groups(spec, base, rows):
+    """{group key: [sizes of its chunks]} for keys with 2+ trials and a frozen backbone, and the
+    groups as (key, trial row indices) for the dry run; rows are plan.grid_trials(spec)."""
+    if why_not(spec, base):
+        return {}, []
+    by_key = {}
+    for i, row in enumerate(rows):
+        by_key.setdefault(group_key(spec, {k: v for k, v in row.items()}), []).append(i)
+    per_head = head_memory_bytes(base)
+    cap = max(1, int(spec.grouping_memory_gb * 1024 ** 3 // per_head))
+    chunks, shown = {}, []
+    for key, members in by_key.items():
+        if len(members) < 2 or not _frozen(base, rows[members[0]]):
+            continue
+        n = math.ceil(len(members) / cap)
+        sizes = [len(members) // n + (1 if i < len(members) % n else 0) for i in range(n)]
+        sizes = [s for s in sizes if s > 0]
+        if max(sizes) < 2:
+            continue
+        chunks[key] = sizes
+        start = 0
+        for size in sizes:
+            shown.append((key, members[start:start + size]))
+            start += size
+    return chunks, shown
+
+
+def dry_run_lines(spec, base, rows):
+    reason = why_not(spec, base)
+    if reason:
+        return [f'trial groups: {reason}']
+    chunks, shown = plan_groups(spec, base, rows)
+    if not shown:
+        if not any(_frozen(base, row) for row in rows):
+            return ['trial groups: none: the backbone is not frozen (model.backbone.freeze_vit)']
+        return ['trial groups: none (no two trials share a frozen backbone and its inputs)']
+    grouped = sum(len(m) for _, m in shown)
+    cap = max(1, int(spec.grouping_memory_gb * 1024 ** 3 // head_memory_bytes(base)))
+    lines = [f'trial groups: {grouped} of {len(rows)} trials in {len(shown)} group(s), one frozen '
+             f'backbone pass per batch per group (at most {cap} heads per group: '
+             f'{head_memory_bytes(base) / 1024 ** 2:.1f} MiB of logits per head, '
+             f'grouping.memory_gb={spec.grouping_memory_gb:g})']
+    for i, (key, members) in enumerate(shown):
+        values = ', '.join(f'{k}={v}' for k, v in json.loads(key).items()) or 'all'
+        lines.append(f'  group {i}: trials {",".join(map(str, members))} ({values})')
+    return lines
