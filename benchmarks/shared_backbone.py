@@ -48,6 +48,16 @@ def config(root, args, head):
     return cfg
 
 
+def loop_s_per_iter(work_dir):
+    """mmseg's logged seconds per training iteration (data + forward/backward + step), averaged
+    over the run (the log interval is the run's length): the loop without start-up or eval."""
+    import glob
+    import json
+    logs = glob.glob(f'{work_dir}/*.log.json')
+    entries = [json.loads(line) for line in open(logs[0]) if '"mode": "train"' in line]
+    return entries[-1]['time']
+
+
 def unit_costs(cfgs, reps=10):
     """(b, h): seconds per training batch of the backbone forward, and of one head's
     forward + backward + optimizer step (mean over the variants)."""
@@ -116,14 +126,20 @@ def main():
             worker.train_group([copy.deepcopy(c) for c in cfgs],
                                [f'{tmp}/k{k}/grouped{i}' for i in range(k)], f'{tmp}/k{k}/group')
             grouped = time.perf_counter() - start
-            ideal = k * (b + h) / (b + k * h)
-            achieved = separate / grouped
-            rows.append((k, b, h, separate, grouped, ideal, achieved))
-    print(f'{"K":>2} {"b ms":>7} {"h ms":>7} {"K trainings s":>14} {"1 group s":>10} '
-          f'{"ideal x":>8} {"achieved x":>10} {"of ideal":>9}')
-    for k, b, h, separate, grouped, ideal, achieved in rows:
-        print(f'{k:>2} {b * 1e3:7.1f} {h * 1e3:7.1f} {separate:14.1f} {grouped:10.1f} '
-              f'{ideal:8.2f} {achieved:10.2f} {achieved / ideal:8.0%}')
+            loop_solo = sum(loop_s_per_iter(f'{tmp}/k{k}/solo{i}') for i in range(k))
+            loop_group = loop_s_per_iter(f'{tmp}/k{k}/group')
+            rows.append((k, b, h, separate, grouped, loop_solo, loop_group))
+    print('wall: whole trainings (start-up, data, 1 evaluation each); loop: mmseg\'s seconds per '
+          'training iteration, summed over the K solo runs vs the group')
+    print(f'{"K":>2} {"b ms":>6} {"h ms":>6} {"ideal x":>8} | {"K solo s":>8} {"group s":>8} '
+          f'{"wall x":>7} {"of ideal":>8} | {"K solo ms":>9} {"group ms":>8} {"loop x":>7} '
+          f'{"of ideal":>8}')
+    for k, b, h, separate, grouped, loop_solo, loop_group in rows:
+        ideal = k * (b + h) / (b + k * h)
+        wall, loop = separate / grouped, loop_solo / loop_group
+        print(f'{k:>2} {b * 1e3:6.1f} {h * 1e3:6.1f} {ideal:8.2f} | {separate:8.1f} '
+              f'{grouped:8.1f} {wall:7.2f} {wall / ideal:8.0%} | {loop_solo * 1e3:9.1f} '
+              f'{loop_group * 1e3:8.1f} {loop:7.2f} {loop / ideal:8.0%}')
 
 
 if __name__ == '__main__':

@@ -168,3 +168,49 @@ def test_grouped_heads_score_as_their_solo_twins_unless_asha_stopped_them(sweeps
             assert run.data.metrics['mIoU'] == pytest.approx(twin.data.metrics['mIoU'],
                                                              abs=1e-6)
     assert full >= 1  # ASHA keeps its best trials to the end
+
+
+# -- planning: which trials group, and how big a group may be --------------------------------
+
+def _planned(path='search_spaces/demo_grouped.yaml', **changes):
+    from orchestrator import grouping, plan
+    from orchestrator.spec import load_spec
+    spec, base_cfg = load_spec(path)
+    for k, v in changes.items():
+        setattr(spec, k, v)
+    base = plan.plain(base_cfg)
+    rows = plan.grid_trials(spec)
+    return grouping.plan_groups(spec, base, rows), grouping.dry_run_lines(spec, base, rows), base
+
+
+def test_groups_are_the_trials_sharing_backbone_side_values():
+    (chunks, shown), lines, _ = _planned()
+    assert sorted(chunks.values()) == [[6], [6]]  # one group per data fraction
+    for _, members in shown:  # members differ in head-side values only
+        assert len(members) == 6
+    assert 'trial groups: 12 of 12 trials in 2 group(s)' in lines[0]
+
+
+def test_a_group_too_big_for_the_memory_budget_is_split():
+    from orchestrator.grouping import head_memory_bytes
+    (_, _, base) = _planned()
+    per_head = head_memory_bytes(base)  # 64 x 64 px x 4 classes x batch 4 x 12 bytes
+    assert per_head == 64 * 64 * 4 * 4 * 12
+    (chunks, shown), lines, _ = _planned(grouping_memory_gb=4.5 * per_head / 1024 ** 3)
+    assert sorted(chunks.values()) == [[3, 3], [3, 3]]  # at most 4 heads: 6 -> 3 + 3
+    assert len(shown) == 4 and 'at most 4 heads per group' in lines[0]
+
+
+def test_unfrozen_backbones_and_switched_off_grouping_never_group():
+    (chunks, _), lines, _ = _planned('search_spaces/demo.yaml')  # TinyCNN trains
+    assert chunks == {} and 'not frozen' in lines[0]
+    (chunks, _), lines, _ = _planned(grouping=False)
+    assert chunks == {} and lines[0].startswith('trial groups: off')
+
+
+def test_sampled_backbone_side_values_switch_grouping_off():
+    from orchestrator.spec import Param
+    params = [Param('model.decode_head.num_convs', 'grid', (0, 1)),
+              Param('fewshot.fraction', 'choice', (0.5, 1.0))]
+    (chunks, _), lines, _ = _planned(params=params, algorithm='random')
+    assert chunks == {} and 'fewshot.fraction is sampled' in lines[0]
