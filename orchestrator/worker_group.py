@@ -10,8 +10,9 @@ mmseg once and trains one trial after another, joining a fresh ``torch.distribut
 ``WorkerPool`` (one named actor per sweep) leases groups to trials: ``acquire`` waits for a free
 group, ``release_when_done`` frees it when the trial's workers return, so a trial process that
 dies never strands a group. Trials of a trial group (orchestrator/grouping.py) ``join`` instead:
-the last member to arrive leases one worker group for all of them (``TrainWorker.run_group``). A group whose run failed is rebuilt from fresh processes. The pool
-watches each trial's process and stops its run when it dies; as a fallback, a rank 0 that nobody
+the last member to arrive leases one worker group for all of them (``TrainWorker.run_group``).
+A group whose run failed is rebuilt from fresh processes. The pool watches each trial's process
+and stops its run (its head, in a trial group) when it dies; as a fallback, a rank 0 that nobody
 has polled for ABANDONED_AFTER_S stops training by itself.
 """
 import asyncio
@@ -107,7 +108,6 @@ class TrainWorker:
                 dist.destroy_process_group()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-
 
     def run_group(self, jobs, rank, world_size, init_method, group_dir):
         """Train a trial group (``jobs``: its trials, head-side values apart) as ``rank``: one

@@ -1,7 +1,6 @@
 """Beyond one machine: the resource plan (pure: computed from per-node resources), and real
 sweeps on a two-node Ray cluster — the session's head plus a second `ray start --address` node
 with a logical GPU — read back from MLflow's placement tags."""
-import os
 import subprocess
 import sys
 import time
