@@ -118,6 +118,29 @@ def _drop_deepspeed_keys(cfg, source):
         warnings.warn(f'{source}: ignoring DeepSpeed keys {found}: training uses mmseg\'s DDP')
 
 
+def _start_run(cfg):
+    """Join the process group if any, pick the device, seed every RNG from ``cfg.seed``."""
+    distributed = init_distributed()
+    rank, world_size = get_dist_info()
+    cuda = torch.cuda.is_available()
+    cfg.device = 'cuda' if cuda else 'cpu'
+    cfg.gpu_ids = [int(os.environ.get('LOCAL_RANK', 0))] if cuda else [0]
+    cfg.seed = cfg.get('seed', 0)
+    set_random_seed(cfg.seed, deterministic=cfg.get('deterministic', False))
+    return distributed, rank, world_size, cuda, cfg.seed
+
+
+def _open_work_dir(cfg):
+    """Create ``cfg.work_dir`` and this run's log file there; (timestamp, logger)."""
+    mmcv.mkdir_or_exist(cfg.work_dir)
+    if cfg.data.get('workers_per_gpu', 2) == 0:
+        cfg.data.persistent_workers = False  # torch refuses persistent workers without workers
+    timestamp = time.strftime('%Y%m%d_%H%M%S', time.localtime())
+    logger = _fresh_root_logger(osp.join(cfg.work_dir, f'{timestamp}.log'),
+                                cfg.get('log_level', 'INFO'))
+    return timestamp, logger
+
+
 def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
     """Train and evaluate ``cfg`` (an mmcv Config); return the final evaluation's metrics.
 
@@ -129,25 +152,12 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
     cfg = copy.deepcopy(cfg)
     check_data_paths(cfg, source)
     _drop_deepspeed_keys(cfg, source)
-    distributed = init_distributed()
-    rank, world_size = get_dist_info()
-    cuda = torch.cuda.is_available()
-    cfg.device = 'cuda' if cuda else 'cpu'
-    cfg.gpu_ids = [int(os.environ.get('LOCAL_RANK', 0))] if cuda else [0]
-    seed = cfg.get('seed', 0)
-    cfg.seed = seed
-    set_random_seed(seed, deterministic=cfg.get('deterministic', False))
+    distributed, rank, world_size, cuda, seed = _start_run(cfg)
     # Built before anything is written: a head the config breaks fails here, in one line.
     model = build_model(cfg, source, init_weights=False)
 
     cfg.work_dir = osp.abspath(work_dir or cfg.get('work_dir') or 'work_dirs/run')
-    mmcv.mkdir_or_exist(cfg.work_dir)
-    if cfg.data.get('workers_per_gpu', 2) == 0:
-        cfg.data.persistent_workers = False  # torch refuses persistent workers without workers
-
-    timestamp = time.strftime('%Y%m%d_%H%M%S', time.localtime())
-    logger = _fresh_root_logger(osp.join(cfg.work_dir, f'{timestamp}.log'),
-                                cfg.get('log_level', 'INFO'))
+    timestamp, logger = _open_work_dir(cfg)
     logger.info(f'rank {rank}/{world_size}, device {cfg.device}, '
                 f'backend {dist.get_backend() if distributed else "none"}')
     if rank == 0:
@@ -234,25 +244,13 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
     gcfg = grouped_config(cfgs, osp.abspath(group_dir))
     n = len(cfgs)
     callbacks = callbacks or [None] * n
-    distributed = init_distributed()
-    rank, world_size = get_dist_info()
-    cuda = torch.cuda.is_available()
-    gcfg.device = 'cuda' if cuda else 'cpu'
-    gcfg.gpu_ids = [int(os.environ.get('LOCAL_RANK', 0))] if cuda else [0]
-    seed = gcfg.get('seed', 0)
-    gcfg.seed = seed
-    set_random_seed(seed, deterministic=gcfg.get('deterministic', False))
+    distributed, rank, world_size, cuda, seed = _start_run(gcfg)
     model = build_model(gcfg, source, init_weights=False)
     frozen = [name for name, p in model.backbone.named_parameters() if p.requires_grad]
     if frozen:
         raise ConfigError(f'{source}: grouped heads need a frozen backbone; '
                           f'{frozen[0]} (and {len(frozen) - 1} more) would train')
-    mmcv.mkdir_or_exist(gcfg.work_dir)
-    if gcfg.data.get('workers_per_gpu', 2) == 0:
-        gcfg.data.persistent_workers = False
-    timestamp = time.strftime('%Y%m%d_%H%M%S', time.localtime())
-    logger = _fresh_root_logger(osp.join(gcfg.work_dir, f'{timestamp}.log'),
-                                gcfg.get('log_level', 'INFO'))
+    timestamp, logger = _open_work_dir(gcfg)
     logger.info(f'trial group of {n} heads: rank {rank}/{world_size}, device {gcfg.device}')
     if rank == 0:
         gcfg.dump(osp.join(gcfg.work_dir, 'config.py'))
