@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 GRACE_S = 10.0  # after one rank fails, how long the others get to fail on their own
 WATCH_S = 2.0  # how often the pool checks that a trial's process is alive
 ABANDONED_AFTER_S = 120.0  # a running trial polls every second; silence this long means it is gone
+JOIN_WAIT_S = 300.0  # all of a sweep's trials start at once; a group member later than this is lost
 
 
 @ray.remote(max_concurrency=4)  # `run` in one thread; `drain`/`request_stop` answered alongside
@@ -177,7 +178,8 @@ def _start_group(n_workers, bundle, strategy):
 class WorkerPool:
     """Leases warm worker groups to trials (an async actor: waiting trials do not block it)."""
 
-    def __init__(self, n_groups, n_workers, bundle, strategy='PACK', trial_groups=None):
+    def __init__(self, n_groups, n_workers, bundle, strategy='PACK', trial_groups=None,
+                 join_wait_s=JOIN_WAIT_S):
         self.n_workers, self.bundle, self.strategy = n_workers, dict(bundle), strategy
         self.groups = [_start_group(n_workers, self.bundle, strategy) for _ in range(n_groups)]
         self.free = list(range(n_groups))
@@ -189,6 +191,7 @@ class WorkerPool:
         self.trial_groups = {k: list(v) for k, v in (trial_groups or {}).items()}
         self.forming = {}
         self.launched = 0
+        self.join_wait_s = join_wait_s
 
     def _cond(self):
         if self._changed is None:
@@ -211,20 +214,34 @@ class WorkerPool:
             return None
         async with self._cond():
             forming = self.forming.setdefault(key, [])
-            if not forming or forming[-1]['done'] or \
-                    len(forming[-1]['members']) == forming[-1]['size']:
+            if not forming or forming[-1]['launching']:
                 sizes = self.trial_groups[key]
                 if len(forming) >= len(sizes):
-                    return None  # more trials than planned (e.g. a retry): alone
-                forming.append(dict(size=sizes[len(forming)], members=[], done=False,
+                    return None  # more trials than planned (a late one): alone
+                forming.append(dict(size=sizes[len(forming)], members=[], launching=False,
                                     result=None, ready=asyncio.Event()))
+                asyncio.ensure_future(self._deadline(key, forming[-1]))
             chunk = forming[-1]
             chunk['members'].append((trial_id, job, holder))
-            last = len(chunk['members']) == chunk['size']
-        if last:
+            launch = len(chunk['members']) == chunk['size']
+            chunk['launching'] = launch
+        if launch:
             await self._launch(chunk)
         await chunk['ready'].wait()
         return chunk['result']
+
+    async def _deadline(self, key, chunk):
+        """A member that never comes (its trial failed to start) must not hold the others
+        forever: after ``join_wait_s`` the group starts with those present."""
+        await asyncio.sleep(self.join_wait_s)
+        async with self._cond():
+            if chunk['launching']:
+                return
+            chunk['launching'] = True
+        print(f'trial group {key}: {len(chunk["members"])} of {chunk["size"]} trials joined in '
+              f'{self.join_wait_s:g} s; starting without the others (they train alone)',
+              flush=True)
+        await self._launch(chunk)
 
     async def _launch(self, chunk):
         gid, workers = await self.acquire('+'.join(m[0] for m in chunk['members']))
@@ -239,7 +256,6 @@ class WorkerPool:
         asyncio.ensure_future(self.release_when_done(gid, runs, holders=holders))
         self.launched += 1
         chunk['result'] = (gid, workers, runs, group_dir, len(jobs))
-        chunk['done'] = True
         chunk['ready'].set()
 
     async def _watch(self, holder, workers, trial_id):
@@ -262,7 +278,7 @@ class WorkerPool:
         if holder is not None:
             holders[trial_id] = holder
         watches = [asyncio.ensure_future(self._watch(h, self.groups[gid][1], tid))
-                   for tid, h in holders.items()]
+                   for tid, h in holders.items() if h is not None]
         try:
             await asyncio.gather(*refs)
         except Exception as e:  # the trial reports the error itself; here only the group matters

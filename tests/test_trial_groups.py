@@ -214,3 +214,32 @@ def test_sampled_backbone_side_values_switch_grouping_off():
               Param('fewshot.fraction', 'choice', (0.5, 1.0))]
     (chunks, _), lines, _ = _planned(params=params, algorithm='random')
     assert chunks == {} and 'fewshot.fraction is sampled' in lines[0]
+
+
+def test_a_group_whose_member_never_comes_starts_without_it(ray_address, synthetic_root,
+                                                             tmp_path):
+    """A planned member whose trial never starts must not hold the group: after the join wait
+    the group trains with the members present; a member later than that trains alone."""
+    import ray
+
+    from orchestrator.plan import plain
+    from orchestrator.worker_group import WorkerPool
+    cfg = _cfg(synthetic_root, **copy.deepcopy(VARIANTS[0]))
+    job = dict(base=plain(cfg), overrides={'work_dir': str(tmp_path / 't0' / 'mmseg')},
+               base_filename=cfg.filename, trial_dir=str(tmp_path / 't0'), source='test',
+               trial_id='t0')
+    (tmp_path / 't0').mkdir()
+    ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    try:
+        pool = WorkerPool.remote(1, 1, {'CPU': 1.0}, trial_groups={'k': [2]}, join_wait_s=3)
+        gid, workers, runs, group_dir, size = ray.get(pool.join.remote('t0', 'k', job, None),
+                                                      timeout=120)
+        assert size == 1
+        final = ray.get(runs, timeout=300)[0]
+        assert final[0]['iter'] == 12 and 0 <= final[0]['mIoU'] <= 1
+        assert [r['iter'] for r in ray.get(workers[0].drain.remote('t0'))] == [6, 12]
+        assert ray.get(pool.join.remote('t1', 'k', job, None)) is None  # late: alone
+        assert ray.get(pool.stats.remote())['trial_groups_launched'] == 1
+        ray.kill(pool)
+    finally:
+        ray.shutdown()
