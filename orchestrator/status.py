@@ -50,19 +50,26 @@ def _driver_gone(plan):
     return False
 
 
-def _journal(sweep_dir):
-    path = osp.join(sweep_dir, JOURNAL)
-    if not osp.isfile(path):
-        return []
-    with open(path) as f:
-        lines = f.readlines()
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # the line the driver is writing right now
-            pass
-    return records
+class JournalTail:
+    """The sweep's journal records, read incrementally: the live view asks every 2 s, and a
+    long sweep's journal holds thousands of evaluations."""
+
+    def __init__(self, sweep_dir):
+        self.path = osp.join(sweep_dir, JOURNAL)
+        self.records, self._offset = [], 0
+
+    def read(self):
+        if not osp.isfile(self.path):
+            return self.records
+        with open(self.path, 'rb') as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        end = chunk.rfind(b'\n') + 1  # a line the driver is still writing waits for next time
+        for line in chunk[:end].splitlines():
+            if line.strip():
+                self.records.append(json.loads(line))
+        self._offset += end
+        return self.records
 
 
 def _log_dir(sweep_dir, trial):
@@ -94,13 +101,14 @@ def _train_progress(log_dir):
     return it, (sum(times[-5:]) / len(times[-5:]) if times else None)
 
 
-def sweep_status(sweep_dir):
-    """(trials, summary): one dict per started trial and counts of every state plus ETA."""
+def sweep_status(sweep_dir, journal=None):
+    """(trials, summary): one dict per started trial and counts of every state plus ETA.
+    ``journal``: a JournalTail to reuse between calls."""
     with open(osp.join(sweep_dir, PLAN)) as f:
         plan = json.load(f)
     metric = plan['metric']
     trials, sweep_state, started_at, ended_at = {}, 'RUNNING', None, None
-    for rec in _journal(sweep_dir):
+    for rec in (journal or JournalTail(sweep_dir)).read():
         tid = rec.get('trial_id')
         if rec['op'] == 'parent':
             started_at = started_at or rec.get('at')
@@ -199,9 +207,10 @@ class LiveStatus(Callback):
     def __init__(self, sweep_dir, out=None, interval_s=2.0):
         self.sweep_dir, self.out, self.interval_s = sweep_dir, out or sys.stdout, interval_s
         self._last, self._last_line, self._drawn = 0.0, None, 0
+        self._journal = JournalTail(sweep_dir)
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment (for --resume)
-        return dict(self.__dict__, out=None, _drawn=0)
+        return dict(self.__dict__, out=None, _drawn=0, _journal=JournalTail(self.sweep_dir))
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -218,7 +227,7 @@ class LiveStatus(Callback):
             self._drawn = 0
         self._last = time.time()
         try:
-            trials, summary = sweep_status(self.sweep_dir)
+            trials, summary = sweep_status(self.sweep_dir, self._journal)
         except (OSError, ValueError, KeyError):
             return
         if self._tty():

@@ -231,3 +231,16 @@ def test_mlflow_rest_filters_by_a_searched_param_and_orders_by_miou(study, paren
     assert all(_params(r)[NUM_CONVS] == '1' for r in ones)
     scores = [_metrics(r)['mIoU'] for r in ones]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_the_live_view_reads_the_journal_incrementally(tmp_path):
+    """A line the driver is still writing is left for the next read, never parsed half."""
+    from orchestrator.status import JournalTail
+    path = tmp_path / 'mlflow_journal.jsonl'
+    path.write_text('{"op": "parent"}\n{"op": "child", "trial_id": "a"}\n{"op": "met')
+    tail = JournalTail(str(tmp_path))
+    assert [r['op'] for r in tail.read()] == ['parent', 'child']
+    with open(path, 'a') as f:
+        f.write('rics", "trial_id": "a"}\n')
+    assert [r['op'] for r in tail.read()] == ['parent', 'child', 'metrics']
+    assert [r['op'] for r in tail.read()] == ['parent', 'child', 'metrics']  # nothing new
