@@ -76,7 +76,7 @@ def plan_groups(spec, base, rows):
         return {}, []
     by_key = {}
     for i, row in enumerate(rows):
-        by_key.setdefault(group_key(spec, {k: v for k, v in row.items()}), []).append(i)
+        by_key.setdefault(group_key(spec, row), []).append(i)
     per_head = head_memory_bytes(base)
     cap = max(1, int(spec.grouping_memory_gb * 1024 ** 3 // per_head))
     chunks, shown = {}, []
@@ -85,8 +85,7 @@ def plan_groups(spec, base, rows):
             continue
         n = math.ceil(len(members) / cap)
         sizes = [len(members) // n + (1 if i < len(members) % n else 0) for i in range(n)]
-        sizes = [s for s in sizes if s > 0]
-        if max(sizes) < 2:
+        if max(sizes) < 2:  # room for one head only
             continue
         chunks[key] = sizes
         start = 0

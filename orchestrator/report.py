@@ -9,9 +9,12 @@ from prettytable import PrettyTable, TableStyle
 from orchestrator.errors import ConfigError
 
 
-def format_table(header, rows):
+def format_table(header, rows, markdown=False):
     t = PrettyTable(header)
-    t.align = 'l'
+    if markdown:
+        t.set_style(TableStyle.MARKDOWN)
+    else:
+        t.align = 'l'
     for row in rows:
         t.add_row([f'{v:.4g}' if isinstance(v, float) else v for v in row])
     return t.get_string()
@@ -143,14 +146,6 @@ def _plot_classes(best, path):
     plt.close(fig)
 
 
-def _markdown_table(header, rows):
-    t = PrettyTable(header)
-    t.set_style(TableStyle.MARKDOWN)
-    for row in rows:
-        t.add_row([f'{v:.4g}' if isinstance(v, float) else v for v in row])
-    return t.get_string()
-
-
 def write_report(results):
     """Write ``<sweep>/report/`` (report.md, PNGs, the CSV behind the curve) and attach it to
     the sweep's parent MLflow run under ``report/``. Returns the report's path."""
@@ -182,19 +177,20 @@ def write_report(results):
         f'Best: trial `{best["trial_id"]}`, {metric} = {best[metric]:.4f} '
         f'({variant_label(best, keys)}).', '',
         f'## {metric} vs training data fraction', '', f'![curve]({CURVE_PNG})', '',
-        _markdown_table(['variant', 'fraction', 'mean', 'std', 'n'],
-                        [[c[k] for k in ('variant', 'fraction', 'mean', 'std', 'n')]
-                         for c in curve]), '',
+        format_table(['variant', 'fraction', 'mean', 'std', 'n'],
+                     [[c[k] for k in ('variant', 'fraction', 'mean', 'std', 'n')]
+                      for c in curve], markdown=True), '',
         '## Searched values against the metric', '', f'![parallel]({PARALLEL_PNG})', '',
         '## Per-class IoU of the best trial', '', f'![classes]({CLASSES_PNG})', '',
         '## All finished trials, best first', '',
-        _markdown_table(['trial', *map(_short, keys), metric],
-                        [[r['trial_id'], *[r.get(k) for k in keys], r[metric]] for r in ranked]),
+        format_table(['trial', *map(_short, keys), metric],
+                     [[r['trial_id'], *[r.get(k) for k in keys], r[metric]] for r in ranked],
+                     markdown=True),
     ]
     if failed:
-        lines += ['', '## Not finished', '', _markdown_table(
+        lines += ['', '## Not finished', '', format_table(
             ['trial', 'status', 'reason'],
-            [[r['trial_id'], r['status'], r['failure_reason']] for r in failed])]
+            [[r['trial_id'], r['status'], r['failure_reason']] for r in failed], markdown=True)]
     path = os.path.join(out, 'report.md')
     with open(path, 'w') as f:
         f.write('\n'.join(lines) + '\n')

@@ -37,18 +37,18 @@ class SweepResults:
 
     def __init__(self, sweep_dir):
         from mlflow.tracking import MlflowClient
+        from orchestrator.journal import TrackingJournal
         self.sweep_dir = sweep_dir
-        with open(osp.join(sweep_dir, 'tracking.json')) as f:
-            meta = json.load(f)
-        self.tracking_uri = meta['tracking_uri']
+        meta = TrackingJournal.open(sweep_dir)  # the sweep's store, experiment and uid
+        self.tracking_uri = meta.tracking_uri
         self.client = MlflowClient(self.tracking_uri)
         try:
-            exp = self.client.get_experiment_by_name(meta['experiment'])
+            exp = self.client.get_experiment_by_name(meta.experiment)
         except Exception as e:  # unreachable server, locked or missing store
             raise ConfigError(f'{sweep_dir}: MLflow at {self.tracking_uri} cannot be read: '
                               f'{str(e).splitlines()[0]}') from None
         runs = self.client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.sweep_uid = '{meta['sweep_uid']}'",
+            [exp.experiment_id], filter_string=f"tags.sweep_uid = '{meta.sweep_uid}'",
             max_results=10000) if exp else []
         parents = [r for r in runs if r.data.tags.get('role') == 'sweep']
         if not parents:

@@ -16,6 +16,7 @@ and stops its run (its head, in a trial group) when it dies; as a fallback, a ra
 has polled for ABANDONED_AFTER_S stops training by itself.
 """
 import asyncio
+import contextlib
 import os
 import socket
 import threading
@@ -67,30 +68,32 @@ class TrainWorker:
         with self._lock:
             self._state(trial_id)['stop'] = True
 
-    def run(self, job, rank, world_size, init_method):
-        """Train one trial as ``rank`` of ``world_size``; returns the final metrics."""
-        import torch
-        import torch.distributed as dist
-
-        from mmseg_custom.hooks import TrainingDiverged
-        from orchestrator import worker
-        from orchestrator.errors import TrialFailed
+    def _prepare(self, job, rank):
+        """The trial's mmcv config (rank 0 keeps a copy in the trial's directory) and its
+        report / should_stop functions, bound to the trial's own state."""
         from orchestrator.plan import merged_config
-        trial_id = job['trial_id']
         with self._lock:
-            state = self._state(trial_id)
+            state = self._state(job['trial_id'])
 
         def report(metrics):
             with self._lock:
                 state['reports'].append(metrics)
 
-        def should_stop():  # rank 0's answer reaches every rank (StopRequestHook all-reduces)
+        def should_stop():  # rank 0's answer reaches every rank (the stop hooks all-reduce)
             abandoned = rank == 0 and time.time() - state['polled'] > ABANDONED_AFTER_S
             return state['stop'] or abandoned
 
         cfg = merged_config(job['base'], job['overrides'], job['base_filename'])
         if rank == 0:
             cfg.dump(os.path.join(job['trial_dir'], 'resolved_config.py'))
+        return cfg, (report if rank == 0 else None), should_stop
+
+    @contextlib.contextmanager
+    def _process_group(self, rank, world_size, init_method):
+        """A fresh torch.distributed group for one run (gloo on CPU, nccl on GPU), torn down
+        after it whatever happens."""
+        import torch
+        import torch.distributed as dist
         # mmseg's train_segmentor reads LOCAL_RANK for DDP's device ids
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK='0')
         if world_size > 1:
@@ -100,62 +103,35 @@ class TrainWorker:
             dist.init_process_group('nccl' if cuda else 'gloo', init_method=init_method,
                                     rank=rank, world_size=world_size)
         try:
-            return worker.train(cfg, cfg.work_dir, callback=report if rank == 0 else None,
-                                source=job['source'], should_stop=should_stop)
-        except TrainingDiverged as e:
-            raise TrialFailed(str(e)) from None
+            yield
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def run(self, job, rank, world_size, init_method):
+        """Train one trial as ``rank`` of ``world_size``; returns the final metrics."""
+        from mmseg_custom.hooks import TrainingDiverged
+        from orchestrator import worker
+        from orchestrator.errors import TrialFailed
+        cfg, report, should_stop = self._prepare(job, rank)
+        with self._process_group(rank, world_size, init_method):
+            try:
+                return worker.train(cfg, cfg.work_dir, callback=report, source=job['source'],
+                                    should_stop=should_stop)
+            except TrainingDiverged as e:
+                raise TrialFailed(str(e)) from None
 
     def run_group(self, jobs, rank, world_size, init_method, group_dir):
         """Train a trial group (``jobs``: its trials, head-side values apart) as ``rank``: one
         frozen-backbone pass per batch; each trial's reports and stop requests are its own."""
-        import torch
-        import torch.distributed as dist
-
         from orchestrator import worker
-        from orchestrator.plan import merged_config
-        states, cfgs = [], []
-        for job in jobs:
-            with self._lock:
-                states.append(self._state(job['trial_id']))
-            cfg = merged_config(job['base'], job['overrides'], job['base_filename'])
-            if rank == 0:
-                cfg.dump(os.path.join(job['trial_dir'], 'resolved_config.py'))
-            cfgs.append(cfg)
-
-        def reporter(state):
-            def report(metrics):
-                with self._lock:
-                    state['reports'].append(metrics)
-            return report
-
-        def stopper(state):
-            def should_stop():
-                abandoned = rank == 0 and time.time() - state['polled'] > ABANDONED_AFTER_S
-                return state['stop'] or abandoned
-            return should_stop
-
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK='0')
-        if world_size > 1:
-            cuda = torch.cuda.is_available()
-            if cuda:
-                torch.cuda.set_device(0)
-            dist.init_process_group('nccl' if cuda else 'gloo', init_method=init_method,
-                                    rank=rank, world_size=world_size)
-        try:
-            return worker.train_group(
-                cfgs, [c.work_dir for c in cfgs], group_dir,
-                callbacks=[reporter(s) if rank == 0 else None for s in states],
-                should_stops=[stopper(s) for s in states], source=jobs[0]['source'])
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        cfgs, reports, stops = zip(*[self._prepare(job, rank) for job in jobs])
+        with self._process_group(rank, world_size, init_method):
+            return worker.train_group(list(cfgs), [c.work_dir for c in cfgs], group_dir,
+                                      callbacks=list(reports), should_stops=list(stops),
+                                      source=jobs[0]['source'])
 
 
 async def _settled(ref):
