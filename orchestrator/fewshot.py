@@ -2,8 +2,9 @@
 
 A fraction f keeps round(f * N) images: the first ones of a seeded permutation of the sorted file
 list. Every process, rank and run computes the same list from the same directory, and a smaller
-fraction's subset is a prefix of a larger one's (1/16 inside 1/8 inside ...). InternVL's own code
-shuffles with an unseeded ``random.shuffle`` in each process instead.
+fraction's subset is a prefix of a larger one's (1/16 inside 1/8 inside ...) for one seed; other
+seeds give other subsets (``fewshot.seeds``: the spread over subsets). InternVL's own code keeps
+``max_image_num`` images after a ``random.shuffle`` seeded by the run's seed.
 """
 import os
 

@@ -33,6 +33,7 @@ from mmseg.models import build_segmentor
 from mmseg.utils import get_root_logger
 
 from mmseg_custom.hooks import TrainingDiverged, TrainingStopped
+from mmseg_custom.models.backbones.internvit_weights import BackboneWeightsError
 from mmseg_custom.models.head_rng import isolate_head_rng, reinit_head
 
 from orchestrator.errors import ConfigError
@@ -61,8 +62,17 @@ def build_model(cfg, source='config', init_weights=True):
     except (AssertionError, KeyError, TypeError, ValueError) as e:
         raise ConfigError(f'{source}: model: {e}') from e
     if init_weights:
-        model.init_weights()
+        load_weights(model, source)
     return model
+
+
+def load_weights(model, source='config'):
+    """The model's initial and pretrained weights; a backbone file that would leave parameters
+    random (wrong layout, wrong model) is a ConfigError naming the file and the first keys."""
+    try:
+        model.init_weights()
+    except (BackboneWeightsError, FileNotFoundError) as e:
+        raise ConfigError(f'{source}: model.backbone.pretrained: {e}') from None
 
 
 def init_distributed():
@@ -126,6 +136,9 @@ def _start_run(cfg):
     cfg.device = 'cuda' if cuda else 'cpu'
     cfg.gpu_ids = [int(os.environ.get('LOCAL_RANK', 0))] if cuda else [0]
     cfg.seed = cfg.get('seed', 0)
+    train = cfg.data.get('train')
+    if isinstance(train, dict) and train.get('max_image_num') is not None:
+        train.setdefault('subset_seed', cfg.seed)  # as InternVL: each seed, another subset
     set_random_seed(cfg.seed, deterministic=cfg.get('deterministic', False))
     return distributed, rank, world_size, cuda, cfg.seed
 
@@ -162,7 +175,7 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
                 f'backend {dist.get_backend() if distributed else "none"}')
     if rank == 0:
         cfg.dump(osp.join(cfg.work_dir, 'config.py'))
-    model.init_weights()
+    load_weights(model, source)
     if not cuda:
         model = _revert_sync_bn_on_cpu(model, distributed, logger)
     _own_head_rng([model.decode_head], seed, cfg)
@@ -254,7 +267,7 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
     logger.info(f'trial group of {n} heads: rank {rank}/{world_size}, device {gcfg.device}')
     if rank == 0:
         gcfg.dump(osp.join(gcfg.work_dir, 'config.py'))
-    model.init_weights()
+    load_weights(model, source)
     if not cuda:
         model = _revert_sync_bn_on_cpu(model, distributed, logger)
     _own_head_rng(model.heads, seed, gcfg)
@@ -291,21 +304,28 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
 
 
 def _record_rank_sync(model, work_dir, distributed, logger):
-    """Every rank's decode-head digest into work_dir/rank_sync.json: data-parallel workers must end
-    with identical heads, and a silent desync would make every reported mIoU meaningless."""
-    head = getattr(model, 'module', model).decode_head
-    digests = [state_digest(head)]
+    """Every rank's digest of the decode head, and of the backbone when it trains, into
+    work_dir/rank_sync.json: data-parallel workers must end identical, and a silent desync would
+    make every reported mIoU meaningless."""
+    model = getattr(model, 'module', model)
+    parts = dict(decode_head=model.decode_head)
+    if any(p.requires_grad for p in model.backbone.parameters()):
+        parts['backbone'] = model.backbone
+    digests = {name: [state_digest(part)] for name, part in parts.items()}
     if distributed:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, digests[0])
-        digests = gathered
+        for name, own in digests.items():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, own[0])
+            digests[name] = gathered
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    in_sync = len(set(digests)) == 1
-    (logger.info if in_sync else logger.error)(
-        f'decode head identical on all {len(digests)} rank(s): {in_sync}')
+    for name, values in digests.items():
+        in_sync = len(set(values)) == 1
+        (logger.info if in_sync else logger.error)(
+            f'{name.replace("_", " ")} identical on all {len(values)} rank(s): {in_sync}')
     with open(osp.join(work_dir, 'rank_sync.json'), 'w') as f:
-        json.dump(dict(world_size=len(digests), decode_head_sha256=digests), f)
+        json.dump(dict(world_size=len(digests['decode_head']),
+                       **{f'{name}_sha256': values for name, values in digests.items()}), f)
 
 
 def main(argv=None):

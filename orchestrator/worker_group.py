@@ -114,13 +114,13 @@ class TrainWorker:
         """Train one trial as ``rank`` of ``world_size``; returns the final metrics."""
         from mmseg_custom.hooks import TrainingDiverged
         from orchestrator import worker
-        from orchestrator.errors import TrialFailed
+        from orchestrator.errors import ConfigError, TrialFailed
         cfg, report, should_stop = self._prepare(job, rank)
         with self._process_group(rank, world_size, init_method):
             try:
                 return worker.train(cfg, cfg.work_dir, callback=report, source=job['source'],
                                     should_stop=should_stop)
-            except TrainingDiverged as e:
+            except (TrainingDiverged, ConfigError) as e:  # the reason, not a traceback
                 raise TrialFailed(str(e)) from None
 
     def run_group(self, jobs, rank, world_size, init_method, group_dir):

@@ -37,11 +37,12 @@ def _batch(size=56, n=2, num_classes=4):
     return img, metas, seg
 
 
-def test_504_crop_gives_36x36_tokens_with_interpolated_positions():
+def test_504_crop_gives_36x36_tokens_and_other_sizes_interpolate_positions():
     backbone = build_backbone(dict(TINY, out_indices=[0, 1]))
     outs = backbone(torch.randn(1, 3, 504, 504))
     assert [tuple(o.shape) for o in outs] == [(1, 64, 36, 36)] * 2
-    assert backbone.pos_embed.shape[1] == 16 * 16 + 1  # learned at 224 / 14
+    assert backbone.pos_embed.shape[1] == 36 * 36 + 1  # sized for img_size, as InternVL
+    assert tuple(backbone(torch.randn(1, 3, 56, 56))[0].shape) == (1, 64, 4, 4)
 
 
 def test_parameter_names_are_internvl_checkpoint_names():
@@ -76,12 +77,12 @@ def test_frozen_backbone_gets_no_gradient_and_stays_unchanged():
     assert not torch.equal(head_before, model.decode_head.conv_seg.weight)
 
 
-def test_bf16_backbone_features_give_fp32_logits_and_a_finite_loss():
+def test_bf16_backbone_gives_fp32_features_logits_and_a_finite_loss():
     model = _segmentor(freeze=True)
-    model.backbone.to(torch.bfloat16)
+    assert model.backbone.patch_embed.proj.weight.dtype == torch.bfloat16
     img, metas, seg = _batch()
     feats = model.extract_feat(img)
-    assert feats[0].dtype == torch.bfloat16
+    assert feats[0].dtype == torch.float32  # InternVL returns fp32 maps
     logits = model.decode_head(feats)
     assert logits.dtype == torch.float32
     loss = model.forward_train(img, metas, seg)['decode.loss_ce']
@@ -107,14 +108,14 @@ def test_local_weights_round_trip_reproduces_outputs(tmp_path, suffix):
     assert not loaded.load_report.missing_keys and not loaded.load_report.unexpected_keys
 
 
-def test_renamed_key_is_reported_missing_and_unexpected(tmp_path, caplog):
+def test_renamed_key_is_an_error_never_a_random_backbone(tmp_path):
+    from mmseg_custom.models.backbones.internvit_weights import BackboneWeightsError
     state = build_backbone(dict(TINY)).state_dict()
     state['blocks.0.attn.qkv_renamed.weight'] = state.pop('blocks.0.attn.qkv.weight')
     torch.save(state, tmp_path / 'renamed.pth')
     model = build_backbone(dict(TINY, pretrained=str(tmp_path / 'renamed.pth')))
-    model.init_weights()
-    assert model.load_report.missing_keys == ['blocks.0.attn.qkv.weight']
-    assert model.load_report.unexpected_keys == ['blocks.0.attn.qkv_renamed.weight']
+    with pytest.raises(BackboneWeightsError, match='first: blocks.0.attn.qkv.weight'):
+        model.init_weights()
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):

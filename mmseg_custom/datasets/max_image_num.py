@@ -1,15 +1,15 @@
 """InternVL's ``max_image_num`` dataset option, kept deterministic.
 
-InternVL's few-shot configs set ``max_image_num`` on the training set and pick that many images
-with an unseeded ``random.shuffle`` in every process: each rank and each run trains on another
-subset. Here the kept images are the first ``max_image_num`` of the same seeded permutation of
-the sorted file list that the sweeps' few-shot fractions use (orchestrator/fewshot.py), so the
-subset is the same everywhere and smaller subsets are inside larger ones.
+InternVL's ``ADE20KDataset`` keeps ``max_image_num`` training images after a ``random.shuffle``
+seeded by the run's seed: each seed trains on another subset, the same on every rank. Here the
+kept images are the first ``max_image_num`` of the seeded permutation of subsets.py, with
+``subset_seed`` (the run's ``seed`` when the worker builds it, orchestrator/worker.py): the same
+dependence on the seed, and nested across sizes for one seed.
 """
 from mmseg.datasets.ade import ADE20KDataset as MMSegADE20KDataset
 from mmseg.datasets.builder import DATASETS
 
-from orchestrator.fewshot import seeded_prefix
+from orchestrator.fewshot import seeded_prefix  # numpy only: the trial process imports it
 
 
 class MaxImageNumMixin:

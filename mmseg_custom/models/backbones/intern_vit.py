@@ -1,17 +1,22 @@
 """InternViT, InternVL's vision encoder, as an mmseg backbone (registered as ``InternViT6B``, the
 name InternVL's segmentation configs use, and ``InternViT``).
 
-A plain ViT with patch 14, RMSNorm (or LayerNorm), optional QK normalization, layer scale and drop
-path; attention is torch's ``scaled_dot_product_attention`` (flash kernels on GPU, no extra
-package), so ``use_flash_attn`` in InternVL's configs is accepted and needs nothing. Position
-embeddings are learned at ``pretrain_size`` and interpolated to the input's token grid.
-``freeze_vit`` keeps the encoder in eval mode without gradients (probing). Weights load from a
-local ``.pth``/``.safetensors`` file only, with missing and unexpected keys reported; parameter
-names follow InternVL's (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``mlp.fc1``, ``ls1.gamma``,
-...), so its checkpoints load as they are.
-"""
-import os.path as osp
+Behaviour follows InternVL's ``InternViT6B`` wherever results depend on it:
+- it casts itself to ``dtype`` (bfloat16, as InternVL) when built, so the cast happens before DDP
+  wraps the model (DDP refuses a trainable module whose dtype changes afterwards);
+- it returns float32 NCHW maps, one per ``out_indices`` block, or with ``with_fpn`` the four
+  maps of InternVL's deconvolution pyramid (strides 4, 8, 16, 32 for patch 14: x4, x2, x1, /2);
+- ``pos_embed`` is sized for ``img_size`` when built; a weight file's grid (224 px pretraining,
+  504 px segmentation checkpoints) is resized to it at load (internvit_weights.py), and only an
+  input of another size interpolates at run time (InternVL would fail there);
+- ``freeze_vit`` freezes the ViT (patch embedding, tokens, blocks) but not the pyramid, which
+  head tuning trains; ``unfreeze_pos_embed`` trains the position embedding again.
 
+Attention is torch's ``scaled_dot_product_attention`` (flash kernels on GPU, no extra package), so
+``use_flash_attn`` is accepted and needs nothing. Parameter names are InternVL's, so its files
+load as they are; a file that leaves any ViT parameter unloaded is an error, never a silently
+random backbone.
+"""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +24,9 @@ import torch.utils.checkpoint as checkpoint
 from mmcv.runner import BaseModule
 from mmseg.models.builder import BACKBONES
 from mmseg.utils import get_root_logger
+
+from .internvit_weights import (BackboneWeightsError, backbone_state, read_state,
+                                resize_patch_kernel, resize_pos_embed)
 
 PRESETS = {
     '6B': dict(embed_dim=3200, depth=48, num_heads=25, mlp_ratio=4.0, qkv_bias=False,
@@ -110,9 +118,9 @@ class Mlp(nn.Module):
 
 class PatchEmbed(nn.Module):
 
-    def __init__(self, patch_size, dim):
+    def __init__(self, patch_size, dim, in_chans=3):
         super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
         return self.proj(x)
@@ -125,11 +133,13 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = _norm(norm_type, dim)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_normalization, norm_type)
-        self.ls1 = LayerScale(dim, init_values, layerscale_force_fp32)
+        self.ls1 = (LayerScale(dim, init_values, layerscale_force_fp32) if init_values
+                    else nn.Identity())
         self.norm2 = _norm(norm_type, dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = Mlp(dim, hidden)
-        self.ls2 = LayerScale(dim, init_values, layerscale_force_fp32)
+        self.ls2 = (LayerScale(dim, init_values, layerscale_force_fp32) if init_values
+                    else nn.Identity())
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
@@ -137,37 +147,64 @@ class Block(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
-def load_local_weights(path):
-    """State dict from a local .pth/.pt or .safetensors file (never a hub); common wrappers
-    ('model', 'state_dict', 'module.') are unwrapped."""
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'InternViT weights: {path}: no such file (weights are read from '
-                                'local files only)')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    for key in ('model', 'state_dict', 'module'):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of an NCHW map, computed in float32 (InternVL's pyramid)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = (x - x.mean(1, keepdim=True)) * torch.rsqrt(x.var(1, keepdim=True, unbiased=False)
+                                                        + self.eps)
+        return (self.weight.float()[:, None, None] * x + self.bias.float()[:, None, None]).to(dtype)
+
+
+def _pyramid(dim, final_norm):
+    """InternVL's four deconvolution branches (x4, x2, x1, /2), indexed as its checkpoints name
+    them (``up1.0.weight``, ``up1.1.weight``, ``up1.3.weight``, ...)."""
+    last = (lambda: LayerNorm2d(dim)) if final_norm else nn.Identity
+    up1 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), LayerNorm2d(dim), nn.GELU(),
+                        nn.ConvTranspose2d(dim, dim, 2, 2), last())
+    up2 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), last())
+    up3 = nn.Sequential(nn.Identity(), last())
+    up4 = nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=2), last())
+    for branch in (up1, up2, up3, up4):
+        for m in branch.modules():
+            if isinstance(m, nn.ConvTranspose2d):  # He init over fan-out, as InternVL
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+                nn.init.zeros_(m.bias)
+    return up1, up2, up3, up4
+
+
+DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 
 
 @BACKBONES.register_module(name='InternViT')
 @BACKBONES.register_module(name='InternViT6B', force=True)
 class InternViT(BaseModule):
-    """InternViT encoder; outputs the patch tokens of ``out_indices`` blocks as (B, C, H/14, W/14)
-    maps. ``preset='6B'`` or ``'300M'`` fills the shape; explicit arguments override it."""
+    """InternViT encoder with InternVL's constructor arguments. ``preset='6B'`` (default) or
+    ``'300M'`` fills the shape; explicit arguments override it.
 
-    def __init__(self, preset=None, pretrain_size=224, img_size=224, patch_size=14,
+    Args beyond InternVL's: ``preset``, ``norm_type`` ('rms' | 'ln'), ``layerscale_force_fp32``
+    (the spelling InternVL's few-shot configs use), ``dtype`` (InternVL always casts to
+    bfloat16; 'float32' suits toy CPU runs).
+    """
+
+    def __init__(self, preset=None, in_chans=3, pretrain_size=224, img_size=224, patch_size=14,
                  embed_dim=None, depth=None, num_heads=None, mlp_ratio=None, qkv_bias=None,
                  qk_normalization=None, norm_type=None, drop_path_rate=0.0, init_values=0.1,
                  with_cp=False, use_flash_attn=True, layerscale_force_fp32=False,
-                 layerscale_no_force_fp32=None, freeze_vit=False, out_indices=(-1,),
-                 pretrained=None, init_cfg=None):
+                 layerscale_no_force_fp32=None, freeze_vit=False, unfreeze_pos_embed=False,
+                 with_fpn=False, with_final_norm=False, out_indices=(-1,), pretrained=None,
+                 dtype='bfloat16', init_cfg=None):
         super().__init__(init_cfg)
-        if layerscale_no_force_fp32 is not None:  # the other spelling in InternVL's code
+        if layerscale_no_force_fp32 is not None:  # InternVL's other spelling
             layerscale_force_fp32 = not layerscale_no_force_fp32
         shape = dict(PRESETS['6B'] if preset is None else PRESETS[preset])
         given = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -176,22 +213,35 @@ class InternViT(BaseModule):
         dim, depth = shape['embed_dim'], shape['depth']
         assert dim % shape['num_heads'] == 0, (
             f'InternViT: embed_dim={dim} is not divisible by num_heads={shape["num_heads"]}')
-        self.patch_size, self.pretrain_size, self.img_size = patch_size, pretrain_size, img_size
-        self.embed_dim, self.depth = dim, depth
-        self.with_cp, self.freeze_vit, self.pretrained = with_cp, freeze_vit, pretrained
+        assert dtype in DTYPES, f'InternViT: dtype={dtype!r}, expected one of {list(DTYPES)}'
         self.out_indices = [i % depth for i in out_indices]
-        self.patch_embed = PatchEmbed(patch_size, dim)
-        grid = pretrain_size // patch_size
+        assert not with_fpn or len(self.out_indices) == 4, (
+            f'InternViT: with_fpn needs 4 out_indices, got {list(out_indices)}')
+        self.patch_size, self.pretrain_size, self.img_size = patch_size, pretrain_size, img_size
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.embed_dim = self.num_features = dim
+        self.depth, self.with_cp, self.with_fpn = depth, with_cp, with_fpn
+        self.freeze_vit, self.pretrained = freeze_vit, pretrained
+        self.patch_embed = PatchEmbed(patch_size, dim, in_chans)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid + 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(Block(
             dim, shape['num_heads'], shape['mlp_ratio'], shape['qkv_bias'],
             shape['qk_normalization'], shape['norm_type'], init_values, rates[i],
             layerscale_force_fp32) for i in range(depth))
         self._init_params()
-        if freeze_vit:
+        if freeze_vit:  # before the pyramid exists: head tuning trains it
             self.requires_grad_(False)
+        if unfreeze_pos_embed:
+            self.pos_embed.requires_grad_(True)
+        if with_fpn:
+            self.up1, self.up2, self.up3, self.up4 = _pyramid(dim, with_final_norm)
+        self.to(DTYPES[dtype])
+
+    @property
+    def dtype(self):
+        return self.patch_embed.proj.weight.dtype
 
     def _init_params(self):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -203,37 +253,56 @@ class InternViT(BaseModule):
                     nn.init.zeros_(m.bias)
 
     def init_weights(self):
+        """Load ``pretrained`` (any layout of internvit_weights.py), resizing ``pos_embed`` to
+        this model's grid and the patch kernel to its patch size. Every ViT parameter must come
+        from the file (the pyramid may not: it is new in head tuning)."""
         if not self.pretrained:
             return
-        state = load_local_weights(self.pretrained)
-        if 'pos_embed' in state and state['pos_embed'].shape != self.pos_embed.shape:
-            raise ValueError(f'InternViT weights {self.pretrained}: pos_embed has shape '
-                             f'{tuple(state["pos_embed"].shape)}, this model '
-                             f'{tuple(self.pos_embed.shape)} (pretrain_size={self.pretrain_size})')
+        state, layout = backbone_state(read_state(self.pretrained))
+        if 'pos_embed' in state:
+            state['pos_embed'] = resize_pos_embed(state['pos_embed'], self.grid)
+        if 'patch_embed.proj.weight' in state:
+            state['patch_embed.proj.weight'] = resize_patch_kernel(
+                state['patch_embed.proj.weight'], self.patch_size)
+        own = self.state_dict()
+        vit = [k for k in own if not k.startswith(('up1.', 'up2.', 'up3.', 'up4.'))]
+        missing = [k for k in vit if k not in state]
+        where = f'InternViT weights {self.pretrained} ({layout} layout)'
+        if missing:
+            raise BackboneWeightsError(
+                f'{where}: {len(missing)} of {len(vit)} backbone parameters are not in the file, '
+                f'first: {", ".join(missing[:3])} (file keys start: '
+                f'{", ".join(list(state)[:3])})')
+        wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+        if wrong:
+            k = wrong[0]
+            raise BackboneWeightsError(f'{where}: {k} has shape {tuple(state[k].shape)} in the '
+                                       f'file, {tuple(own[k].shape)} in this model')
         result = self.load_state_dict(state, strict=False)
-        logger = get_root_logger()
-        logger.info(f'InternViT weights from {self.pretrained}: {len(state)} tensors, '
-                    f'missing keys: {result.missing_keys or "none"}, '
-                    f'unexpected keys: {result.unexpected_keys or "none"}')
+        get_root_logger().info(
+            f'{where}: {len(state) - len(result.unexpected_keys)} tensors loaded, not in the '
+            f'file: {result.missing_keys or "none"}, unused: {result.unexpected_keys or "none"}')
         self.load_report = result
-        if self.freeze_vit:
-            self.requires_grad_(False)
 
     def train(self, mode=True):
-        return super().train(mode and not self.freeze_vit)
+        """The frozen ViT stays in eval mode (no drop path); the pyramid follows ``mode``, and the
+        backbone counts as training only when a part of it trains."""
+        super().train(mode)
+        if self.freeze_vit:
+            self.patch_embed.eval()
+            self.blocks.eval()
+            self.training = mode and self.with_fpn
+        return self
 
     def _pos_embed(self, h, w):
-        """Position embeddings for an h x w token grid (bicubic from the pretraining grid)."""
-        cls_pos, pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        grid = self.pretrain_size // self.patch_size
-        if (h, w) != (grid, grid):
-            pos = pos.reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
-            pos = F.interpolate(pos.float(), size=(h, w), mode='bicubic', align_corners=False)
-            pos = pos.to(self.pos_embed.dtype).flatten(2).transpose(1, 2)
-        return torch.cat([cls_pos, pos], dim=1)
+        """Position embeddings for an h x w token grid: as built for ``img_size``, resized only
+        for an input of another size."""
+        if (h, w) == self.grid:
+            return self.pos_embed
+        return resize_pos_embed(self.pos_embed, (h, w))
 
     def forward(self, x):
-        x = self.patch_embed(x.to(self.patch_embed.proj.weight.dtype))  # bf16 after ToBFloat16Hook
+        x = self.patch_embed(x.to(self.dtype))
         b, _, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self._pos_embed(h, w)
@@ -245,4 +314,6 @@ class InternViT(BaseModule):
                 x = block(x)
             if i in self.out_indices:
                 outs.append(x[:, 1:].transpose(1, 2).reshape(b, self.embed_dim, h, w))
-        return tuple(outs)
+        if self.with_fpn:
+            outs = [up(o) for up, o in zip((self.up1, self.up2, self.up3, self.up4), outs)]
+        return tuple(o.contiguous().float() for o in outs)

@@ -1,0 +1,28 @@
+# InternVL's linear probing (configs/intern_vit_6b/linear_probing/) at toy size: a frozen
+# InternViT feeding a linear FCNHead with norm; no weight decay, no layer decay; bf16 backbone.
+# Sizes scaled (width 64, depth 4, 56 px crops, 2 iterations); every key InternVL sets is set.
+_base_ = ['./_base_/models/linear.py', './_base_/datasets/ade_tiny.py',
+          './_base_/default_runtime.py', './_base_/schedules/tiny.py']
+deepspeed = True
+deepspeed_config = 'zero_configs/adam_zero1_bf16.json'
+pretrained = None  # InternVL: './pretrained/intern_vit_6b_224px.pth'
+model = dict(
+    pretrained=None,
+    backbone=dict(
+        _delete_=True, type='InternViT6B', pretrain_size=224, img_size=56, patch_size=14,
+        embed_dim=64, depth=4, num_heads=4, mlp_ratio=4., qkv_bias=False, drop_path_rate=0.0,
+        init_values=0.1, with_cp=True, use_flash_attn=True, qk_normalization=True,
+        layerscale_no_force_fp32=True, freeze_vit=True,
+        out_indices=[2],  # InternVL: [44] of 48 blocks
+        pretrained=pretrained),
+    test_cfg=dict(mode='slide', crop_size=(56, 56), stride=(36, 36)))
+optimizer = dict(_delete_=True, type='AdamW', lr=4e-5, betas=(0.9, 0.999), weight_decay=0.0,
+                 constructor='CustomLayerDecayOptimizerConstructor',
+                 paramwise_cfg=dict(num_layers=4, layer_decay_rate=1.0))
+lr_config = dict(_delete_=True, policy='poly', warmup='linear', warmup_iters=1,
+                 warmup_ratio=1e-6, power=1.0, min_lr=0.0, by_epoch=False)
+data = dict(samples_per_gpu=2)
+runner = dict(type='IterBasedRunner')
+checkpoint_config = dict(deepspeed=deepspeed, by_epoch=False, interval=2, max_keep_ckpts=2)
+evaluation = dict(interval=2, metric='mIoU', save_best='auto')
+custom_hooks = [dict(type='ToBFloat16Hook', priority=49)]

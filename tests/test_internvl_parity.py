@@ -1,0 +1,279 @@
+"""InternVL's own segmentation work runs here unchanged: its four config families (our tiny
+configs in configs/internvl_tiny/, written to InternVL's settings), its backbone behaviour, its
+three checkpoint layouts, its weight-decay rule, its pipeline steps."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mmseg_custom  # noqa: F401  (registrations)
+from mmcv import Config
+from mmseg.models import build_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ROOT / 'configs' / 'internvl_tiny'
+# every type and key InternVL's configs/intern_vit_6b/ tree uses beyond mmseg's own
+VOCABULARY = ('SETR_Resize', 'PadShortSide', 'TensorboardLoggerHook', 'ToBFloat16Hook',
+              'CustomLayerDecayOptimizerConstructor', 'InternViT6B', 'with_fpn',
+              'unfreeze_pos_embed', 'layerscale_no_force_fp32', 'layerscale_force_fp32',
+              'use_flash_attn', 'max_image_num', 'deepspeed_config', 'save_best')
+VIT = dict(type='InternViT6B', pretrain_size=224, img_size=504, patch_size=14, embed_dim=64,
+           depth=2, num_heads=4, mlp_ratio=4.0, qkv_bias=False, qk_normalization=True,
+           init_values=0.1, with_cp=False, freeze_vit=True, out_indices=[1])
+
+
+@pytest.fixture(scope='module')
+def ade150(tmp_path_factory):
+    """Generated data in ADE20K's layout with its 150 classes (ADE20KDataset fixes them)."""
+    from mmseg_custom.datasets.synthetic import generate_ade_layout
+    return generate_ade_layout(tmp_path_factory.mktemp('ade150') / 'data', num_classes=150,
+                               num_train=24, num_val=4, size=64)
+
+
+def _family(name, data_root, **options):
+    cfg = Config.fromfile(str(FAMILIES / f'{name}.py'))
+    for split in ('train', 'val', 'test'):
+        cfg.data[split].data_root = str(data_root)
+    cfg.merge_from_dict(options)
+    return cfg
+
+
+def _tiny_vit_file(path, **kw):
+    """A random tiny InternViT's weights in InternVL's released layout (224-px grid)."""
+    vit = build_backbone(dict(VIT, img_size=224, **kw))
+    torch.save({'module': {k: v.float() for k, v in vit.state_dict().items()}}, path)
+    return path
+
+
+def test_the_tiny_family_configs_use_all_of_internvls_vocabulary():
+    text = '\n'.join(p.read_text() for p in FAMILIES.rglob('*.py'))
+    assert [term for term in VOCABULARY if term not in text] == []
+
+
+@pytest.mark.parametrize('family', ['linear_probing', 'few_shot_1of4', 'head_tuning'])
+def test_each_family_trains_and_evaluates(family, ade150, tmp_path):
+    from orchestrator import worker
+    weights = _tiny_vit_file(tmp_path / 'vit.pth', depth=4)
+    cfg = _family(family, ade150, **{'model.backbone.pretrained': str(weights)})
+    with pytest.warns(UserWarning, match='DeepSpeed'):
+        metrics = worker.train(cfg, str(tmp_path / 'work'), source=family)
+    assert metrics['iter'] == 2 and 0.0 <= metrics['mIoU'] <= 1.0 and len(metrics) > 150
+    assert list((tmp_path / 'work' / 'tf_logs').glob('events.out.tfevents.*'))  # TensorBoard
+    log = next((tmp_path / 'work').glob('*.log')).read_text()
+    assert 'ToBFloat16Hook: the backbone runs in bfloat16' in log
+    assert '(internvl layout): ' in log and 'tensors loaded' in log  # not a random backbone
+    state = torch.load(tmp_path / 'work' / 'iter_2.pth', map_location='cpu',
+                       weights_only=False)['state_dict']
+    source = torch.load(weights, weights_only=True)['module']
+    block = 'backbone.blocks.3.mlp.fc1.weight'
+    assert state[block].dtype == torch.bfloat16
+    loaded = source[block[len('backbone.'):]].bfloat16()
+    trained = not torch.equal(state[block], loaded)
+    assert trained == (family == 'few_shot_1of4')  # only the few-shot protocol fine-tunes
+    if family == 'few_shot_1of4':
+        from mmseg.datasets import build_dataset
+        assert len(build_dataset(cfg.data.train)) == 6  # max_image_num = 24 // 4
+
+
+def test_full_tuning_trains_an_unfrozen_bf16_internvit_on_two_gloo_workers(ade150, tmp_path,
+                                                                          cli_env):
+    weights = _tiny_vit_file(tmp_path / 'vit.pth', depth=4)
+    work = tmp_path / 'work'
+    roots = [f'data.{s}.data_root={ade150}' for s in ('train', 'val', 'test')]
+    proc = subprocess.run(
+        [sys.executable, '-m', 'orchestrator.cli', 'train', str(FAMILIES / 'full_tuning.py'),
+         '--workers', '2', '--work-dir', str(work), '--cfg-options', *roots,
+         f'model.backbone.pretrained={weights}'],
+        capture_output=True, text=True, env=cli_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sync = json.loads((work / 'rank_sync.json').read_text())
+    assert sync['world_size'] == 2
+    assert len(set(sync['backbone_sha256'])) == 1 and len(set(sync['decode_head_sha256'])) == 1
+    state = torch.load(work / 'iter_2.pth', map_location='cpu', weights_only=False)['state_dict']
+    source = torch.load(weights, weights_only=True)['module']
+    for key in ('blocks.0.attn.qkv.weight', 'pos_embed', 'patch_embed.proj.weight'):
+        assert state['backbone.' + key].dtype == torch.bfloat16
+    assert not torch.equal(state['backbone.blocks.0.attn.qkv.weight'].float(),
+                           source['blocks.0.attn.qkv.weight'].bfloat16().float())
+    assert state['decode_head.conv_seg.weight'].dtype == torch.float32
+
+
+# -- backbone behaviour ---------------------------------------------------------------------------
+
+def test_built_in_bf16_returns_fp32_nchw_and_sizes_pos_embed_for_img_size():
+    vit = build_backbone(dict(VIT, out_indices=[0, 1]))
+    assert {p.dtype for p in vit.parameters()} == {torch.bfloat16}  # before any wrapping
+    assert vit.pos_embed.shape == (1, 36 * 36 + 1, 64)  # InternVL: 1297 tokens at 504 px
+    outs = vit(torch.randn(1, 3, 504, 504))
+    assert [(tuple(o.shape), o.dtype, o.is_contiguous()) for o in outs] == \
+        [((1, 64, 36, 36), torch.float32, True)] * 2
+
+
+def test_fpn_gives_four_scales_and_stays_trainable_when_the_vit_is_frozen():
+    vit = build_backbone(dict(VIT, img_size=56, depth=4, out_indices=[0, 1, 2, 3],
+                              with_fpn=True, with_final_norm=True, unfreeze_pos_embed=True))
+    outs = vit(torch.randn(2, 3, 56, 56))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert all(o.dtype == torch.float32 for o in outs)
+    trainable = {n.split('.')[0] for n, p in vit.named_parameters() if p.requires_grad}
+    assert trainable == {'up1', 'up2', 'up3', 'up4', 'pos_embed'}
+    assert {'up1.0.weight', 'up1.1.weight', 'up1.3.weight', 'up1.4.weight', 'up2.1.bias',
+            'up3.1.weight', 'up4.1.weight'} <= set(vit.state_dict())  # InternVL's names
+    vit.train()
+    assert not vit.blocks.training and vit.up1.training
+
+
+def test_bf16_hook_refuses_a_trainable_fp32_backbone_already_wrapped():
+    from types import SimpleNamespace
+
+    from mmcv.parallel import MMDataParallel
+    from mmseg.models import build_segmentor
+
+    from mmseg_custom.hooks import ToBFloat16Hook
+    model = build_segmentor(dict(
+        type='EncoderDecoder', backbone=dict(VIT, freeze_vit=False, dtype='float32'),
+        decode_head=dict(type='FCNHead', in_channels=64, channels=64, num_convs=0,
+                         concat_input=False, num_classes=4)))
+    runner = SimpleNamespace(model=MMDataParallel(model), logger=None)
+    with pytest.raises(RuntimeError, match='build it in bfloat16'):
+        ToBFloat16Hook().before_run(runner)
+
+
+def test_weight_decay_and_layer_ids_follow_internvls_runs():
+    from mmcv.runner import build_optimizer
+    from mmseg.models import build_segmentor
+    model = build_segmentor(dict(
+        type='EncoderDecoder',
+        backbone=dict(VIT, img_size=56, depth=4, out_indices=[0, 1, 2, 3], with_fpn=True,
+                      freeze_vit=False),
+        decode_head=dict(type='UPerHead', in_channels=[64] * 4, in_index=[0, 1, 2, 3],
+                         channels=16, num_classes=4)))
+    optimizer = build_optimizer(model, dict(
+        type='AdamW', lr=1.0, weight_decay=0.05, constructor='CustomLayerDecayOptimizerConstructor',
+        paramwise_cfg=dict(num_layers=4, layer_decay_rate=0.5)))
+    group = {g['name']: g for g in optimizer.param_groups}
+    # InternVL exempts 'pos_embed'/'cls_token' by bare name, which never matches: decayed there
+    assert group['backbone.pos_embed']['weight_decay'] == 0.05
+    assert group['backbone.cls_token']['weight_decay'] == 0.05
+    assert group['backbone.blocks.0.ls1.gamma']['weight_decay'] == 0.0  # 1-D
+    assert group['backbone.up1.0.bias']['weight_decay'] == 0.0
+    assert group['backbone.up1.0.weight']['weight_decay'] == 0.05
+    assert group['backbone.pos_embed']['lr'] == 0.5 ** 5
+    assert group['backbone.blocks.3.mlp.fc2.weight']['lr'] == 0.5
+    assert group['backbone.up1.0.weight']['lr'] == group['decode_head.conv_seg.weight']['lr'] == 1
+
+
+def test_setr_resize_keeps_the_short_side_at_least_the_crop():
+    from mmseg.datasets.pipelines import Compose
+    img = np.zeros((30, 200, 3), np.uint8)
+    seg = np.zeros((30, 200), np.uint8)
+
+    def run(step):
+        return Compose([step])(dict(img=img, gt_semantic_seg=seg, seg_fields=['gt_semantic_seg'],
+                                    scale=(224, 56)))
+
+    setr = run(dict(type='SETR_Resize', keep_ratio=True, crop_size=(56, 56), setr_multi_scale=True))
+    plain = run(dict(type='Resize', keep_ratio=True))
+    assert setr['img'].shape[:2] == (56, 373) and setr['gt_semantic_seg'].shape == (56, 373)
+    assert plain['img'].shape[:2] == (34, 224)  # mmseg's fit-inside rule, for comparison
+
+
+def test_pad_short_side_pads_small_images_only():
+    from mmseg.datasets.pipelines import Compose
+    pad = Compose([dict(type='PadShortSide', size=56, pad_val=0, seg_pad_val=255)])
+    out = pad(dict(img=np.ones((40, 80, 3), np.uint8), gt_semantic_seg=np.ones((40, 80), np.uint8),
+                   seg_fields=['gt_semantic_seg']))
+    assert out['img'].shape == (56, 80, 3) and out['pad_shape'] == (56, 80, 3)
+    assert (out['gt_semantic_seg'][40:] == 255).all() and (out['gt_semantic_seg'][:40] == 1).all()
+    big = np.ones((60, 70, 3), np.uint8)
+    assert pad(dict(img=big, seg_fields=[]))['img'] is big
+
+
+# -- checkpoint layouts ---------------------------------------------------------------------------
+
+def _reference(img_size=504):
+    vit = build_backbone(dict(VIT, img_size=img_size))
+    vit.eval()
+    return vit
+
+
+def _load(path, **kw):
+    vit = build_backbone(dict(VIT, pretrained=str(path), **kw))
+    vit.init_weights()
+    vit.eval()
+    return vit
+
+
+def test_released_layout_224_grid_loads_completely_and_is_resized(tmp_path):
+    from mmseg_custom.models.backbones.internvit_weights import resize_pos_embed
+    source = _reference(img_size=224)
+    state = {k: v.float() for k, v in source.state_dict().items()}
+    assert state['pos_embed'].shape[1] == 16 * 16 + 1
+    torch.save({'module': state}, tmp_path / 'intern_vit_6b_224px.pth')
+    vit = _load(tmp_path / 'intern_vit_6b_224px.pth')
+    assert vit.load_report.missing_keys == [] and vit.load_report.unexpected_keys == []
+    expected = resize_pos_embed(state['pos_embed'], (36, 36)).bfloat16()
+    assert torch.equal(vit.pos_embed.detach(), expected)
+    assert torch.equal(vit.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
+
+
+def test_trained_segmentation_layout_loads_exactly_also_through_mmcv(tmp_path):
+    from mmcv.runner import load_checkpoint
+    from mmseg.models import build_segmentor
+    source = _reference()
+    state = {f'backbone.{k}': v for k, v in source.state_dict().items()}
+    assert state['backbone.pos_embed'].shape[1] == 1297
+    state['decode_head.conv_seg.weight'] = torch.zeros(150, 64, 1, 1)
+    torch.save({'meta': {}, 'state_dict': state}, tmp_path / 'iter_80000.pth')
+    vit = _load(tmp_path / 'iter_80000.pth')
+    assert vit.load_report.missing_keys == []
+    x = torch.randn(1, 3, 504, 504)
+    assert torch.equal(vit(x)[0], source(x)[0])
+    # mmseg's load_from / test.py path: the whole segmentor, strict
+    model = build_segmentor(dict(type='EncoderDecoder', backbone=dict(VIT),
+                                 decode_head=dict(type='FCNHead', in_channels=64, channels=64,
+                                                  num_convs=0, concat_input=False,
+                                                  num_classes=150)))
+    load_checkpoint(model, str(tmp_path / 'iter_80000.pth'), strict=False)
+    assert torch.equal(model.backbone.pos_embed, source.pos_embed)
+
+
+def test_huggingface_layout_is_mapped(tmp_path):
+    from safetensors.torch import save_file
+    source = _reference()
+    hf = {}
+    for key, value in source.state_dict().items():
+        key = (key.replace('cls_token', 'embeddings.class_embedding')
+               .replace('pos_embed', 'embeddings.position_embedding')
+               .replace('patch_embed.proj', 'embeddings.patch_embedding')
+               .replace('blocks.', 'encoder.layers.').replace('.gamma', ''))
+        hf['vision_model.' + key] = value.contiguous()
+    hf['mlp1.0.weight'] = torch.zeros(4)  # a chat model's projector: not the backbone's
+    save_file(hf, str(tmp_path / 'model.safetensors'))
+    vit = _load(tmp_path / 'model.safetensors')
+    assert vit.load_report.missing_keys == []
+    x = torch.randn(1, 3, 504, 504)
+    assert torch.equal(vit(x)[0], source(x)[0])
+
+
+def test_a_missing_backbone_key_is_a_one_line_error_naming_file_and_keys(tmp_path):
+    from orchestrator import worker
+    from orchestrator.errors import ConfigError
+    from mmseg.models import build_segmentor
+    state = {k: v.float() for k, v in _reference().state_dict().items()}
+    state.pop('blocks.1.attn.qkv.weight')
+    state['blocks.1.attn.qkv_renamed.weight'] = torch.zeros(1)
+    torch.save(state, tmp_path / 'renamed.pth')
+    model = build_segmentor(dict(
+        type='EncoderDecoder', backbone=dict(VIT, pretrained=str(tmp_path / 'renamed.pth')),
+        decode_head=dict(type='FCNHead', in_channels=64, channels=64, num_convs=0,
+                         concat_input=False, num_classes=4)))
+    with pytest.raises(ConfigError) as e:
+        worker.load_weights(model, 'study.py')
+    message = str(e.value)
+    assert '\n' not in message and 'renamed.pth' in message
+    assert 'blocks.1.attn.qkv.weight' in message and message.startswith('study.py: ')
