@@ -15,7 +15,7 @@ from orchestrator.errors import ConfigError
 
 EXIT_TRACKING_PENDING = 3  # every trial ran, but some MLflow writes wait in the journal
 from orchestrator.report import format_table, ranked_results
-from orchestrator.spec import check_data_paths, load_spec
+from orchestrator.spec import check_data_paths, check_weights_path, load_spec
 
 
 def _search_alg(spec):
@@ -33,9 +33,10 @@ def _scheduler(spec, max_t):
 
 
 def _check_data(spec, base_cfg):
-    """Missing data fails now, with the path, before Ray or MLflow start."""
+    """Missing data or backbone weights fail now, with the path, before Ray or MLflow start."""
     cfg, _ = planning.resolved_config(spec, base_cfg, {})
     check_data_paths(cfg, spec.source)
+    check_weights_path(cfg, spec.source)
 
 
 def _dry_run_plan(spec, address):
@@ -188,6 +189,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             # what `orchestrator report` and `best` need to read the children back
             tags = dict(parent_tags(spec.name), searched_params=json.dumps(keys),
                         metric=spec.metric, mode=spec.mode)
+            if spec.references:  # published numbers the report draws (search_spaces/README.md)
+                tags['references'] = json.dumps(spec.references)
             journal.record('parent', name=spec.name, tags=tags,
                            artifact=osp.join(sweep_dir, 'space.yaml'))
             journal.record('status', status='RUNNING')

@@ -32,8 +32,13 @@ def group_key(spec, params):
 
 
 def _frozen(base, row):
+    """The whole backbone is frozen: ``freeze_vit`` without InternVL's trainable parts (the
+    ``with_fpn`` pyramid, ``unfreeze_pos_embed``)."""
     backbone = base['model'].get('backbone', {})
-    return bool(row.get('model.backbone.freeze_vit', backbone.get('freeze_vit', False)))
+
+    def value(key):
+        return bool(row.get(f'model.backbone.{key}', backbone.get(key, False)))
+    return value('freeze_vit') and not value('with_fpn') and not value('unfreeze_pos_embed')
 
 
 def _crop(base):
@@ -102,7 +107,8 @@ def dry_run_lines(spec, base, rows):
     chunks, shown = plan_groups(spec, base, rows)
     if not shown:
         if not any(_frozen(base, row) for row in rows):
-            return ['trial groups: none: the backbone is not frozen (model.backbone.freeze_vit)']
+            return ['trial groups: none: the backbone is not frozen (model.backbone.freeze_vit; '
+                    'InternVL\'s with_fpn pyramid and unfreeze_pos_embed train)']
         return ['trial groups: none (no two trials share a frozen backbone and its inputs)']
     grouped = sum(len(m) for _, m in shown)
     cap = max(1, int(spec.grouping_memory_gb * 1024 ** 3 // head_memory_bytes(base)))

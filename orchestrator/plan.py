@@ -5,7 +5,8 @@ import itertools
 import math
 
 from orchestrator.errors import ConfigError
-from orchestrator.spec import FRACTION_KEY, iterations_for
+from orchestrator.spec import (FRACTION_KEY, SUBSET_SEED_KEY, WARMUP_KEY, iterations_for,
+                               warmup_for)
 
 HEAD = 'model.decode_head.'
 
@@ -19,6 +20,8 @@ def tune_param_space(spec):
     space = {p.key: make[p.kind](list(p.values)) for p in spec.params}
     if spec.repeats > 1 and 'seed' not in space:
         space['seed'] = tune.grid_search(list(range(spec.repeats)))
+    if len(spec.fewshot_seeds) > 1:
+        space[SUBSET_SEED_KEY] = tune.grid_search(list(spec.fewshot_seeds))
     return space
 
 
@@ -26,6 +29,8 @@ def searched_keys(spec):
     keys = [p.key for p in spec.params]
     if spec.repeats > 1 and 'seed' not in keys:
         keys = keys + ['seed']
+    if len(spec.fewshot_seeds) > 1:
+        keys = keys + [SUBSET_SEED_KEY]
     return keys
 
 
@@ -34,10 +39,12 @@ def resolve(spec, base, params):
 
     ``base`` is the base config as a plain dict (no mmcv needed: trials stay light).
     Derived values are declared in the space file, never evaluated from it:
-    channels follow in_channels when num_convs == 0; iterations follow the few-shot fraction;
-    evaluation and checkpoint intervals follow the iterations.
+    channels follow in_channels when num_convs == 0; iterations and warmup follow the few-shot
+    fraction; evaluation and checkpoint intervals follow the iterations. The subset seed and
+    the fraction are derived values too (params on every child run), not mmseg keys.
     """
-    overrides = {k: v for k, v in params.items() if k != FRACTION_KEY}
+    overrides = dict(spec.overrides or {})
+    overrides.update({k: v for k, v in params.items() if k not in (FRACTION_KEY, SUBSET_SEED_KEY)})
     head = base['model']['decode_head']
     derived = {}
     num_convs = overrides.get(HEAD + 'num_convs', head.get('num_convs', 2))
@@ -49,14 +56,25 @@ def resolve(spec, base, params):
     base_iters = overrides.get('runner.max_iters', base['runner']['max_iters'])
     iters = iterations_for(spec, fraction, base_iters)
     derived['runner.max_iters'] = iters
+    warmup = warmup_for(spec, iters)
+    if warmup is not None:
+        derived[WARMUP_KEY] = warmup
     derived['evaluation.interval'] = max(1, math.ceil(iters / spec.evaluations))
     derived['checkpoint_config.interval'] = derived['evaluation.interval']
     derived[FRACTION_KEY] = fraction
+    derived[SUBSET_SEED_KEY] = params.get(SUBSET_SEED_KEY, spec.fewshot_seeds[0])
     if spec.data_root:
         for split in ('train', 'val', 'test'):
             if split in base['data']:
                 derived[f'data.{split}.data_root'] = spec.data_root
-    overrides.update({k: v for k, v in derived.items() if k != FRACTION_KEY})
+    train = base['data'].get('train', {})
+    if isinstance(train, dict) and 'max_image_num' in train:
+        # InternVL's own subset option: the sweep's fraction replaces it when searched
+        derived['data.train.subset_seed'] = derived[SUBSET_SEED_KEY]
+        if FRACTION_KEY in params:
+            derived['data.train.max_image_num'] = None
+    overrides.update({k: v for k, v in derived.items()
+                      if k not in (FRACTION_KEY, SUBSET_SEED_KEY)})
     return overrides, derived
 
 
@@ -85,6 +103,8 @@ def grid_trials(spec):
     grid = [(p.key, p.values) for p in spec.params if p.kind == 'grid']
     sampled = {p.key: f'{p.kind}{list(p.values)}' for p in spec.params if p.kind != 'grid'}
     seeds = list(range(spec.repeats)) if spec.repeats > 1 and 'seed' not in dict(grid) else [None]
+    if len(spec.fewshot_seeds) > 1:
+        grid = grid + [(SUBSET_SEED_KEY, spec.fewshot_seeds)]
     rows = []
     for combo in itertools.product(*[v for _, v in grid]):
         for seed in seeds:
@@ -161,8 +181,8 @@ def dry_run_table(spec, base_cfg):
     """Rows of (trial, resolved values...) and the total budget line."""
     rows = grid_trials(spec)
     keys = searched_keys(spec)
-    shown = keys + [k for k in ('model.decode_head.channels', 'runner.max_iters')
-                    if k not in keys]
+    shown = keys + [k for k in ('model.decode_head.channels', 'runner.max_iters', WARMUP_KEY)
+                    if k not in keys and (k != WARMUP_KEY or spec.warmup_ratio)]
     need = per_trial_resources(spec)
     base = plain(base_cfg)
     sampled = {p.key for p in spec.params if p.kind != 'grid'}  # shown as distributions

@@ -67,7 +67,24 @@ def fraction_curve(results):
             for (v, f), x in sorted(groups.items())]
 
 
-def _plot_curve(curve, metric, path):
+def reference_rows(results, curve):
+    """Published points against this sweep's matching head variant: (fraction, published, our
+    mean, std, n, variant) rows; ``[]`` without references or without a matching finished trial
+    (the setting the numbers belong to was not run)."""
+    ref = results.references
+    if not ref:
+        return []
+    keys = results.variant_keys()
+    variants = {variant_label(r, keys) for r in results.ranked() if results.matches(r, ref['where'])}
+    rows = []
+    for fraction, published in sorted((float(f), v) for f, v in ref['points'].items()):
+        ours = [c for c in curve if c['variant'] in variants and abs(c['fraction'] - fraction) < 1e-9]
+        for c in ours or [dict(variant='(not run)', mean=None, std=None, n=0)]:
+            rows.append([fraction, published, c['mean'], c['std'], c['n'], c['variant']])
+    return rows
+
+
+def _plot_curve(curve, metric, path, references=(), reference_label='published'):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, FuncFormatter
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -75,13 +92,18 @@ def _plot_curve(curve, metric, path):
         pts = [c for c in curve if c['variant'] == variant]
         ax.errorbar([c['fraction'] for c in pts], [c['mean'] for c in pts],
                     yerr=[c['std'] for c in pts], marker='o', capsize=3, label=variant)
-    fractions = sorted({c['fraction'] for c in curve})
+    drawn = sorted({(r[0], r[1], r[5]) for r in references if r[4]})
+    if drawn:  # only beside a variant that ran: the published numbers belong to its setting
+        ax.plot([d[0] for d in drawn], [d[1] for d in drawn], linestyle='none', marker='*',
+                markersize=12, color='black',
+                label=f'{reference_label} ({", ".join(sorted({d[2] for d in drawn}))})')
+    fractions = sorted({c['fraction'] for c in curve} | {d[0] for d in drawn})
     ax.set_xscale('log', base=2)
     ax.xaxis.set_major_locator(FixedLocator(fractions))
     ax.xaxis.set_major_formatter(FuncFormatter(
         lambda f, _: '1' if f >= 1 else f'1/{1 / f:.3g}' if (1 / f).is_integer() else f'{f:g}'))
     ax.set_xlabel('training data fraction (log2)')
-    ax.set_ylabel(f'{metric} (mean ± std over repeats)')
+    ax.set_ylabel(f'{metric} (mean ± std over repeats and subsets)')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -146,6 +168,16 @@ def _plot_classes(best, path):
     plt.close(fig)
 
 
+def _reference_section(references, label, metric):
+    if not references:
+        return []
+    return [f'Published reference ({label}), drawn as black stars beside the head variant it '
+            'belongs to:', '',
+            format_table(['fraction', f'published {metric}', 'ours (mean)', 'std', 'n', 'variant'],
+                         [[('' if v is None else v) for v in r] for r in references],
+                         markdown=True), '']
+
+
 def write_report(results):
     """Write ``<sweep>/report/`` (report.md, PNGs, the CSV behind the curve) and attach it to
     the sweep's parent MLflow run under ``report/``. Returns the report's path."""
@@ -163,7 +195,9 @@ def write_report(results):
         writer = csv.DictWriter(f, ['variant', 'fraction', 'mean', 'std', 'n'])
         writer.writeheader()
         writer.writerows(curve)
-    _plot_curve(curve, metric, os.path.join(out, CURVE_PNG))
+    references = reference_rows(results, curve)
+    label = (results.references or {}).get('label', 'published')
+    _plot_curve(curve, metric, os.path.join(out, CURVE_PNG), references, label)
     _plot_parallel(ranked, keys, metric, os.path.join(out, PARALLEL_PNG))
     best = ranked[0]
     _plot_classes(best, os.path.join(out, CLASSES_PNG))
@@ -180,6 +214,7 @@ def write_report(results):
         format_table(['variant', 'fraction', 'mean', 'std', 'n'],
                      [[c[k] for k in ('variant', 'fraction', 'mean', 'std', 'n')]
                       for c in curve], markdown=True), '',
+        *_reference_section(references, label, metric),
         '## Searched values against the metric', '', f'![parallel]({PARALLEL_PNG})', '',
         '## Per-class IoU of the best trial', '', f'![classes]({CLASSES_PNG})', '',
         '## All finished trials, best first', '',

@@ -58,6 +58,7 @@ class SweepResults:
         self.children = [r for r in runs if r.data.tags.get('role') == 'trial']
         tags = self.parent.data.tags
         self.metric = tags.get('metric', 'mIoU')
+        self.references = json.loads(tags['references']) if 'references' in tags else None
         self.mode = tags.get('mode', 'max')
         if 'searched_params' in tags:
             self.searched = json.loads(tags['searched_params'])
@@ -92,6 +93,10 @@ class SweepResults:
         if not ranked:
             raise ConfigError(f'{self.sweep_dir}: no finished trial with metric {self.metric} yet')
         return ranked[0]
+
+    def matches(self, row, where):
+        """The row's searched values agree with ``where`` (a reference's setting)."""
+        return all(k in row and row[k] == v for k, v in where.items())
 
     def variant_keys(self):
         """The head-variant keys (num_convs x with_norm x concat_input) the sweep searched."""

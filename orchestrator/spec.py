@@ -13,15 +13,20 @@ from orchestrator.errors import ConfigError
 
 DISTRIBUTIONS = ('grid', 'choice', 'uniform', 'loguniform', 'randint')
 FRACTION_KEY = 'fewshot.fraction'  # not an mmseg key: selects the few-shot training subset
+SUBSET_SEED_KEY = 'fewshot.seed'  # not an mmseg key: the permutation the subset is cut from
+WARMUP_KEY = 'lr_config.warmup_iters'
+WEIGHTS_KEY = 'model.backbone.pretrained'
 ALGORITHMS = ('grid', 'random', 'optuna')
 
-TOP_KEYS = {'name', 'base_config', 'data_root', 'generate_data', 'parameters', 'derived',
-            'repeats', 'fewshot', 'search', 'early_stopping', 'resources', 'fault_tolerance',
-            'grouping', 'tracking', 'output'}
+TOP_KEYS = {'name', 'base_config', 'data_root', 'generate_data', 'parameters', 'overrides',
+            'derived', 'repeats', 'fewshot', 'search', 'early_stopping', 'resources',
+            'fault_tolerance', 'grouping', 'tracking', 'output', 'references'}
 SECTION_KEYS = {
-    'derived': {'channels_follow_in_channels', 'iterations', 'evaluations'},
+    'derived': {'channels_follow_in_channels', 'iterations', 'warmup', 'evaluations'},
     'derived.iterations': {'at_full_data', 'min'},
-    'fewshot': {'seed'},
+    'derived.warmup': {'ratio', 'max'},
+    'fewshot': {'seed', 'seeds'},
+    'references': {'label', 'percent', 'where', 'points'},
     'search': {'algorithm', 'num_samples', 'metric', 'mode', 'seed'},
     'early_stopping': {'asha'},
     'early_stopping.asha': {'grace_period', 'reduction_factor'},
@@ -53,9 +58,13 @@ class SweepSpec:
     channels_follow_in_channels: bool = True
     iterations_at_full_data: int = None
     iterations_min: int = 1
+    warmup_ratio: float = None
+    warmup_max: int = None
     evaluations: int = 3
     repeats: int = 1
-    fewshot_seed: int = 0
+    fewshot_seeds: tuple = (0,)
+    overrides: dict = None
+    references: dict = None
     algorithm: str = 'grid'
     num_samples: int = 1
     metric: str = 'mIoU'
@@ -260,6 +269,15 @@ def load_spec(path):
                                    lambda v: _int(v) and v > 0, 'a positive integer', 1)
         if spec.iterations_at_full_data is None:
             raise _err(source, 'derived.iterations.at_full_data', None, 'required')
+    warmup = derived.get('warmup')
+    if warmup is not None:
+        _check_keys(source, 'derived.warmup', warmup, SECTION_KEYS['derived.warmup'])
+        spec.warmup_ratio = _get(source, 'derived.warmup', warmup, 'ratio',
+                                 lambda v: _num(v) and 0 < v <= 1, 'a number in (0, 1]')
+        if spec.warmup_ratio is None:
+            raise _err(source, 'derived.warmup.ratio', None, 'required')
+        spec.warmup_max = _get(source, 'derived.warmup', warmup, 'max',
+                               lambda v: _int(v) and v > 0, 'a positive integer')
     spec.evaluations = _get(source, 'derived', derived, 'evaluations',
                             lambda v: _int(v) and v > 0, 'a positive integer', 3)
 
@@ -267,7 +285,15 @@ def load_spec(path):
                         'a positive integer', 1)
     fewshot = raw.get('fewshot') or {}
     _check_keys(source, 'fewshot', fewshot, SECTION_KEYS['fewshot'])
-    spec.fewshot_seed = _get(source, 'fewshot', fewshot, 'seed', _int, 'an integer', 0)
+    if 'seed' in fewshot and 'seeds' in fewshot:
+        raise _err(source, 'fewshot.seeds', fewshot['seeds'], 'give seed or seeds, not both')
+    seed = _get(source, 'fewshot', fewshot, 'seed', _int, 'an integer', 0)
+    seeds = _get(source, 'fewshot', fewshot, 'seeds',
+                 lambda v: isinstance(v, list) and v and all(map(_int, v)) and
+                 len(set(v)) == len(v), 'a non-empty list of distinct integers', [seed])
+    spec.fewshot_seeds = tuple(seeds)
+    spec.overrides = _parse_overrides(source, raw.get('overrides'), base_dict)
+    spec.references = _parse_references(source, raw.get('references'), params, base_dict)
 
     search = raw.get('search') or {}
     _check_keys(source, 'search', search, SECTION_KEYS['search'])
@@ -350,6 +376,74 @@ def load_spec(path):
     return spec, base_cfg
 
 
+def _parse_overrides(source, raw, base_dict):
+    """Fixed values for every trial (a checkpoint path, a batch size), by dotted key. A relative
+    ``model.backbone.pretrained`` means the directory the sweep is started from, as with mmseg's
+    tools/train.py; it is made absolute here, since workers run elsewhere."""
+    overrides = {}
+    if raw is not None:
+        if not isinstance(raw, dict):
+            raise _err(source, 'overrides', raw, 'expected a mapping of dotted config keys to '
+                       'values')
+        for key, value in raw.items():
+            try:
+                base = _lookup(base_dict, str(key))
+            except KeyError:
+                if key == WEIGHTS_KEY and 'backbone' in base_dict.get('model', {}):
+                    base = None  # a constructor default the base config leaves out
+                else:
+                    raise _err(source, f'overrides.{key}', value, 'not a key of the base config '
+                               '(use its dotted path, e.g. model.backbone.pretrained)') from None
+            if not _type_ok(base, value):
+                raise _err(source, f'overrides.{key}', value, f'expected '
+                           f'{type(base).__name__} like the base config value {base!r}')
+            overrides[str(key)] = value
+    try:
+        weights = overrides.get(WEIGHTS_KEY, _lookup(base_dict, WEIGHTS_KEY))
+    except KeyError:
+        weights = None
+    if isinstance(weights, str) and not osp.isabs(weights):
+        overrides[WEIGHTS_KEY] = osp.abspath(weights)
+    return overrides
+
+
+def _parse_references(source, raw, params, base_dict):
+    """Published numbers the report draws beside a head variant's curve: ``points`` maps a data
+    fraction to the published metric, ``where`` names the setting they belong to."""
+    if raw is None:
+        return None
+    _check_keys(source, 'references', raw, SECTION_KEYS['references'])
+    label = _get(source, 'references', raw, 'label', lambda v: isinstance(v, str) and v.strip(),
+                 'a name for the legend', 'published')
+    percent = _get(source, 'references', raw, 'percent', lambda v: isinstance(v, bool),
+                   'true or false', False)
+    where = raw.get('where') or {}
+    searched = {p.key for p in params}
+    if not isinstance(where, dict):
+        raise _err(source, 'references.where', where, 'expected a mapping of searched keys to '
+                   'values')
+    for key, value in where.items():
+        if key not in searched:
+            raise _err(source, f'references.where.{key}', value, 'not a searched key '
+                       f'(searched: {", ".join(sorted(searched))})')
+    points = raw.get('points')
+    if not (isinstance(points, dict) and points and all(
+            _num(f) and 0 < f <= 1 and _num(v) for f, v in points.items())):
+        raise _err(source, 'references.points', points, 'expected a mapping of data fractions '
+                   'in (0, 1] to published values')
+    scale = 0.01 if percent else 1.0
+    return dict(label=label, where=dict(where),
+                points={float(f): float(v) * scale for f, v in points.items()})
+
+
+def check_weights_path(cfg, source='config'):
+    """A backbone weight file that is not there fails now, not after the sweep has started."""
+    weights = cfg.model.get('backbone', {}).get('pretrained')
+    if isinstance(weights, str) and not osp.isfile(weights):
+        raise ConfigError(f'{source}: {WEIGHTS_KEY}: file not found: {weights} (set it with '
+                          f'overrides: {{{WEIGHTS_KEY}: /path/to/weights}})')
+
+
 def _check_head_combinations(spec, base_dict):
     """FCNHead rejects num_convs=0 unless in_channels == channels; catch it before any work."""
     head = base_dict.get('model', {}).get('decode_head', {})
@@ -395,4 +489,13 @@ def iterations_for(spec, fraction, base_iters):
     if spec.iterations_at_full_data is None:
         return base_iters
     return max(spec.iterations_min, int(math.ceil(spec.iterations_at_full_data * fraction)))
+
+
+def warmup_for(spec, iters):
+    """InternVL's few-shot warmup: 2 % of the iterations (100 at 5k ... 800 at 40k), at most
+    1500 (80k) -- ``derived.warmup: {ratio: 0.02, max: 1500}``. None: the base config's."""
+    if spec.warmup_ratio is None:
+        return None
+    warmup = max(1, int(round(spec.warmup_ratio * iters)))
+    return min(warmup, spec.warmup_max) if spec.warmup_max else warmup
 

@@ -14,7 +14,7 @@ from orchestrator.errors import TrialFailed
 from orchestrator.fewshot import write_split_file
 from orchestrator.grouping import group_key
 from orchestrator.plan import resolve
-from orchestrator.spec import FRACTION_KEY
+from orchestrator.spec import FRACTION_KEY, SUBSET_SEED_KEY
 from orchestrator.worker_group import GRACE_S
 
 POLL_S = 1.0
@@ -33,7 +33,7 @@ def trial_overrides(spec, base, params, out_dir):
     root = overrides.get('data.train.data_root', train.get('data_root')) or ''
     img_dir = train['img_dir'] if osp.isabs(train['img_dir']) else osp.join(root, train['img_dir'])
     split = osp.join(out_dir, 'fewshot_subset.txt')
-    write_split_file(img_dir, derived[FRACTION_KEY], split, seed=spec.fewshot_seed,
+    write_split_file(img_dir, derived[FRACTION_KEY], split, seed=derived[SUBSET_SEED_KEY],
                      img_suffix=train.get('img_suffix', '.jpg'))
     overrides['data.train.split'] = split
     overrides['work_dir'] = osp.join(out_dir, 'mmseg')

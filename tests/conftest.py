@@ -8,6 +8,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # Ray >= 2.59 starts clusters with token auth; a client must say so to send the token. Ray reads
 # this once, when first imported: set it before any test imports ray.
 os.environ.setdefault('RAY_AUTH_MODE', 'token')
+# With token auth on, `ray start --head` refuses to run without a token, and only ray.init()
+# writes one (to ~/.ray/auth_token). On a machine that has none, the session uses a token of its
+# own, passed to every Ray process and driver it starts through the environment.
+if not (os.environ.get('RAY_AUTH_TOKEN') or os.environ.get('RAY_AUTH_TOKEN_PATH')
+        or (Path.home() / '.ray' / 'auth_token').is_file()):
+    import secrets
+    os.environ['RAY_AUTH_TOKEN'] = secrets.token_hex(32)
 TINY_CONFIG = ROOT / 'configs' / 'tiny_fcn_synthetic.py'
 
 

@@ -216,8 +216,10 @@ def test_shipped_internvl_configs_load_with_internvit_and_its_vocabulary():
     probe = Config.fromfile(str(root / 'vit6b_fcn_linear_probe_ade20k_504.py'))
     fewshot = Config.fromfile(str(root / 'vit6b_fcn_fewshot_1of16_ade20k_504.py'))
     for cfg in (probe, fewshot):
-        assert cfg.model.backbone.type == 'InternViT6B' and cfg.model.backbone.freeze_vit
+        assert cfg.model.backbone.type == 'InternViT6B'
         assert cfg.model.decode_head.num_convs == 0 and cfg.model.decode_head.with_norm
         assert cfg.optimizer.constructor == 'CustomLayerDecayOptimizerConstructor'
         assert cfg.custom_hooks[0].type == 'ToBFloat16Hook'
+    assert probe.model.backbone.freeze_vit and not fewshot.model.backbone.freeze_vit
     assert fewshot.data.train.max_image_num == 1263 and fewshot.runner.max_iters == 5000
+    assert fewshot.lr_config.warmup_iters == 100

@@ -277,3 +277,52 @@ def test_a_missing_backbone_key_is_a_one_line_error_naming_file_and_keys(tmp_pat
     message = str(e.value)
     assert '\n' not in message and 'renamed.pth' in message
     assert 'blocks.1.attn.qkv.weight' in message and message.startswith('study.py: ')
+
+
+def test_only_a_wholly_frozen_backbone_groups():
+    """Head tuning freezes the ViT but trains InternVL's pyramid: its trials cannot share one
+    backbone pass."""
+    from orchestrator.grouping import _frozen
+    probe = Config.fromfile(str(FAMILIES / 'linear_probing.py'))._cfg_dict.to_dict()
+    heads = Config.fromfile(str(FAMILIES / 'head_tuning.py'))._cfg_dict.to_dict()
+    assert _frozen(probe, {}) and not _frozen(heads, {})
+    assert not _frozen(probe, {'model.backbone.unfreeze_pos_embed': True})
+
+
+def test_max_image_num_subset_follows_the_runs_seed_as_internvls(ade150):
+    """InternVL shuffles with the run's seed: another seed, another subset; one seed, one subset
+    on every rank and run."""
+    from mmseg.datasets import build_dataset
+
+    from orchestrator import worker
+
+    def kept(seed):
+        cfg = _family('few_shot_1of4', ade150, seed=seed)
+        worker._start_run(cfg)
+        return [i['filename'] for i in build_dataset(cfg.data.train).img_infos]
+    assert kept(1) == kept(1) and len(kept(1)) == 6
+    assert kept(1) != kept(2)
+
+
+def test_a_searched_fraction_replaces_internvls_max_image_num(tmp_path):
+    import yaml
+
+    from orchestrator.plan import resolve
+    from orchestrator.spec import load_spec
+
+    def overrides(parameters):
+        path = tmp_path / 'space.yaml'
+        path.write_text(yaml.safe_dump(dict(
+            base_config=str(ROOT / 'configs' / 'vit6b_fcn_fewshot_1of16_ade20k_504.py'),
+            parameters=parameters, fewshot={'seeds': [3]},
+            derived={'iterations': {'at_full_data': 80000}, 'warmup': {'ratio': 0.02,
+                                                                       'max': 1500}})))
+        spec, base = load_spec(path)
+        values = {k: v['grid'][0] for k, v in parameters.items()}
+        return resolve(spec, base._cfg_dict.to_dict(), values)[0]
+    searched = overrides({'fewshot.fraction': {'grid': [0.25]}})
+    assert searched['data.train.max_image_num'] is None  # the fraction's subset instead
+    assert searched['data.train.subset_seed'] == 3 and searched['lr_config.warmup_iters'] == 400
+    kept = overrides({'model.decode_head.with_norm': {'grid': [True]}})
+    assert 'data.train.max_image_num' not in kept and kept['data.train.subset_seed'] == 3
+    assert kept['runner.max_iters'] == 80000 and kept['lr_config.warmup_iters'] == 1500

@@ -25,7 +25,9 @@ from orchestrator.status import sweep_status
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 NUM_CONVS, FRACTION = 'model.decode_head.num_convs', 'fewshot.fraction'
-TRIALS = 8  # num_convs {0, 1} x fraction {0.5, 1} x 2 repeats
+TRIALS = 8  # num_convs {0, 1} x fraction {0.5, 1} x 2 few-shot subsets (seeds 0, 1)
+SUBSET_SEED = 'fewshot.seed'
+REFERENCE = {0.5: 40.0, 1.0: 55.0}  # made-up 'published' numbers, in percent
 
 
 def _free_port():
@@ -85,7 +87,10 @@ def study(tmp_path_factory, synthetic_root, ray_address):
             name='study', base_config=str(ROOT / 'configs' / 'tiny_fcn_synthetic.py'),
             data_root=str(synthetic_root),
             parameters={NUM_CONVS: {'grid': [0, 1]}, FRACTION: {'grid': [0.5, 1.0]}},
-            repeats=2, derived={'iterations': {'at_full_data': 60, 'min': 30}, 'evaluations': 1},
+            fewshot={'seeds': [0, 1]},
+            derived={'iterations': {'at_full_data': 60, 'min': 30}, 'evaluations': 1},
+            references={'label': 'paper', 'percent': True, 'where': {NUM_CONVS: 0},
+                        'points': REFERENCE},
             resources={'workers_per_trial': 1, 'cpus_per_worker': 1},
             tracking={'experiment': 'study', 'uri': uri}, output=str(tmp / 'out'))
         path = tmp / 'study.yaml'
@@ -176,6 +181,12 @@ def test_report_plots_exist_decode_and_show_something(study, parent_id, capsys):
         assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50, name  # lines, text, colours
     text = (report / 'report.md').read_text()
     assert '![curve](miou_vs_fraction.png)' in text and text.count('\n| ') >= TRIALS
+    # the published points, beside the variant they belong to (num_convs=0), in [0, 1] units
+    section = text.split('Published reference (paper)')[1].split('## ')[0]
+    rows = re.findall(r'^\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|.*\|\s*num_convs=(\d)\s*\|$',
+                      section, re.M)
+    assert sorted((float(f), float(p), c) for f, p, _, c in rows) == [(0.5, 0.4, '0'),
+                                                                     (1.0, 0.55, '0')]
     attached = _rest(study['uri'], f'artifacts/list?run_id={parent_id}&path=report')['files']
     assert {Path(f['path']).name for f in attached} >= {
         'report.md', 'miou_vs_fraction.png', 'miou_vs_fraction.csv', 'parallel_coordinates.png',
@@ -193,7 +204,7 @@ def test_the_curve_is_what_mlflow_holds(study, parent_id):
         key = (f'num_convs={p[NUM_CONVS]}', float(p[FRACTION]))
         expected.setdefault(key, []).append(_metrics(run)['mIoU'])
     assert set(table) == set(expected) and len(table) == 4
-    for key, values in expected.items():
+    for key, values in expected.items():  # mean and spread over the two subsets
         assert int(table[key]['n']) == len(values) == 2
         assert float(table[key]['mean']) == pytest.approx(np.mean(values), abs=1e-9)
         assert float(table[key]['std']) == pytest.approx(np.std(values), abs=1e-9)
@@ -224,13 +235,31 @@ def test_mlflow_rest_filters_by_a_searched_param_and_orders_by_miou(study, paren
     assert len(everyone) == TRIALS
     columns = {frozenset(_params(r)) for r in everyone}
     assert len(columns) == 1  # every child has the same param columns
-    assert {NUM_CONVS, FRACTION, 'seed', 'runner.max_iters'} <= set(next(iter(columns)))
+    assert {NUM_CONVS, FRACTION, SUBSET_SEED, 'runner.max_iters'} <= set(next(iter(columns)))
     ones = _children(study['uri'], study['exp_id'], parent_id,
                      filter_extra=f"params.`{NUM_CONVS}` = '1'", order_by=['metrics.mIoU DESC'])
     assert len(ones) == TRIALS // 2
     assert all(_params(r)[NUM_CONVS] == '1' for r in ones)
     scores = [_metrics(r)['mIoU'] for r in ones]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_each_subset_seed_trains_on_its_own_nested_subsets(study, parent_id):
+    """The subset seed is a param of every child; at one fraction the two seeds' subsets differ,
+    and for one seed the smaller fraction's subset is inside the larger one's."""
+    kept = {}
+    for run in _children(study['uri'], study['exp_id'], parent_id):
+        p = _params(run)
+        trial_id = next(t['value'] for t in run['data']['tags'] if t['key'] == 'trial_id')
+        names = (study['sweep_dir'] / 'trials' / trial_id / 'fewshot_subset.txt').read_text()
+        kept.setdefault((int(p[SUBSET_SEED]), float(p[FRACTION])), set()).add(
+            frozenset(names.split()))
+    assert sorted(kept) == [(0, 0.5), (0, 1.0), (1, 0.5), (1, 1.0)]
+    assert all(len(v) == 1 for v in kept.values())  # num_convs does not change the subset
+    half = {seed: next(iter(kept[(seed, 0.5)])) for seed in (0, 1)}
+    assert half[0] != half[1] and len(half[0]) == len(half[1]) == 24
+    for seed in (0, 1):
+        assert half[seed] < next(iter(kept[(seed, 1.0)]))
 
 
 def test_the_live_view_reads_the_journal_incrementally(tmp_path):

@@ -5,6 +5,7 @@ import yaml
 from orchestrator import cli
 
 ROOT_CONFIG = 'configs/tiny_fcn_synthetic.py'
+ROOT = __import__('pathlib').Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -116,6 +117,27 @@ CASES = [
     ('not a mapping', None, '- just\n- a list\n', ['space.yaml', 'mapping']),
     ('unsafe python tag', None, "name: !!python/object/apply:os.system ['touch /tmp/pwned']\n",
      ['space.yaml', 'invalid YAML']),
+    ('bad warmup ratio', _set('derived', {'warmup': {'ratio': 2}}), None,
+     ['derived.warmup.ratio', '2']),
+    ('warmup without ratio', _set('derived', {'warmup': {'max': 100}}), None,
+     ['derived.warmup.ratio', 'required']),
+    ('subset seeds not distinct', _set('fewshot', {'seeds': [0, 0]}), None,
+     ['fewshot.seeds', '[0, 0]']),
+    ('subset seed and seeds', _set('fewshot', {'seed': 1, 'seeds': [0, 1]}), None,
+     ['fewshot.seeds', 'not both']),
+    ('override of an unknown key', _set('overrides', {'model.backbone.pretrainde': 'x.pth'}), None,
+     ['overrides.model.backbone.pretrainde', "'x.pth'", 'not a key']),
+    ('override of the wrong type', _set('overrides', {'model.decode_head.num_convs': 'two'}), None,
+     ['overrides.model.decode_head.num_convs', "'two'", 'int']),
+    ('reference on an unsearched key', _set('references', {
+        'where': {'model.decode_head.with_norm': True}, 'points': {1.0: 50}}), None,
+     ['references.where.model.decode_head.with_norm', 'not a searched key']),
+    ('reference fraction out of range', _set('references', {'points': {2: 50}}), None,
+     ['references.points', '{2: 50}']),
+    ('missing backbone weights', lambda d: d.update(
+        base_config=str(ROOT / 'configs' / 'tiny_vit_frozen_fcn_synthetic.py'),
+        overrides={'model.backbone.pretrained': '/nonexistent/intern_vit_6b_224px.pth'}), None,
+     ['model.backbone.pretrained', 'file not found', '/nonexistent/intern_vit_6b_224px.pth']),
 ]
 
 
@@ -172,14 +194,52 @@ def test_good_space_dry_run_prints_plan(space, capsys):
     assert '4 trials' in out and 'runner.max_iters' in out
 
 
-def test_fewshot_space_dry_run_prints_60_trial_plan(capsys):
-    """The shipped InternVL study plans everywhere, data or not."""
+def _plan_rows(out, header_key):
+    lines = [line for line in out.splitlines() if line.startswith('| ')]
+    header = [c.strip() for c in lines[0].strip('|').split('|')]
+    assert header_key in header, header
+    return [dict(zip(header, (c.strip() for c in line.strip('|').split('|'))))
+            for line in lines[1:]]
+
+
+def test_fewshot_space_dry_run_prints_internvls_protocol(capsys):
+    """The shipped InternVL few-shot study plans everywhere, data or checkpoint or not: InternVL's
+    five configs' iterations and warmup, derived from the fraction, on a fine-tuned backbone."""
     code = cli.main(['sweep', 'search_spaces/fewshot.yaml', '--dry-run'])
     out = capsys.readouterr().out
     assert code == 0
     assert '60 trials' in out and '8 GPU per trial' in out
-    rows = [line for line in out.splitlines() if line.startswith('| ') and line[2].isdigit()]
+    assert 'trial groups: none: the backbone is not frozen' in out  # fine-tuned
+    rows = _plan_rows(out, 'lr_config.warmup_iters')
     assert len(rows) == 60
-    # InternVL's recipe: 5k iterations at 1/16 ... 80k at 1/1; linear probe keeps 3200 channels.
-    assert any('0.0625' in r and '5000' in r for r in rows)
-    assert any('| 1 ' in r and '80000' in r for r in rows)
+    schedule = {(r['fewshot.fraction'], r['runner.max_iters'], r['lr_config.warmup_iters'])
+                for r in rows}
+    assert schedule == {('0.0625', '5000', '100'), ('0.125', '10000', '200'),
+                        ('0.25', '20000', '400'), ('0.5', '40000', '800'),
+                        ('1', '80000', '1500')}
+    assert {r['model.decode_head.channels'] for r in rows if r['model.decode_head.num_convs'] ==
+            '0'} == {'3200'}
+
+
+def test_linear_probe_space_dry_run_plans_subsets_and_trial_groups(capsys):
+    code = cli.main(['sweep', 'search_spaces/linear_probe.yaml', '--dry-run'])
+    out = capsys.readouterr().out
+    assert code == 0 and '180 trials' in out
+    rows = _plan_rows(out, 'fewshot.seed')
+    assert {r['fewshot.seed'] for r in rows} == {'0', '1', '2'}
+    assert {(r['fewshot.fraction'], r['lr_config.warmup_iters']) for r in rows} >= {
+        ('0.0625', '100'), ('1', '1500')}
+    assert 'trial groups: 180 of 180 trials in 15 group(s)' in out  # 12 heads per subset
+
+
+def test_study_configs_have_internvls_settings():
+    from mmcv import Config
+    probe = Config.fromfile(str(ROOT / 'configs' / 'vit6b_fcn_linear_probe_ade20k_504.py'))
+    fewshot = Config.fromfile(str(ROOT / 'configs' / 'vit6b_fcn_fewshot_ade20k_504.py'))
+    assert probe.model.backbone.freeze_vit and probe.model.backbone.out_indices == [44]
+    assert probe.optimizer.weight_decay == 0.0
+    assert probe.optimizer.paramwise_cfg.layer_decay_rate == 1.0
+    backbone = fewshot.model.backbone
+    assert not backbone.freeze_vit and backbone.out_indices == [47]
+    assert backbone.drop_path_rate == 0.4 and fewshot.optimizer.weight_decay == 0.05
+    assert fewshot.optimizer.paramwise_cfg.layer_decay_rate == 0.95

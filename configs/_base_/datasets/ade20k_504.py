@@ -1,4 +1,5 @@
-# ADE20K (ADEChallengeData2016), 150 classes, 504x504 crops as in InternVL's segmentation configs.
+# ADE20K (ADEChallengeData2016), 150 classes, 504x504 crops: InternVL's ade20k_504x504 settings
+# (its test pipeline resizes with SETR_Resize: the short side is at least the crop).
 dataset_type = 'ADE20KDataset'
 data_root = 'data/ade/ADEChallengeData2016'
 img_norm_cfg = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)
@@ -19,8 +20,9 @@ test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='MultiScaleFlipAug', img_scale=(2016, 504), flip=False,
          transforms=[
-             dict(type='Resize', keep_ratio=True),
+             dict(type='SETR_Resize', keep_ratio=True, crop_size=crop_size, setr_multi_scale=True),
              dict(type='ResizeToMultiple', size_divisor=14),
+             dict(type='RandomFlip'),
              dict(type='Normalize', **img_norm_cfg),
              dict(type='ImageToTensor', keys=['img']),
              dict(type='Collect', keys=['img']),
