@@ -68,17 +68,19 @@ def fraction_curve(results):
 
 
 def reference_rows(results, curve):
-    """Published points against this sweep's matching head variant: (fraction, published, our
-    mean, std, n, variant) rows; ``[]`` without references or without a matching finished trial
-    (the setting the numbers belong to was not run)."""
+    """Published points against the curve of the head variant whose trials match the
+    reference's setting: (fraction, published, our mean, std, n, variant) rows, with n = 0 and
+    variant '(not run)' where no matching trial finished at that fraction."""
     ref = results.references
     if not ref:
         return []
     keys = results.variant_keys()
-    variants = {variant_label(r, keys) for r in results.ranked() if results.matches(r, ref['where'])}
+    variants = {variant_label(r, keys) for r in results.ranked()
+                if results.matches(r, ref['where'])}
     rows = []
     for fraction, published in sorted((float(f), v) for f, v in ref['points'].items()):
-        ours = [c for c in curve if c['variant'] in variants and abs(c['fraction'] - fraction) < 1e-9]
+        ours = [c for c in curve
+                if c['variant'] in variants and abs(c['fraction'] - fraction) < 1e-9]
         for c in ours or [dict(variant='(not run)', mean=None, std=None, n=0)]:
             rows.append([fraction, published, c['mean'], c['std'], c['n'], c['variant']])
     return rows

@@ -45,17 +45,31 @@ def cli_env():
 
 @pytest.fixture(scope='session')
 def ray_address(tmp_path_factory):
-    """One real local Ray cluster for the whole test session (`ray start --head`), 2 CPUs."""
-    import shutil
+    """One real local Ray cluster for the whole test session, 2 CPUs, and ours alone: its own
+    temp dir, its processes tied to one `ray start --head --block` process that is terminated at
+    the end. Never `ray stop`: that stops every Ray cluster on the machine, a user's own too."""
     import socket
     import subprocess
     import sys
+    import time
     ray_bin = str(Path(sys.executable).with_name('ray'))
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    subprocess.run([ray_bin, 'start', '--head', f'--port={port}', '--num-cpus=2', '--num-gpus=0', '--include-dashboard=false',
-                    '--disable-usage-stats'], check=True, capture_output=True)
-    yield f'127.0.0.1:{port}'
-    subprocess.run([ray_bin, 'stop', '--force'], capture_output=True)
-    shutil.rmtree(tmp_path_factory.getbasetemp() / 'ray', ignore_errors=True)
+    log = open(tmp_path_factory.mktemp('ray_head') / 'ray_start.log', 'w')
+    head = subprocess.Popen(
+        [ray_bin, 'start', '--head', f'--port={port}', '--num-cpus=2', '--num-gpus=0',
+         '--include-dashboard=false', '--disable-usage-stats', '--block',
+         f'--temp-dir={tmp_path_factory.mktemp("ray")}'], stdout=log, stderr=subprocess.STDOUT)
+    address = f'127.0.0.1:{port}'
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([ray_bin, 'status', f'--address={address}'],
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
+            time.sleep(1)
+        yield address
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        log.close()

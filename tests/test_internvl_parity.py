@@ -326,3 +326,36 @@ def test_a_searched_fraction_replaces_internvls_max_image_num(tmp_path):
     kept = overrides({'model.decode_head.with_norm': {'grid': [True]}})
     assert 'data.train.max_image_num' not in kept and kept['data.train.subset_seed'] == 3
     assert kept['runner.max_iters'] == 80000 and kept['lr_config.warmup_iters'] == 1500
+
+
+def test_a_sweep_runs_on_an_internvl_config_with_its_checkpoint(ade150, tmp_path, ray_address,
+                                                                monkeypatch):
+    """base_config: an InternVL-family file; the checkpoint set by ``overrides`` with a relative
+    path (the directory the sweep starts from); two heads in one trial group, each child with
+    its subset seed and the derived warmup."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import cli
+    _tiny_vit_file(tmp_path / 'intern_vit_tiny_224px.pth', depth=4)
+    monkeypatch.chdir(tmp_path)
+    space = dict(
+        name='internvl', base_config=str(FAMILIES / 'linear_probing.py'), data_root=str(ade150),
+        overrides={'model.backbone.pretrained': 'intern_vit_tiny_224px.pth'},
+        parameters={'model.decode_head.with_norm': {'grid': [False, True]}},
+        derived={'iterations': {'at_full_data': 4}, 'warmup': {'ratio': 0.5}, 'evaluations': 1},
+        fewshot={'seed': 7}, resources={'workers_per_trial': 1, 'cpus_per_worker': 1},
+        output=str(tmp_path / 'out'))
+    (tmp_path / 'space.yaml').write_text(yaml.safe_dump(space))
+    assert cli.main(['sweep', 'space.yaml', '--address', ray_address]) == 0
+    client = MlflowClient('sqlite:///' + str(tmp_path / 'out' / 'mlflow.db'))
+    runs = client.search_runs([client.get_experiment_by_name('internvl').experiment_id])
+    children = [r for r in runs if 'mlflow.parentRunId' in r.data.tags]
+    assert len(children) == 2
+    for child in children:
+        assert child.data.params['fewshot.seed'] == '7'
+        assert child.data.params['lr_config.warmup_iters'] == '2'
+        assert child.data.tags['trial_group_size'] == '2'
+        assert 0.0 <= child.data.metrics['mIoU'] <= 1.0
+    logs = '\n'.join(p.read_text() for p in (tmp_path / 'out' / 'internvl').rglob('*.log'))
+    assert f'InternViT weights {tmp_path / "intern_vit_tiny_224px.pth"} (internvl layout)' in logs
