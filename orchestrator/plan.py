@@ -44,7 +44,8 @@ def resolve(spec, base, params):
     the fraction are derived values too (params on every child run), not mmseg keys.
     """
     overrides = dict(spec.overrides or {})
-    overrides.update({k: v for k, v in params.items() if k not in (FRACTION_KEY, SUBSET_SEED_KEY)})
+    overrides.update({k: v for k, v in params.items()
+                      if k not in (FRACTION_KEY, SUBSET_SEED_KEY)})
     head = base['model']['decode_head']
     derived = {}
     num_convs = overrides.get(HEAD + 'num_convs', head.get('num_convs', 2))

@@ -161,6 +161,9 @@ def _parse_param(source, key, body, base_cfg):
             raise _err(source, where, values, 'loguniform needs low > 0')
         if kind == 'randint' and not all(map(_int, values)):
             raise _err(source, where, values, 'randint needs integers [low, high)')
+    if key == SUBSET_SEED_KEY:
+        raise _err(source, f'parameters.{key}', body, 'subset seeds are listed, not searched: '
+                   'fewshot: {seeds: [0, 1, 2]}')
     if key == FRACTION_KEY:
         for v in values:  # grid/choice points, or the [low, high] of a distribution
             if not _num(v) or not 0 < v <= 1:
@@ -293,7 +296,7 @@ def load_spec(path):
                  len(set(v)) == len(v), 'a non-empty list of distinct integers', [seed])
     spec.fewshot_seeds = tuple(seeds)
     spec.overrides = _parse_overrides(source, raw.get('overrides'), base_dict)
-    spec.references = _parse_references(source, raw.get('references'), params, base_dict)
+    spec.references = _parse_references(source, raw.get('references'), params)
 
     search = raw.get('search') or {}
     _check_keys(source, 'search', search, SECTION_KEYS['search'])
@@ -315,6 +318,9 @@ def load_spec(path):
         if grids:
             raise _err(source, 'search.algorithm', 'optuna', f'Optuna samples, it does not '
                        f'enumerate grids: write choice instead of grid for {", ".join(grids)}')
+        if len(spec.fewshot_seeds) > 1:
+            raise _err(source, 'fewshot.seeds', list(spec.fewshot_seeds), 'Optuna samples, it '
+                       'does not enumerate subset seeds: give one seed')
         try:
             import optuna  # noqa: F401
         except ImportError:
@@ -407,7 +413,7 @@ def _parse_overrides(source, raw, base_dict):
     return overrides
 
 
-def _parse_references(source, raw, params, base_dict):
+def _parse_references(source, raw, params):
     """Published numbers the report draws beside a head variant's curve: ``points`` maps a data
     fraction to the published metric, ``where`` names the setting they belong to."""
     if raw is None:

@@ -125,6 +125,10 @@ CASES = [
      ['fewshot.seeds', '[0, 0]']),
     ('subset seed and seeds', _set('fewshot', {'seed': 1, 'seeds': [0, 1]}), None,
      ['fewshot.seeds', 'not both']),
+    ('subset seeds with optuna', lambda d: d.update(
+        fewshot={'seeds': [0, 1]}, search={'algorithm': 'optuna'},
+        parameters={'model.decode_head.num_convs': {'choice': [0, 1]}}), None,
+     ['fewshot.seeds', '[0, 1]', 'Optuna']),
     ('override of an unknown key', _set('overrides', {'model.backbone.pretrainde': 'x.pth'}), None,
      ['overrides.model.backbone.pretrainde', "'x.pth'", 'not a key']),
     ('override of the wrong type', _set('overrides', {'model.decode_head.num_convs': 'two'}), None,
