@@ -15,7 +15,7 @@ from orchestrator.errors import ConfigError
 
 EXIT_TRACKING_PENDING = 3  # every trial ran, but some MLflow writes wait in the journal
 from orchestrator.report import format_table, ranked_results
-from orchestrator.spec import check_data_paths, check_weights_path, load_spec
+from orchestrator.spec import check_data_paths, check_sweep_name, check_weights_path, load_spec
 
 
 def _search_alg(spec):
@@ -88,6 +88,7 @@ def sync(sweep_dir, out=None):
     if not osp.isfile(osp.join(sweep_dir, 'tracking.json')):
         raise ConfigError(f'{sweep_dir}: not a sweep directory (no tracking.json)')
     journal = TrackingJournal.open(sweep_dir)
+    journal.warm()  # a store that refuses the experiment is an answer, not an outage
     before = journal.pending()
     left = journal.flush(attempts=3)
     print(f'{journal.path}: {before - left} write(s) delivered to {journal.tracking_uri}, '
@@ -100,7 +101,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     out = out or sys.stdout
     spec, base_cfg = load_spec(space_file)
     spec.grouping = spec.grouping and not no_grouping
-    spec.name = name or spec.name
+    spec.name = check_sweep_name(spec.source, '--name', name) if name else spec.name
     spec.output = output or spec.output
     address = address or os.environ.get('RAY_ADDRESS')
     if dry_run:
@@ -184,7 +185,10 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             pool = WorkerPool.options(name=pool_name).remote(  # noqa: F841 (lives with the driver)
                 max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec),
                 trial_groups=trial_groups)
-            warming.result()  # the journal is used by one thread at a time
+            try:  # the journal is used by one thread at a time
+                warming.result()
+            except ConfigError as e:  # the store refuses the experiment: before any training
+                raise ConfigError(f'{spec.source}: {e}') from None
             keys = planning.searched_keys(spec)
             # what `orchestrator report` and `best` need to read the children back
             tags = dict(parent_tags(spec.name), searched_params=json.dumps(keys),

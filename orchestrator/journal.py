@@ -18,6 +18,9 @@ import os.path as osp
 import sys
 import time
 
+from orchestrator.files import write_json_atomic
+from orchestrator.tracking_uri import without_credentials
+
 JOURNAL = 'mlflow_journal.jsonl'
 # Fail fast when a server is down (MLflow's default is minutes of retries per call): the journal
 # is the retry.
@@ -44,7 +47,7 @@ class TrackingJournal:
 
     def __init__(self, sweep_dir, tracking_uri, experiment, sweep_uid):
         self.sweep_dir = sweep_dir
-        self.tracking_uri = tracking_uri
+        self.tracking_uri = tracking_uri  # credentials go to the environment, never to files
         self.experiment = experiment
         self.sweep_uid = sweep_uid
         self.path = osp.join(sweep_dir, JOURNAL)
@@ -62,9 +65,16 @@ class TrackingJournal:
         return cls(sweep_dir, meta['tracking_uri'], meta['experiment'], meta['sweep_uid'])
 
     def save_meta(self):
-        with open(osp.join(self.sweep_dir, 'tracking.json'), 'w') as f:
-            json.dump(dict(tracking_uri=self.tracking_uri, experiment=self.experiment,
-                           sweep_uid=self.sweep_uid), f)
+        write_json_atomic(osp.join(self.sweep_dir, 'tracking.json'), dict(
+            tracking_uri=self.tracking_uri, experiment=self.experiment, sweep_uid=self.sweep_uid))
+
+    @property
+    def tracking_uri(self):
+        return self.__dict__.get('_tracking_uri') or self.__dict__.get('tracking_uri')
+
+    @tracking_uri.setter
+    def tracking_uri(self, uri):
+        self._tracking_uri = without_credentials(uri)
 
     def __getstate__(self):  # Tune pickles callbacks (and this with them): no live client
         return dict(self.__dict__, _client=None)
@@ -151,9 +161,13 @@ class TrackingJournal:
 
     def warm(self):
         """Import MLflow and create the store and experiment now, so the first write is quick;
-        an unreachable server is no error here (records wait in the journal)."""
+        an unreachable server is no error here (records wait in the journal), a store that
+        refuses the sweep's experiment is (ExperimentRefused: no journal replay can fix it)."""
+        from orchestrator.tracking import ExperimentRefused
         try:
             self.experiment_id()
+        except ExperimentRefused:
+            raise
         except Exception:
             self._client = None
 

@@ -233,9 +233,8 @@ def load_spec(path):
     def rel(p):
         return p if osp.isabs(p) else osp.normpath(osp.join(here, p))
 
-    name = _get(source, '', raw, 'name', lambda v: isinstance(v, str) and v.strip() and
-                '/' not in v, 'a non-empty name without "/"',
-                osp.splitext(osp.basename(source))[0])
+    name = check_sweep_name(source, 'name', raw.get('name') if raw.get('name') is not None
+                            else osp.splitext(osp.basename(source))[0])
     base_path = _get(source, '', raw, 'base_config', lambda v: isinstance(v, str), 'a path')
     base_cfg = load_base_config(rel(base_path), source)
     base_dict = base_cfg._cfg_dict.to_dict()
@@ -380,6 +379,16 @@ def load_spec(path):
 
     _check_head_combinations(spec, base_dict)
     return spec, base_cfg
+
+
+def check_sweep_name(source, key, name):
+    """A sweep's name is one directory under the output root (and the MLflow parent run's name):
+    a name of '..' or a path would put the sweep, and the files the driver clears, elsewhere."""
+    if not (isinstance(name, str) and name.strip() and name not in ('.', '..')
+            and not any(c in name for c in '/\\\0')):
+        raise _err(source, key, name, 'a non-empty name of one directory under the output root '
+                   '(no "/", not "." or "..")')
+    return name
 
 
 def _parse_overrides(source, raw, base_dict):

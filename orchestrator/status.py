@@ -21,20 +21,21 @@ import time
 
 from ray.tune import Callback
 
+from orchestrator.files import read_jsonl, write_json_atomic
 from orchestrator.journal import JOURNAL
 from orchestrator.report import format_table
 
 PLAN = 'plan.json'
+RESTARTS = 'restarts.jsonl'  # per trial, written by trial.py when its workers were lost
 STATES = ('pending', 'running', 'done', 'stopped', 'failed', 'interrupted')
 
 
 def write_plan(sweep_dir, total_trials, concurrent, metric, searched):
     """What the status needs from the driver: the trial count, concurrency, the searched keys
     (shown per trial), and who runs it."""
-    with open(osp.join(sweep_dir, PLAN), 'w') as f:
-        json.dump(dict(total_trials=total_trials, concurrent=concurrent, metric=metric,
-                       searched=searched, driver_pid=os.getpid(),
-                       driver_host=socket.gethostname()), f)
+    write_json_atomic(osp.join(sweep_dir, PLAN), dict(
+        total_trials=total_trials, concurrent=concurrent, metric=metric, searched=searched,
+        driver_pid=os.getpid(), driver_host=socket.gethostname()))
 
 
 def _driver_gone(plan):
@@ -72,7 +73,7 @@ class JournalTail:
         return self.records
 
 
-def _log_dir(sweep_dir, trial):
+def log_dir(sweep_dir, trial):
     """Where the trial's mmseg json log is: its own work dir, or its trial group's."""
     try:
         with open(osp.join(sweep_dir, 'trials', trial, 'placement.json')) as f:
@@ -84,7 +85,7 @@ def _log_dir(sweep_dir, trial):
     return osp.join(sweep_dir, 'trials', trial, 'mmseg')
 
 
-def _train_progress(log_dir):
+def train_progress(log_dir):
     """(iteration, seconds per iteration) from the newest mmseg json log in ``log_dir``."""
     logs = sorted(glob.glob(osp.join(log_dir, '*.log.json')), key=osp.getmtime)
     it, times = 0, []
@@ -132,6 +133,9 @@ def sweep_status(sweep_dir, journal=None):
                 t['ended'] = None if rec['status'] == 'RUNNING' else rec.get('at')
                 t['state'] = {'RUNNING': 'running', 'FINISHED': 'done'}.get(rec['status'],
                                                                             'failed')
+    for t in trials.values():
+        path = osp.join(sweep_dir, 'trials', t['trial'], RESTARTS)
+        t['restarts'] = read_jsonl(path) if osp.isfile(path) else []
     if sweep_state == 'RUNNING' and _driver_gone(plan):
         sweep_state = 'INTERRUPTED'  # driver killed: `orchestrator sweep SPACE --resume`
     if sweep_state in ('INTERRUPTED', 'KILLED'):
@@ -142,7 +146,7 @@ def sweep_status(sweep_dir, journal=None):
     remaining_s, waiting = [], 0
     for t in trials.values():
         if t['state'] == 'running':
-            it, s_per_it = _train_progress(_log_dir(sweep_dir, t['trial']))
+            it, s_per_it = train_progress(log_dir(sweep_dir, t['trial']))
             t['iter'] = max(t['iter'], it)
             if s_per_it and t['max_iters']:
                 t['eta_s'] = max(0, t['max_iters'] - t['iter']) * s_per_it
@@ -197,7 +201,15 @@ def format_status(trials, summary):
     header = ['trial', *[k.rsplit('.', 1)[-1] if k.startswith('model.') else k
                          for k in searched], 'state', 'iter', metric, 'ETA', 'reason']
     table = format_table(header, rows) if rows else ''
-    return (table + '\n' if table else '') + summary_line(summary)
+    restarts = ''.join(line + '\n' for line in restart_lines(trials))
+    return (table + '\n' if table else '') + restarts + summary_line(summary)
+
+
+def restart_lines(trials):
+    """One line per restart of a trial whose worker was lost (trial.py records them)."""
+    return [f'trial {t["trial"]}: worker lost at iteration {r["lost_at"]}; restart '
+            f'{r["restart"]} of {r["of"]} from iteration {r["resume_from"]}'
+            for t in sorted(trials, key=lambda t: t['trial']) for r in t.get('restarts', [])]
 
 
 class LiveStatus(Callback):
@@ -208,6 +220,7 @@ class LiveStatus(Callback):
         self.sweep_dir, self.out, self.interval_s = sweep_dir, out or sys.stdout, interval_s
         self._last, self._last_line, self._drawn = 0.0, None, 0
         self._journal = JournalTail(sweep_dir)
+        self._restarts_shown = set()
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment (for --resume)
         return dict(self.__dict__, out=None, _drawn=0, _journal=JournalTail(self.sweep_dir))
@@ -237,6 +250,10 @@ class LiveStatus(Callback):
             self.out.write(prefix + text + '\n')
             self._drawn = text.count('\n') + 1
         else:
+            for line in restart_lines(trials):
+                if line not in self._restarts_shown:
+                    self._restarts_shown.add(line)
+                    self.out.write(f'[{time.strftime("%H:%M:%S")}] {line}\n')
             line = summary_line(dict(summary, eta_s=None, elapsed_s=None))
             if line != self._last_line:
                 self._last_line = line

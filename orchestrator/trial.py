@@ -6,11 +6,14 @@ The trial process only drives: it never imports mmcv or mmseg; the workers merge
 import json
 import os
 import os.path as osp
+import re
+import time
 
 import ray
 from ray import tune
 
 from orchestrator.errors import TrialFailed
+from orchestrator.files import read_jsonl, write_json_atomic
 from orchestrator.fewshot import write_split_file
 from orchestrator.grouping import group_key
 from orchestrator.plan import resolve
@@ -70,11 +73,9 @@ def _failure(runs):
 def _write_placement(out_dir, where, group=None):
     """Where each rank runs (node, GPUs) and the trial group it trains in, for the trial's MLflow
     tags (tracking.placement_tags)."""
-    path = osp.join(out_dir, PLACEMENT)
-    with open(path + '.tmp', 'w') as f:
-        json.dump(dict(ranks=[{k: w[k] for k in ('node_id', 'node_ip', 'gpu_ids')}
-                              for w in where], group=group), f)
-    os.replace(path + '.tmp', path)
+    write_json_atomic(osp.join(out_dir, PLACEMENT), dict(
+        ranks=[{k: w[k] for k in ('node_id', 'node_ip', 'gpu_ids')} for w in where],
+        group=group))
 
 
 def _poll(runs, workers, trial_id, forward):
@@ -133,16 +134,31 @@ def _train_on_group(pool, job, forward):
             w.request_stop.remote(trial_id)
 
 
+def _record_restart(output_dir, trial_id, work_dir, restart, retries, error):
+    """A restart is visible: a record in the trial's ``restarts.jsonl``, which the live view and
+    ``orchestrator status`` show as a line (status.restart_lines). The iteration lost is the last
+    one in the training log; training resumes after the latest checkpoint (0: from the start)."""
+    from orchestrator.status import RESTARTS, log_dir, train_progress
+    lost_at = train_progress(log_dir(output_dir, trial_id))[0]
+    saved = [int(m.group(1)) for m in (re.fullmatch(r'iter_(\d+)\.pth', f) for f in
+                                       (os.listdir(work_dir) if osp.isdir(work_dir) else []))
+             if m]
+    rec = dict(at=round(time.time(), 3), restart=restart, of=retries, lost_at=lost_at,
+               resume_from=max(saved, default=0), reason=str(error))
+    with open(osp.join(trial_dir(output_dir, trial_id), RESTARTS), 'a') as f:
+        f.write(json.dumps(rec) + '\n')
+    return (f'worker lost at iteration {lost_at}; restart {restart} of {retries} from '
+            f'iteration {rec["resume_from"]}')
+
+
 def _replay_history(work_dir):
     """Report the evaluations an earlier attempt of this trial computed (a killed driver may
     never have received them). Each is the identical record (same value, step and eval_time),
     so MLflow keeps one copy of what it already has and gains what it missed."""
     path = osp.join(work_dir, 'metrics.jsonl')
-    if osp.isfile(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    tune.report(json.loads(line))
+    if osp.isfile(path):  # a line the killed attempt left half-written is not replayed
+        for metrics in read_jsonl(path):
+            tune.report(metrics)
 
 
 def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=False):
@@ -178,5 +194,6 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
                 raise TrialFailed(
                     f'workers lost: {e}; gave up after {restarts} restart(s)') from None
             restarts += 1
-            print(f'trial {trial_id}: {e}; restart {restarts} of {spec.worker_retries} from the '
-                  'latest checkpoint', flush=True)
+            line = _record_restart(output_dir, trial_id, overrides['work_dir'], restarts,
+                                   spec.worker_retries, e)
+            print(f'trial {trial_id}: {line} ({e})', flush=True)

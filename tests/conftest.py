@@ -44,7 +44,37 @@ def cli_env():
 
 
 @pytest.fixture(scope='session')
-def ray_address(tmp_path_factory):
+def ray_address(ray_head):
+    return ray_head['address']
+
+
+@pytest.fixture
+def ray_processes(ray_head):
+    """``ray_processes('ray::TrainWorker')``: pids of this session's cluster's processes."""
+    return lambda prefix: _descendants(ray_head['pid'], prefix)
+
+
+def _descendants(pid, prefix):
+    """Processes below ``pid`` (this session's Ray head) whose command line starts with
+    ``prefix``: a test touches its own cluster's processes, never others on the machine."""
+    import subprocess
+    table = [line.split(None, 2) for line in subprocess.run(
+        ['ps', '-eo', 'pid=,ppid=,args='], capture_output=True, text=True).stdout.splitlines()]
+    children = {}
+    for row in table:
+        if len(row) == 3:
+            children.setdefault(int(row[1]), []).append((int(row[0]), row[2]))
+    found, todo = [], [pid]
+    while todo:
+        for child, args in children.get(todo.pop(), []):
+            todo.append(child)
+            if args.startswith(prefix):
+                found.append(child)
+    return sorted(found)
+
+
+@pytest.fixture(scope='session')
+def ray_head(tmp_path_factory):
     """One real local Ray cluster for the whole test session, 2 CPUs, and ours alone: its own
     temp dir, its processes tied to one `ray start --head --block` process that is terminated at
     the end. Never `ray stop`: that stops every Ray cluster on the machine, a user's own too."""
@@ -68,7 +98,7 @@ def ray_address(tmp_path_factory):
                              capture_output=True).returncode != 0:
             assert head.poll() is None and time.time() < deadline, open(log.name).read()[-3000:]
             time.sleep(1)
-        yield address
+        yield dict(address=address, pid=head.pid)
     finally:
         head.terminate()
         head.wait(timeout=60)

@@ -2,6 +2,7 @@
 --resume, a SIGKILLed training worker, a diverging trial. MLflow is read back each time: one
 child per trial, no evaluation logged twice, nothing missing."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,17 +96,16 @@ def test_killed_driver_resumes_without_rerunning_or_doubling(tmp_path, synthetic
 
 
 def test_killed_worker_restarts_the_trial_from_its_checkpoint(tmp_path, synthetic_root,
-                                                               ray_address, cli_env):
+                                                               ray_address, ray_processes, cli_env):
     path = _space(tmp_path, synthetic_root, 'workerkill',
                   {'model.decode_head.num_convs': {'grid': [1]}}, iters=240, evaluations=4,
                   fault_tolerance={'worker_retries': 1})
     work = tmp_path / 'out' / 'workerkill' / 'trials'
     driver = _sweep(path, ray_address, cli_env)
     _wait_for(lambda: list(work.glob('*/mmseg/iter_120.pth')), driver)
-    victims = subprocess.run(['pgrep', '-f', '^ray::TrainWorker'], capture_output=True,
-                             text=True).stdout.split()
-    assert len(victims) == 2  # the sweep's one worker group
-    os.kill(int(victims[-1]), signal.SIGKILL)
+    victims = ray_processes('ray::TrainWorker')
+    assert len(victims) == 2  # the sweep's one worker group, on this session's cluster
+    os.kill(victims[-1], signal.SIGKILL)
     killed_at = time.time()
     output = driver.communicate(timeout=300)[0]
     assert driver.returncode == 0, output[-3000:]
@@ -117,6 +117,14 @@ def test_killed_worker_restarts_the_trial_from_its_checkpoint(tmp_path, syntheti
     log = '\n'.join(p.read_text() for p in sorted(next(work.glob('*/mmseg')).glob('*.log')))
     assert log.count('Iter [20/240]') == 1  # restarted from a checkpoint, not from iteration 0
     assert 'continuing after iteration 120' in log and log.count('Iter [240/240]') == 1
+    # the restart is a line in the live view and in `orchestrator status`
+    restart = re.compile(r'trial \w+: worker lost at iteration (\d+); restart 1 of 1 from '
+                         r'iteration 120')
+    seen = restart.search(output)
+    assert seen and 120 <= int(seen.group(1)) < 240, output[-3000:]
+    status = subprocess.run([ORCHESTRATOR, 'status', str(tmp_path / 'out' / 'workerkill')],
+                            capture_output=True, text=True, env=cli_env).stdout
+    assert restart.search(status), status
     print(f'worker restart: killed -> finished in {time.time() - killed_at:.1f} s')
 
 
