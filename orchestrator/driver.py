@@ -83,14 +83,19 @@ def _clear_delivered_journal(spec, sweep_dir):
 
 def sync(sweep_dir, out=None):
     """Deliver a sweep's journaled MLflow writes (``orchestrator sync``)."""
-    from orchestrator.journal import TrackingJournal
+    from orchestrator.journal import JournalBusy, TrackingJournal, WriterLock
     out = out or sys.stdout
     if not osp.isfile(osp.join(sweep_dir, 'tracking.json')):
         raise ConfigError(f'{sweep_dir}: not a sweep directory (no tracking.json)')
     journal = TrackingJournal.open(sweep_dir)
-    journal.warm()  # a store that refuses the experiment is an answer, not an outage
-    before = journal.pending()
-    left = journal.flush(attempts=3)
+    with WriterLock() as writer:
+        try:
+            writer.acquire(sweep_dir)
+        except JournalBusy as e:
+            raise ConfigError(str(e)) from None
+        journal.warm()  # a store that refuses the experiment is an answer, not an outage
+        before = journal.pending()
+        left = journal.flush(attempts=3)
     print(f'{journal.path}: {before - left} write(s) delivered to {journal.tracking_uri}, '
           f'{left} pending', file=out)
     return 0 if left == 0 else EXIT_TRACKING_PENDING
@@ -112,7 +117,29 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
                                                planning.grid_trials(spec))), file=out)
         print('\n'.join(_dry_run_plan(spec, address)), file=out)
         return 0
+    from orchestrator.journal import WriterLock
+    with WriterLock() as writer:  # released however the sweep ends
+        return _run(spec, base_cfg, tracking_uri, address, resume, out, writer)
 
+
+def _abandoned_after_s():
+    """worker_group.ABANDONED_AFTER_S, or ORCHESTRATOR_ABANDONED_AFTER_S (seconds)."""
+    value = os.environ.get('ORCHESTRATOR_ABANDONED_AFTER_S')
+    return float(value) if value else None
+
+
+def _lock_journal(spec, writer, sweep_dir):
+    """This driver is the sweep directory's one journal writer (not beside a running sweep of
+    the same directory, nor beside `orchestrator sync`)."""
+    from orchestrator.journal import JournalBusy
+    try:
+        writer.acquire(sweep_dir)
+    except JournalBusy as e:
+        raise ConfigError(f'{spec.source}: {e}') from None
+
+
+def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
+    """The sweep itself, once its input is valid (run_sweep)."""
     if spec.generate_data:
         from mmseg_custom.datasets.synthetic import generate_ade_layout
         generate_ade_layout(spec.data_root, **spec.generate_data)
@@ -125,7 +152,9 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     experiment_path = osp.join(sweep_dir, 'tune', spec.name)
     if resume:
         _check_resumable(spec, sweep_dir, experiment_path)
-    else:
+    if osp.isdir(sweep_dir):  # before anything in it changes: not beside a running sweep
+        _lock_journal(spec, writer, sweep_dir)
+    if not resume:
         _clear_delivered_journal(spec, sweep_dir)
 
     # Inherited by a local cluster's processes; sent as the job's runtime_env to an existing one
@@ -160,7 +189,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
         journal = TrackingJournal(
             sweep_dir, tracking_uri or spec.tracking_uri or default_tracking_uri(output_root),
             spec.experiment, uuid.uuid4().hex)
-    journal.save_meta()
+    _lock_journal(spec, writer, sweep_dir)
+    journal.register().save_meta()
     tracking_uri = journal.tracking_uri
 
     # MLflow's import and store set-up (~5 s) overlap ray.init, which mostly waits on processes.
@@ -198,6 +228,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             journal.record('parent', name=spec.name, tags=tags,
                            artifact=osp.join(sweep_dir, 'space.yaml'))
             journal.record('status', status='RUNNING')
+            journal.start_delivery()  # Tune's loop only appends from here on
             started = True
             base = planning.plain(base_cfg)
 
@@ -217,7 +248,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             trainable = tune.with_resources(
                 tune.with_parameters(run_trial, spec=spec, base=base,
                                      base_filename=base_cfg.filename, output_dir=sweep_dir,
-                                     pool_name=pool_name, grouped=bool(trial_groups)),
+                                     pool_name=pool_name, grouped=bool(trial_groups),
+                                     abandoned_after_s=_abandoned_after_s()),
                 # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own.
                 {'cpu': 0, 'memory': 256 * 1024 ** 2})
             if resume:  # finished trials stay finished; running ones resume from checkpoints
@@ -246,6 +278,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
                 journal.record('status', status='KILLED')
             raise
         finally:
+            journal.stop_delivery()
             ray.shutdown()
     pending = journal.flush(attempts=5)  # a locked store or a restarting server: a moment more
     try:

@@ -5,6 +5,12 @@ store (which is then briefly locked). A write that fails stays in the journal,
 ``<sweep>/mlflow_journal.jsonl``, and the journal is replayed in order: at the next write, at the
 end of the sweep, at the sweep's next start (``--resume``) and by ``orchestrator sync SWEEP``.
 
+During a sweep, delivery runs in a thread of its own (``start_delivery``): Ray Tune's loop only
+appends to the file, so a slow or hung server never holds up the trials (measured before: 10 s
+per write with a hung server, which starved the trials of their result polls). One process
+writes a sweep's journal at a time: the driver holds ``mlflow_journal.lock`` while it runs, and
+``orchestrator sync`` refuses to deliver beside it.
+
 Replaying is idempotent, so a record applied twice (a crash between the MLflow call and the
 journal's applied-count update) still counts once: runs are looked up by tags (``sweep_uid``,
 ``trial_id``) before one is created, MLflow keeps one copy of a metric logged twice with the same
@@ -16,12 +22,15 @@ import json
 import os
 import os.path as osp
 import sys
+import threading
 import time
 
 from orchestrator.files import write_json_atomic
 from orchestrator.tracking_uri import without_credentials
 
 JOURNAL = 'mlflow_journal.jsonl'
+LOCK = 'mlflow_journal.lock'
+DELIVERY_S = 2.0  # how often the delivery thread retries while records are pending
 # Fail fast when a server is down (MLflow's default is minutes of retries per call): the journal
 # is the retry.
 _HTTP_ENV = {'MLFLOW_HTTP_REQUEST_MAX_RETRIES': '0', 'MLFLOW_HTTP_REQUEST_TIMEOUT': '10'}
@@ -43,7 +52,55 @@ def _sqlite_init_lock(uri):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class JournalBusy(Exception):
+    """Another process (a running sweep's driver) writes this journal."""
+
+
+class WriterLock:
+    """One process writes a sweep's journal at a time: the sweep's driver, or ``sync``. An
+    exclusive flock on ``<sweep>/mlflow_journal.lock`` (released when the holder closes it or
+    ends; a killed driver leaves nothing to clean up)."""
+
+    def __init__(self):
+        self._file = None
+
+    def acquire(self, sweep_dir):
+        """Hold the lock of ``sweep_dir`` (once; later calls keep it). JournalBusy when another
+        process holds it."""
+        if self._file is not None:
+            return self
+        f = open(osp.join(sweep_dir, LOCK), 'a+')
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or '?'
+            f.close()
+            raise JournalBusy(f'{sweep_dir}: its MLflow journal is being written by another '
+                              f'process (pid {holder}: a running sweep delivers its own '
+                              'writes)') from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self):
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 class TrackingJournal:
+    _live = {}  # sweep dir -> the journal this process writes (Tune's restored callbacks too)
 
     def __init__(self, sweep_dir, tracking_uri, experiment, sweep_uid):
         self.sweep_dir = sweep_dir
@@ -56,6 +113,40 @@ class TrackingJournal:
         self._experiment_id = None
         self._ids = {}
         self.last_error = None
+        self._file_lock = threading.Lock()  # appending vs reading lines (short)
+        self._deliver_lock = threading.Lock()  # one delivery at a time (may wait on MLflow)
+        self._wake = self._stop = self._thread = None
+
+    def register(self):
+        """This object is the sweep's journal in this process: a callback that Ray Tune restores
+        from its pickled state (``--resume``) writes through it, not through a stale copy."""
+        TrackingJournal._live[self.sweep_dir] = self
+        return self
+
+    @classmethod
+    def live(cls, sweep_dir):
+        return cls._live.get(sweep_dir) or cls.open(sweep_dir).register()
+
+    def start_delivery(self):
+        """Deliver in a thread from now on: ``record`` only appends (and wakes the thread)."""
+        self._wake, self._stop = threading.Event(), threading.Event()
+
+        def deliver():
+            while not self._stop.is_set():
+                self._wake.wait(DELIVERY_S)
+                self._wake.clear()
+                self.flush()
+            self.flush()  # what was recorded while the last delivery ran
+        self._thread = threading.Thread(target=deliver, name='mlflow-journal', daemon=True)
+        self._thread.start()
+
+    def stop_delivery(self):
+        """Stop the delivery thread (its current write finishes first); the caller flushes."""
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
 
     @classmethod
     def open(cls, sweep_dir):
@@ -76,8 +167,13 @@ class TrackingJournal:
     def tracking_uri(self, uri):
         self._tracking_uri = without_credentials(uri)
 
-    def __getstate__(self):  # Tune pickles callbacks (and this with them): no live client
-        return dict(self.__dict__, _client=None)
+    def __getstate__(self):  # no live client, thread, lock or open file in a pickle
+        return dict(self.__dict__, _client=None, _file_lock=None, _deliver_lock=None,
+                    _wake=None, _stop=None, _thread=None)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._file_lock, self._deliver_lock = threading.Lock(), threading.Lock()
 
     @property
     def client(self):
@@ -99,18 +195,23 @@ class TrackingJournal:
         pending writes. Returns the number still pending."""
         # `at`: when it happened (for `orchestrator status`; MLflow does not see it)
         line = json.dumps(dict(op=op, at=round(time.time(), 3), **fields), default=str)
-        with open(self.path, 'a') as f:
-            f.write(line + '\n')
-            f.flush()
-            os.fsync(f.fileno())
+        with self._file_lock:
+            with open(self.path, 'a') as f:
+                f.write(line + '\n')
+                f.flush()
+                os.fsync(f.fileno())
+        if self._thread is not None:
+            self._wake.set()
+            return None
         return self.flush()
 
     def _pending_records(self, done):
         """Records after the first ``done`` (only those are parsed: this runs at every write)."""
         if not osp.isfile(self.path):
             return []
-        with open(self.path) as f:
-            lines = [line for line in f if line.strip()]
+        with self._file_lock:
+            with open(self.path) as f:
+                lines = [line for line in f if line.strip()]
         return [json.loads(line) for line in lines[done:]]
 
     def _applied(self):
@@ -132,6 +233,10 @@ class TrackingJournal:
     def flush(self, attempts=1, wait_s=2.0):
         """Deliver pending records in order; stop at the first failure (kept for later).
         Returns how many are still pending."""
+        with self._deliver_lock:
+            return self._flush(attempts, wait_s)
+
+    def _flush(self, attempts, wait_s):
         for attempt in range(attempts):
             done = self._applied()
             pending = self._pending_records(done)

@@ -101,11 +101,18 @@ class MLflowTrialCallback(Callback):
     is unreachable; a resumed sweep continues its trials' runs instead of adding new ones)."""
 
     def __init__(self, journal, sweep_name, params_of, trial_dir_of):
-        self.journal = journal
+        self.sweep_dir = journal.register().sweep_dir
         self.sweep_name = sweep_name
         self.params_of = params_of        # trial.config -> {param key: value}
         self.trial_dir_of = trial_dir_of  # trial_id -> directory with the trial's artifacts
         self._placed = {}  # trial_id -> the placement last recorded (a restart may move it)
+
+    @property
+    def journal(self):
+        """The journal this process writes (Tune restores this callback from its pickled state
+        on --resume; the driver's live journal is the one writer, never a stale copy)."""
+        from orchestrator.journal import TrackingJournal
+        return TrackingJournal.live(self.sweep_dir)
 
     def _record_placement(self, trial_id):
         path = osp.join(self.trial_dir_of(trial_id), 'placement.json')

@@ -161,7 +161,8 @@ def _replay_history(work_dir):
             tune.report(metrics)
 
 
-def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=False):
+def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=False,
+              abandoned_after_s=None):
     """Tune function trainable (a plain function, as in Ray Tune's examples).
 
     Training resumes from the trial's latest mmseg checkpoint whenever there is one (mmseg's
@@ -176,6 +177,8 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
     overrides['auto_resume'] = True
     job = dict(base=base, overrides=overrides, base_filename=base_filename, trial_dir=out_dir,
                source=spec.source, trial_id=trial_id)
+    if abandoned_after_s:
+        job['abandoned_after_s'] = abandoned_after_s
     pool = ray.get_actor(pool_name)
     restarts = 0
 

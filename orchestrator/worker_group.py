@@ -28,7 +28,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 GRACE_S = 10.0  # after one rank fails, how long the others get to fail on their own
 WATCH_S = 2.0  # how often the pool checks that a trial's process is alive
-ABANDONED_AFTER_S = 120.0  # a running trial polls every second; silence this long means it is gone
+# A rank 0 that nobody has polled or vouched for this long stops by itself. The trial polls every
+# second and the pool vouches for it every WATCH_S while its process lives, so only a sweep whose
+# driver, trial and pool are all gone reaches it. ORCHESTRATOR_ABANDONED_AFTER_S overrides it.
+ABANDONED_AFTER_S = 120.0
 JOIN_WAIT_S = 300.0  # all of a sweep's trials start at once; a group member later than this is lost
 
 
@@ -64,6 +67,11 @@ class TrainWorker:
             reports, state['reports'], state['polled'] = state['reports'], [], time.time()
         return reports
 
+    def heartbeat(self, trial_id):
+        """The trial's process is alive (the pool checked), even while it waits on Ray Tune."""
+        with self._lock:
+            self._state(trial_id)['polled'] = time.time()
+
     def request_stop(self, trial_id):
         with self._lock:
             self._state(trial_id)['stop'] = True
@@ -79,8 +87,10 @@ class TrainWorker:
             with self._lock:
                 state['reports'].append(metrics)
 
+        window = job.get('abandoned_after_s', ABANDONED_AFTER_S)
+
         def should_stop():  # rank 0's answer reaches every rank (the stop hooks all-reduce)
-            abandoned = rank == 0 and time.time() - state['polled'] > ABANDONED_AFTER_S
+            abandoned = rank == 0 and time.time() - state['polled'] > window
             return state['stop'] or abandoned
 
         cfg = merged_config(job['base'], job['overrides'], job['base_filename'])
@@ -244,6 +254,7 @@ class WorkerPool:
                 for w in workers:
                     w.request_stop.remote(trial_id)
                 return
+            workers[0].heartbeat.remote(trial_id)  # alive, even if blocked in tune.report
             await asyncio.sleep(WATCH_S)
 
     async def release_when_done(self, gid, refs, holder=None, trial_id=None, holders=None):

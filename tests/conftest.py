@@ -78,6 +78,7 @@ def ray_head(tmp_path_factory):
     """One real local Ray cluster for the whole test session, 2 CPUs, and ours alone: its own
     temp dir, its processes tied to one `ray start --head --block` process that is terminated at
     the end. Never `ray stop`: that stops every Ray cluster on the machine, a user's own too."""
+    import signal
     import socket
     import subprocess
     import sys
@@ -90,7 +91,8 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(
         [ray_bin, 'start', '--head', f'--port={port}', '--num-cpus=2', '--num-gpus=0',
          '--include-dashboard=false', '--disable-usage-stats', '--block',
-         f'--temp-dir={tmp_path_factory.mktemp("ray")}'], stdout=log, stderr=subprocess.STDOUT)
+         f'--temp-dir={tmp_path_factory.mktemp("ray")}'], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)  # its own process group: ours to stop, and only ours
     address = f'127.0.0.1:{port}'
     try:
         deadline = time.time() + 120
@@ -100,6 +102,10 @@ def ray_head(tmp_path_factory):
             time.sleep(1)
         yield dict(address=address, pid=head.pid)
     finally:
-        head.terminate()
-        head.wait(timeout=60)
+        head.terminate()  # `ray start --block` stops the cluster's processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a wedged node: its process group, nothing else
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
         log.close()

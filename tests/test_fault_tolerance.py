@@ -227,6 +227,50 @@ def test_mlflow_server_outage_loses_nothing_and_doubles_nothing(tmp_path, synthe
         _stop(server)
 
 
+def test_a_hung_mlflow_server_never_ends_a_trial_early(tmp_path, synthetic_root, ray_address,
+                                                       cli_env):
+    """The server hangs (SIGSTOP: every call waits for its 10 s timeout) for 4x the window after
+    which a rank 0 nobody polls stops by itself (ORCHESTRATOR_ABANDONED_AFTER_S=6 here, 120 s by
+    default). Before: the driver's Tune loop wrote to MLflow inline, the trials waited on it,
+    their workers stopped early and were recorded FINISHED. Now every iteration trains and every
+    evaluation reaches MLflow once the server answers again."""
+    port = _free_port()
+    uri = f'http://127.0.0.1:{port}'
+    server = _start_mlflow_server(tmp_path, port, cli_env)
+    path = _space(tmp_path, synthetic_root, 'hung',
+                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=1800, evaluations=6,
+                  tracking={'experiment': 'hung', 'uri': uri},
+                  resources={'workers_per_trial': 1, 'cpus_per_worker': 1})
+    trials = tmp_path / 'out' / 'hung' / 'trials'
+    driver = _sweep(path, ray_address, dict(cli_env, ORCHESTRATOR_ABANDONED_AFTER_S='6'))
+    try:
+        _wait_for(lambda: any(p.read_text().count('\n') >= 1
+                              for p in trials.glob('*/mmseg/metrics.jsonl')), driver)
+        os.killpg(server.pid, signal.SIGSTOP)
+        time.sleep(24)
+        os.killpg(server.pid, signal.SIGCONT)
+        output = driver.communicate(timeout=300)[0]
+        assert driver.returncode in (0, 3), output[-3000:]
+        if driver.returncode == 3:
+            subprocess.run([ORCHESTRATOR, 'sync', str(tmp_path / 'out' / 'hung')], env=cli_env,
+                           check=True, capture_output=True)
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name('hung').experiment_id])
+        children = [r for r in runs if 'mlflow.parentRunId' in r.data.tags]
+        assert len(children) == 2
+        for child in children:
+            assert child.info.status == 'FINISHED'
+            assert _steps(client, child) == [300, 600, 900, 1200, 1500, 1800]
+        for log in trials.glob('*/mmseg/*.log'):
+            assert 'Iter [1800/1800]' in log.read_text()
+            assert 'ended early' not in log.read_text()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        os.killpg(server.pid, signal.SIGCONT)
+        _stop(server)
+
+
 def test_two_sweeps_at_once_share_the_default_store(tmp_path, synthetic_root, ray_address,
                                                     cli_env):
     procs, paths = [], []

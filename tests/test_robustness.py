@@ -79,3 +79,43 @@ def test_a_deleted_experiment_of_the_sweeps_name_is_one_line_before_training(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f'error: {path}: tracking.experiment: ') and 'deleted' in err
     assert not (tmp_path / 'root' / 'inner' / 'r' / 'trials').exists()  # nothing trained
+
+
+def test_one_journal_writer_sync_and_a_second_sweep_wait_for_the_running_one(
+        tmp_path, synthetic_root, capsys):
+    """While a sweep's driver holds its journal (simulated by holding its lock here), `sync`
+    and another sweep of the same directory answer in one line and touch nothing."""
+    from orchestrator.journal import TrackingJournal, WriterLock
+    path = _space(tmp_path, synthetic_root)
+    sweep = tmp_path / 'root' / 'inner' / 'r'
+    sweep.mkdir(parents=True)
+    journal = TrackingJournal(str(sweep), 'sqlite:///' + str(tmp_path / 'db.sqlite'), 'r', 'u')
+    journal.save_meta()
+    (sweep / 'mlflow_journal.jsonl').write_text(json.dumps(dict(op='status', status='RUNNING'))
+                                                 + '\n')
+    def files():
+        return sorted((p.name, p.stat().st_mtime) for p in sweep.iterdir()
+                      if p.name != 'mlflow_journal.lock')
+    before = files()
+    with WriterLock().acquire(str(sweep)):
+        assert cli.main(['sync', str(sweep)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count('\n') == 0 and 'being written by another process' in err
+        assert cli.main(['sweep', str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count('\n') == 0 and err.startswith(f'error: {path}: ')
+    assert files() == before
+
+
+def test_a_resumed_sweeps_restored_callback_writes_through_the_live_journal(tmp_path):
+    """Ray Tune restores callbacks from its pickle on --resume: the restored one must write to
+    the journal the driver holds now (its --tracking-uri), not a stale copy."""
+    import pickle
+
+    from orchestrator.journal import TrackingJournal
+    from orchestrator.tracking import MLflowTrialCallback
+    old = TrackingJournal(str(tmp_path), 'sqlite:///old.db', 'x', 'uid')
+    restored = pickle.loads(pickle.dumps(MLflowTrialCallback(old, 'x', dict, str)))
+    TrackingJournal._live.pop(str(tmp_path))  # a new driver process
+    now = TrackingJournal(str(tmp_path), 'sqlite:///new.db', 'x', 'uid').register()
+    assert restored.journal is now and restored.journal.tracking_uri == 'sqlite:///new.db'
