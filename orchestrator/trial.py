@@ -18,7 +18,7 @@ from orchestrator.fewshot import write_split_file
 from orchestrator.grouping import group_key
 from orchestrator.plan import resolve
 from orchestrator.spec import FRACTION_KEY, SUBSET_SEED_KEY
-from orchestrator.worker_group import GRACE_S
+from orchestrator.worker_group import CALL_S, GRACE_S
 
 POLL_S = 1.0
 PLACEMENT = 'placement.json'
@@ -89,7 +89,10 @@ def _poll(runs, workers, trial_id, forward):
         done = len(ready) == n
         try:
             ray.get(ready)
-            reports = ray.get(workers[0].drain.remote(trial_id))
+            reports = ray.get(workers[0].drain.remote(trial_id), timeout=CALL_S)
+        except ray.exceptions.GetTimeoutError:
+            raise (_failure(runs) or WorkersLost(f'rank 0 did not answer for {CALL_S:g} s')) \
+                from None
         except ray.exceptions.RayError as e:
             raise (_failure(runs) or e) from None
         for metrics in reports:
@@ -106,9 +109,16 @@ def _train_in_group(pool, job, key, forward):
                                       ray.get_runtime_context().current_actor))
     if joined is None:
         return False
+    if joined[0] == 'lost':  # the group's workers could not start it: this trial goes alone
+        raise WorkersLost(f'trial group could not start: {joined[1]}')
     _, workers, runs, group_dir, size = joined
-    _write_placement(job['trial_dir'], ray.get([w.where.remote() for w in workers]),
-                     group=dict(id=osp.basename(group_dir), size=size))
+    try:
+        where = ray.get([w.where.remote() for w in workers], timeout=CALL_S)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        where = []  # the run itself reports what happened to its workers
+    if where:
+        _write_placement(job['trial_dir'], where, group=dict(id=osp.basename(group_dir),
+                                                             size=size))
     try:
         _poll(runs, workers, trial_id, forward)
     finally:  # finished, failed, or stopped by Tune (ASHA): this head stops, the others go on
@@ -123,10 +133,16 @@ def _train_on_group(pool, job, forward):
     trial_id = job['trial_id']
     gid, workers = ray.get(pool.acquire.remote(trial_id))
     n = len(workers)
-    _write_placement(job['trial_dir'], ray.get([w.where.remote() for w in workers]))
-    init_method = ray.get(workers[0].rendezvous.remote())
-    runs = [w.run.remote(job, rank, n, init_method) for rank, w in enumerate(workers)]
+    try:  # until the release is arranged, any failure must hand the group back (rebuilt)
+        where = ray.get([w.where.remote() for w in workers], timeout=CALL_S)
+        address = ray.get(workers[0].rendezvous.remote(n), timeout=CALL_S)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+        ray.get(pool.release_broken.remote(gid, type(e).__name__))
+        raise WorkersLost(f'a worker of the group did not answer before the run: '
+                          f'{type(e).__name__}: {str(e).splitlines()[0][:200]}') from None
+    runs = [w.run.remote(job, rank, n, address) for rank, w in enumerate(workers)]
     pool.release_when_done.remote(gid, runs, ray.get_runtime_context().current_actor, trial_id)
+    _write_placement(job['trial_dir'], where)
     try:
         _poll(runs, workers, trial_id, forward)
     finally:  # finished, failed, or stopped by Tune (ASHA): no worker keeps training it

@@ -18,7 +18,6 @@ has polled for ABANDONED_AFTER_S stops training by itself.
 import asyncio
 import contextlib
 import os
-import socket
 import threading
 import time
 
@@ -32,6 +31,8 @@ WATCH_S = 2.0  # how often the pool checks that a trial's process is alive
 # second and the pool vouches for it every WATCH_S while its process lives, so only a sweep whose
 # driver, trial and pool are all gone reaches it. ORCHESTRATOR_ABANDONED_AFTER_S overrides it.
 ABANDONED_AFTER_S = 120.0
+RENDEZVOUS_S = 300.0  # how long ranks wait for each other when a run starts
+CALL_S = 120.0  # a worker's or the pool's answer to a short call (where, rendezvous, drain)
 JOIN_WAIT_S = 300.0  # all of a sweep's trials start at once; a group member later than this is lost
 
 
@@ -40,6 +41,7 @@ class TrainWorker:
 
     def __init__(self):
         from orchestrator import worker  # noqa: F401  (the ~6 s of imports, paid once per process)
+        self._store = None  # the rendezvous of the next run, when this worker is its rank 0
         self._lock = threading.Lock()
         self._runs = {}  # trial id -> its reports, stop request and last poll: calls from a
         # finished trial's process can arrive after the next trial started on this worker
@@ -50,12 +52,16 @@ class TrainWorker:
         return dict(node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address(),
                     gpu_ids=[str(g) for g in ray.get_gpu_ids()], pid=os.getpid())
 
-    def rendezvous(self):
-        """Address for the trial's process group, with a port free on this (rank 0's) node."""
-        with socket.socket() as s:
-            s.bind(('', 0))
-            port = s.getsockname()[1]
-        return f'tcp://{ray.util.get_node_ip_address()}:{port}'
+    def rendezvous(self, world_size):
+        """Open the trial's rendezvous here (rank 0): torch's TCP store listening on a port the
+        kernel picks, held until the run. Returns its address for the other ranks. (Finding a
+        free port by bind-and-close and listening later lets another process take it between.)"""
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+        self._store = TCPStore(ray.util.get_node_ip_address(), 0, world_size, is_master=True,
+                               timeout=timedelta(seconds=RENDEZVOUS_S), wait_for_workers=False)
+        return f'{ray.util.get_node_ip_address()}:{self._store.port}'
 
     def _state(self, trial_id):
         return self._runs.setdefault(trial_id, dict(reports=[], stop=False, polled=time.time()))
@@ -99,9 +105,11 @@ class TrainWorker:
         return cfg, (report if rank == 0 else None), should_stop
 
     @contextlib.contextmanager
-    def _process_group(self, rank, world_size, init_method):
-        """A fresh torch.distributed group for one run (gloo on CPU, nccl on GPU), torn down
-        after it whatever happens."""
+    def _process_group(self, rank, world_size, address):
+        """A fresh torch.distributed group for one run (gloo on CPU, nccl on GPU) over the
+        rendezvous rank 0 opened at ``address``, torn down after it whatever happens."""
+        from datetime import timedelta
+
         import torch
         import torch.distributed as dist
         # mmseg's train_segmentor reads LOCAL_RANK for DDP's device ids
@@ -110,8 +118,13 @@ class TrainWorker:
             cuda = torch.cuda.is_available()
             if cuda:
                 torch.cuda.set_device(0)  # Ray shows each GPU worker its own device(s) only
-            dist.init_process_group('nccl' if cuda else 'gloo', init_method=init_method,
-                                    rank=rank, world_size=world_size)
+            store, self._store = (self._store if rank == 0 else None), None
+            if store is None:
+                host, port = address.rsplit(':', 1)
+                store = dist.TCPStore(host, int(port), world_size, is_master=False,
+                                      timeout=timedelta(seconds=RENDEZVOUS_S))
+            dist.init_process_group('nccl' if cuda else 'gloo', store=store, rank=rank,
+                                    world_size=world_size)
         try:
             yield
         finally:
@@ -230,12 +243,21 @@ class WorkerPool:
         await self._launch(chunk)
 
     async def _launch(self, chunk):
+        """Lease a worker group and start the trial group's run on it. If the group cannot start
+        (a worker died while idle), the members get ``('lost', reason)`` at once (each then
+        trains alone) and the worker group is rebuilt: nobody waits forever."""
         gid, workers = await self.acquire('+'.join(m[0] for m in chunk['members']))
         jobs = [m[1] for m in chunk['members']]
         first = jobs[0]['trial_dir']
         group_dir = os.path.join(os.path.dirname(os.path.dirname(first)), 'groups',
                                  os.path.basename(first))
-        init = await workers[0].rendezvous.remote()
+        try:
+            init = await asyncio.wait_for(workers[0].rendezvous.remote(len(workers)), CALL_S)
+        except Exception as e:  # a dead or unresponsive worker
+            await self.release_broken(gid, type(e).__name__)
+            chunk['result'] = ('lost', f'{type(e).__name__}: {str(e).splitlines()[0][:200]}')
+            chunk['ready'].set()
+            return
         runs = [w.run_group.remote(jobs, rank, len(workers), init, group_dir)
                 for rank, w in enumerate(workers)]
         holders = {m[0]: m[2] for m in chunk['members']}
@@ -257,6 +279,27 @@ class WorkerPool:
             workers[0].heartbeat.remote(trial_id)  # alive, even if blocked in tune.report
             await asyncio.sleep(WATCH_S)
 
+    def _rebuild(self, gid, why):
+        print(f'worker group {gid}: {why}; rebuilding it', flush=True)
+        pg, workers = self.groups[gid]
+        for w in workers:
+            ray.kill(w)
+        remove_placement_group(pg)
+        self.groups[gid] = _start_group(self.n_workers, self.bundle, self.strategy)
+        self.rebuilt += 1
+
+    async def _free(self, gid):
+        async with self._cond():
+            self.holder.pop(gid, None)
+            self.free.append(gid)
+            self._cond().notify_all()
+
+    async def release_broken(self, gid, why=''):
+        """The group could not start a run (a worker died while idle, or did not answer): it is
+        rebuilt from fresh processes and freed, never left leased."""
+        self._rebuild(gid, f'could not start a run ({why})')
+        await self._free(gid)
+
     async def release_when_done(self, gid, refs, holder=None, trial_id=None, holders=None):
         """Free group ``gid`` once the runs ``refs`` have returned; rebuild it if any failed.
         ``holder``: the trial's actor (``holders``: trial id -> actor, for a trial group),
@@ -273,20 +316,10 @@ class WorkerPool:
             # process from an exception), then go: they may be blocked in a collective.
             await asyncio.wait([asyncio.ensure_future(_settled(r)) for r in refs],
                                timeout=GRACE_S)
-            print(f'worker group {gid}: run failed ({type(e).__name__}: {e}); rebuilding it',
-                  flush=True)
-            pg, workers = self.groups[gid]
-            for w in workers:
-                ray.kill(w)
-            remove_placement_group(pg)
-            self.groups[gid] = _start_group(self.n_workers, self.bundle, self.strategy)
-            self.rebuilt += 1
+            self._rebuild(gid, f'run failed ({type(e).__name__}: {e})')
         for watch in watches:
             watch.cancel()
-        async with self._cond():
-            self.holder.pop(gid, None)
-            self.free.append(gid)
-            self._cond().notify_all()
+        await self._free(gid)
 
     def stats(self):
         return dict(groups=len(self.groups), free=len(self.free), rebuilt=self.rebuilt,

@@ -128,6 +128,34 @@ def test_killed_worker_restarts_the_trial_from_its_checkpoint(tmp_path, syntheti
     print(f'worker restart: killed -> finished in {time.time() - killed_at:.1f} s')
 
 
+def test_a_worker_that_dies_idle_is_replaced_and_no_slot_is_stranded(
+        tmp_path, synthetic_root, ray_address, ray_processes, cli_env):
+    """A worker killed while idle (here: while it starts, before the first trial leases its
+    group). Before: the trial failed on its first call to the dead worker and its group stayed
+    leased, so the next trial waited forever. Now the group is rebuilt and handed back, the
+    trial restarts on it, and both trials finish."""
+    path = _space(tmp_path, synthetic_root, 'idlekill',
+                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=40, evaluations=1,
+                  resources={'workers_per_trial': 2, 'cpus_per_worker': 1,
+                             'max_concurrent_trials': 1})
+    before = set(ray_processes('ray::TrainWorker'))
+    driver = _sweep(path, ray_address, cli_env)
+    try:
+        _wait_for(lambda: len(set(ray_processes('ray::TrainWorker')) - before) == 2, driver)
+        os.kill(max(set(ray_processes('ray::TrainWorker')) - before), signal.SIGKILL)
+        killed_at = time.time()
+        output = driver.communicate(timeout=300)[0]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    _, _, children = _runs(tmp_path, 'idlekill')
+    assert sorted(c.info.status for c in children) == ['FINISHED', 'FINISHED']
+    assert sorted(c.data.metrics['restarts'] for c in children) == [0, 1]
+    assert re.search(r'worker lost at iteration 0; restart 1 of 2 from iteration 0', output)
+    print(f'idle worker killed -> sweep done in {time.time() - killed_at:.1f} s')
+
+
 def test_a_diverging_trial_fails_as_diverged_and_the_sweep_goes_on(tmp_path, synthetic_root,
                                                                     ray_address, cli_env):
     path = _space(tmp_path, synthetic_root, 'diverge',

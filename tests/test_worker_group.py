@@ -35,7 +35,7 @@ def _job(tiny_cfg, out, trial_id, **overrides):
 def _run(pool, job):
     import ray
     gid, workers = ray.get(pool.acquire.remote(job['trial_id']))
-    address = ray.get(workers[0].rendezvous.remote())
+    address = ray.get(workers[0].rendezvous.remote(len(workers)))
     runs = [w.run.remote(job, rank, len(workers), address) for rank, w in enumerate(workers)]
     pool.release_when_done.remote(gid, runs)
     return workers, runs
@@ -93,8 +93,9 @@ def test_a_killed_worker_fails_the_run_and_the_group_is_rebuilt(pool, tiny_cfg, 
     victim = ray.get(workers[1].where.remote())['pid']
     time.sleep(3)
     os.kill(victim, signal.SIGKILL)
-    with pytest.raises(ray.exceptions.RayError):
+    with pytest.raises(ray.exceptions.RayError) as failed:
         ray.get(runs, timeout=120)
+    assert not isinstance(failed.value, ray.exceptions.GetTimeoutError)  # it failed, not hung
     assert _eventually(lambda: ray.get(pool.stats.remote())['rebuilt'] == 1)
     job = _job(tiny_cfg, tmp_path / 'after', 'after', **{'runner.max_iters': 20,
                                                           'evaluation.interval': 20})
