@@ -96,6 +96,17 @@ def _space(tmp, synthetic_root, name, resources, grid):
     return path
 
 
+def _log_span(trial_dir):
+    """(first, last) timestamp of the trial's mmseg log, written by its worker as it trained."""
+    import datetime
+    import re
+    stamp = re.compile(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ')
+    stamps = [datetime.datetime.strptime(line[:23], '%Y-%m-%d %H:%M:%S,%f')
+              for log in (trial_dir / 'mmseg').glob('*.log')
+              for line in log.read_text().splitlines() if stamp.match(line)]
+    return min(stamps), max(stamps)
+
+
 def _children(tmp, name):
     client = MlflowClient('sqlite:///' + str(tmp / 'out' / 'mlflow.db'))
     exp = client.get_experiment_by_name(name)
@@ -137,8 +148,10 @@ def test_half_gpu_trials_share_the_gpu_at_once(two_nodes, synthetic_root, tmp_pa
     for c in children:
         assert c.data.tags['worker.0.node_id'] == ids['gpu']  # the head has no GPU
         assert c.data.tags['worker.0.gpu_ids'] == '0'         # Ray's ID of that one GPU
-    a, b = sorted(children, key=lambda c: c.info.start_time)
-    assert b.info.start_time < a.info.end_time  # they ran at the same time, on the same GPU
+    # they trained at the same time, on the same GPU: the workers' own logs, first to last line
+    spans = sorted(_log_span(tmp_path / 'out' / 'shared-gpu' / 'trials' / c.data.tags['trial_id'])
+                   for c in children)
+    assert spans[1][0] < spans[0][1], spans
 
 
 @pytest.mark.parametrize('resources,needle', [

@@ -30,9 +30,24 @@ def _space(tmp, synthetic_root, name, parameters, iters, evaluations, **extra):
     return path
 
 
+_DRIVERS = []  # this module's sweep drivers: none may outlive its test, pass or fail
+
+
+@pytest.fixture(autouse=True)
+def _no_driver_left():
+    yield
+    while _DRIVERS:
+        driver = _DRIVERS.pop()
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(timeout=60)
+
+
 def _sweep(path, address, env, *flags):
-    return subprocess.Popen([ORCHESTRATOR, 'sweep', str(path), '--address', address, *flags],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen([ORCHESTRATOR, 'sweep', str(path), '--address', address, *flags],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _DRIVERS.append(driver)
+    return driver
 
 
 def _wait_for(predicate, proc, timeout=240):

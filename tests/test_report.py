@@ -119,12 +119,20 @@ def study(tmp_path_factory, synthetic_root, ray_address):
                            for r in _children(uri, exp_id, parent_id))
             before = finished()
             trials, summary = sweep_status(str(sweep_dir))
-            time.sleep(0.3)  # a journal line is delivered to MLflow just after it is written
-            samples.append((before, summary, finished(), trials))
+            # the journal is delivered to MLflow in the background, moments after it is
+            # written: wait (bounded) until MLflow holds at least what the status showed
+            after, deadline = finished(), time.time() + 30
+            while after < summary['done'] and time.time() < deadline:
+                time.sleep(0.2)
+                after = finished()
+            samples.append((before, summary, after, trials))
         output = driver.stdout.read()
         yield dict(code=driver.returncode, output=output, samples=samples, uri=uri,
                    sweep_dir=sweep_dir, exp_id=exp_id, tmp=tmp)
     finally:
+        if 'driver' in locals() and driver.poll() is None:  # the fixture failed mid-sweep
+            driver.kill()
+            driver.wait(timeout=60)
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 

@@ -12,6 +12,23 @@ from orchestrator import worker
 TWO_WORKER_BUDGET_S = 600  # a hang guard, not a timing target (see benchmarks/)
 
 
+def _evaluate(cfg, checkpoint):
+    """mIoU of ``checkpoint`` on the validation set, computed here by mmseg's own test loop in
+    one process: an independent check of what the training reported."""
+    from mmcv.cnn.utils import revert_sync_batchnorm
+    from mmcv.parallel import MMDataParallel
+    from mmcv.runner import load_checkpoint
+    from mmseg.apis import single_gpu_test
+    from mmseg.datasets import build_dataloader, build_dataset
+    dataset = build_dataset(cfg.data.val, dict(test_mode=True))
+    loader = build_dataloader(dataset, samples_per_gpu=1, workers_per_gpu=0, dist=False,
+                              shuffle=False, persistent_workers=False)
+    model = revert_sync_batchnorm(worker.build_model(cfg, init_weights=False))
+    load_checkpoint(model, str(checkpoint), map_location='cpu')
+    results = single_gpu_test(MMDataParallel(model.eval()), loader, pre_eval=True)
+    return dataset.evaluate(results, metric='mIoU')['mIoU']
+
+
 def test_single_process_training_reports_every_evaluation(tiny_cfg, tmp_path):
     tiny_cfg.runner.max_iters = 50
     tiny_cfg.evaluation.interval = 20
@@ -19,7 +36,8 @@ def test_single_process_training_reports_every_evaluation(tiny_cfg, tmp_path):
     metrics = worker.train(tiny_cfg, str(tmp_path / 'wd'), callback=seen.append)
     # Evaluations at 20 and 40 from mmseg's EvalHook, one more at 50 for the final weights.
     assert [m['iter'] for m in seen] == [20, 40, 50]
-    assert metrics == seen[-1]
+    assert metrics['mIoU'] == pytest.approx(_evaluate(tiny_cfg, tmp_path / 'wd' / 'iter_50.pth'),
+                                            abs=1e-6)
     for key in ('mIoU', 'mAcc', 'aAcc', 'IoU.class1', 'IoU.class4', 'Acc.class2'):
         assert 0.0 <= metrics[key] <= 1.0, key
     lines = (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()
@@ -45,7 +63,13 @@ def test_two_workers_over_gloo_learn_and_stay_in_sync(synthetic_root, tmp_path, 
 
     evals = [json.loads(line) for line in (wd / 'metrics.jsonl').read_text().splitlines()]
     assert [e['iter'] for e in evals] == [100, 200, 300]  # distributed eval during training
-    assert evals[-1]['mIoU'] == final['mIoU']
+    from mmcv import Config
+    cfg = Config.fromfile('configs/tiny_fcn_synthetic.py')
+    cfg.merge_from_dict({'model.decode_head.with_norm': True,
+                         **{f'data.{s}.data_root': str(synthetic_root)
+                            for s in ('train', 'val', 'test')}})
+    # the 2 ranks' distributed evaluation equals one process evaluating rank 0's checkpoint
+    assert final['mIoU'] == pytest.approx(_evaluate(cfg, wd / 'iter_300.pth'), abs=1e-6)
 
     sync = json.loads((wd / 'rank_sync.json').read_text())
     assert sync['world_size'] == 2
