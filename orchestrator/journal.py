@@ -141,7 +141,8 @@ class TrackingJournal:
         self._thread.start()
 
     def stop_delivery(self):
-        """Stop the delivery thread (its current write finishes first); the caller flushes."""
+        """Stop the delivery thread after its last delivery attempt (a write in progress
+        finishes first); what is still pending stays in the journal for the caller."""
         if self._thread is not None:
             self._stop.set()
             self._wake.set()
@@ -191,8 +192,9 @@ class TrackingJournal:
     # -- writing ---------------------------------------------------------------------------
 
     def record(self, op, **fields):
-        """Append one write to the journal (on disk before anything else), then deliver all
-        pending writes. Returns the number still pending."""
+        """Append one write to the journal (on disk before anything else), then deliver the
+        pending writes: here, returning how many are still pending, or, while the delivery
+        thread runs, there (returning None at once)."""
         # `at`: when it happened (for `orchestrator status`; MLflow does not see it)
         line = json.dumps(dict(op=op, at=round(time.time(), 3), **fields), default=str)
         with self._file_lock:

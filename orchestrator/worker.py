@@ -192,7 +192,8 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
 
     cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
         dict(type='EvalMetricsHook', callback=on_eval, priority=80),
-        dict(type='DivergenceHook', priority='VERY_HIGH')]  # before any step or save
+        dict(type='DivergenceHook', priority='VERY_HIGH'),  # before any step or save
+        dict(type='FrozenBackboneCheckpointHook')]  # probes: no copies of a frozen backbone
     if should_stop is not None:
         cfg.custom_hooks.append(dict(type='StopRequestHook', should_stop=should_stop,
                                      priority='LOWEST'))

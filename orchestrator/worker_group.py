@@ -135,7 +135,7 @@ class TrainWorker:
 
     def run(self, job, rank, world_size, init_method):
         """Train one trial as ``rank`` of ``world_size``; returns the final metrics."""
-        from mmseg_custom.hooks import TrainingDiverged
+        from mmseg_custom.hooks import BackboneChanged, TrainingDiverged
         from orchestrator import worker
         from orchestrator.errors import ConfigError, TrialFailed
         cfg, report, should_stop = self._prepare(job, rank)
@@ -143,7 +143,7 @@ class TrainWorker:
             try:
                 return worker.train(cfg, cfg.work_dir, callback=report, source=job['source'],
                                     should_stop=should_stop)
-            except (TrainingDiverged, ConfigError) as e:  # the reason, not a traceback
+            except (TrainingDiverged, ConfigError, BackboneChanged) as e:  # the reason itself
                 raise TrialFailed(str(e)) from None
 
     def run_group(self, jobs, rank, world_size, init_method, group_dir):

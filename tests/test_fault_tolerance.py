@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -110,11 +111,14 @@ def test_killed_driver_resumes_without_rerunning_or_doubling(tmp_path, synthetic
     print(f'resume: killed -> finished in {time.time() - killed_at:.1f} s')
 
 
-def test_killed_worker_restarts_the_trial_from_its_checkpoint(tmp_path, synthetic_root,
+@pytest.mark.parametrize('config', ['tiny_fcn_synthetic.py', 'tiny_vit_frozen_fcn_synthetic.py'])
+def test_killed_worker_restarts_the_trial_from_its_checkpoint(config, tmp_path, synthetic_root,
                                                                ray_address, ray_processes, cli_env):
+    """Also with a frozen backbone, whose checkpoints leave it out: the restart rebuilds it."""
     path = _space(tmp_path, synthetic_root, 'workerkill',
                   {'model.decode_head.num_convs': {'grid': [1]}}, iters=240, evaluations=4,
-                  fault_tolerance={'worker_retries': 1})
+                  fault_tolerance={'worker_retries': 1},
+                  base_config=str(ROOT / 'configs' / config))
     work = tmp_path / 'out' / 'workerkill' / 'trials'
     driver = _sweep(path, ray_address, cli_env)
     _wait_for(lambda: list(work.glob('*/mmseg/iter_120.pth')), driver)
@@ -132,6 +136,10 @@ def test_killed_worker_restarts_the_trial_from_its_checkpoint(tmp_path, syntheti
     log = '\n'.join(p.read_text() for p in sorted(next(work.glob('*/mmseg')).glob('*.log')))
     assert log.count('Iter [20/240]') == 1  # restarted from a checkpoint, not from iteration 0
     assert 'continuing after iteration 120' in log and log.count('Iter [240/240]') == 1
+    checkpoint = torch.load(next(work.glob('*/mmseg/iter_240.pth')), weights_only=False)
+    frozen = config.startswith('tiny_vit_frozen')
+    assert frozen == ('frozen_backbone' in checkpoint['meta'])
+    assert frozen != any(k.startswith('backbone.') for k in checkpoint['state_dict'])
     # the restart is a line in the live view and in `orchestrator status`
     restart = re.compile(r'trial \w+: worker lost at iteration (\d+); restart 1 of 1 from '
                          r'iteration 120')

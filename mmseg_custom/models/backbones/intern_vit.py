@@ -225,7 +225,7 @@ class InternViT(BaseModule):
         self.patch_embed = PatchEmbed(patch_size, dim, in_chans)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()  # meta builds too
         self.blocks = nn.ModuleList(Block(
             dim, shape['num_heads'], shape['mlp_ratio'], shape['qkv_bias'],
             shape['qk_normalization'], shape['norm_type'], init_values, rates[i],
