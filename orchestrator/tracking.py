@@ -16,7 +16,7 @@ from ray.tune import Callback
 
 from orchestrator.errors import ConfigError
 
-METRIC_PREFIXES = ('mIoU', 'mAcc', 'aAcc', 'IoU.', 'Acc.', 'loss', 'lr', 'restarts')
+METRIC_PREFIXES = ('mIoU', 'mAcc', 'aAcc', 'IoU.', 'Acc.', 'loss', 'lr', 'restarts', 'cost.')
 PACKAGES = ('torch', 'mmcv-full', 'mmsegmentation', 'ray', 'mlflow')
 
 

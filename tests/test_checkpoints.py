@@ -81,3 +81,4 @@ def test_a_changed_weight_file_is_refused_on_resume(synthetic_root, tmp_path):
     again.model.backbone.pretrained = str(weights)
     with pytest.raises(BackboneChanged, match='weight file changed'):
         worker.train(again, str(first))
+

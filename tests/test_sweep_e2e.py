@@ -83,6 +83,10 @@ def test_every_child_has_miou_history_and_artifacts(sweep):
         assert c.info.status == 'FINISHED'
         assert 0.0 <= c.data.metrics['mIoU'] <= 1.0
         assert 'IoU.class1' in c.data.metrics and 'loss' in c.data.metrics
+        # what the trial cost, as ordinary metrics: 2 CPU workers, so worker-hours = 2 x wall
+        assert c.data.metrics['cost.worker_hours'] == pytest.approx(
+            2 * c.data.metrics['cost.train_s'] / 3600)
+        assert c.data.metrics['cost.img_per_s'] > 0 and c.data.metrics['cost.gpu_hours'] == 0
         history = client.get_metric_history(c.info.run_id, 'mIoU')
         steps = sorted(m.step for m in history)
         max_iters = int(c.data.params['runner.max_iters'])

@@ -40,6 +40,13 @@ def test_single_process_training_reports_every_evaluation(tiny_cfg, tmp_path):
                                             abs=1e-6)
     for key in ('mIoU', 'mAcc', 'aAcc', 'IoU.class1', 'IoU.class4', 'Acc.class2'):
         assert 0.0 <= metrics[key] <= 1.0, key
+    # what it cost: growing wall time, its worker-hours (one CPU worker: no GPU-hours), a
+    # throughput and the process's peak memory
+    walls = [m['cost.train_s'] for m in seen]
+    assert walls == sorted(walls) and walls[0] > 0
+    assert metrics['cost.worker_hours'] == pytest.approx(walls[-1] / 3600)
+    assert metrics['cost.gpu_hours'] == 0.0 and metrics['cost.img_per_s'] > 0
+    assert 0.1 < metrics['cost.peak_rss_gb'] < 64
     lines = (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()
     assert [json.loads(line)['iter'] for line in lines] == [20, 40, 50]
     assert (tmp_path / 'wd' / 'config.py').exists()
@@ -111,3 +118,19 @@ def test_linear_probe_channel_mismatch_names_both_values(synthetic_root, tmp_pat
 def test_missing_config_file(path, tmp_path, capsys):
     assert worker.main([path, '--work-dir', str(tmp_path)]) == 2
     assert path in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('persistent,sleeps', [(True, 0), (False, 2)])
+def test_epoch_ends_sleep_only_where_loader_workers_restart(persistent, sleeps, monkeypatch):
+    """mmcv sleeps 2 s per epoch against a deadlock of starting loader workers; persistent
+    workers never restart, so their epochs end without it (a 1/16 subset: every 79 steps)."""
+    from mmcv.runner.iter_based_runner import IterLoader
+    from torch.utils.data import DataLoader
+
+    import mmseg_custom.compat as compat
+    slept = []
+    monkeypatch.setattr(compat.time, 'sleep', slept.append)
+    loader = IterLoader(DataLoader(list(range(4)), batch_size=2, num_workers=1,
+                                   persistent_workers=persistent))
+    assert [int(next(loader).sum()) for _ in range(6)] == [1, 5, 1, 5, 1, 5]
+    assert slept == [2] * sleeps  # two epoch ends
