@@ -18,6 +18,7 @@ has polled for ABANDONED_AFTER_S stops training by itself.
 import asyncio
 import contextlib
 import os
+import socket
 import threading
 import time
 
@@ -53,15 +54,22 @@ class TrainWorker:
                     gpu_ids=[str(g) for g in ray.get_gpu_ids()], pid=os.getpid())
 
     def rendezvous(self, world_size):
-        """Open the trial's rendezvous here (rank 0): torch's TCP store listening on a port the
+        """Open the trial's rendezvous here (rank 0): torch's TCP store on a socket listening on
+        this node's Ray IP only (the store alone would listen on every interface), on a port the
         kernel picks, held until the run. Returns its address for the other ranks. (Finding a
         free port by bind-and-close and listening later lets another process take it between.)"""
         from datetime import timedelta
 
         from torch.distributed import TCPStore
-        self._store = TCPStore(ray.util.get_node_ip_address(), 0, world_size, is_master=True,
-                               timeout=timedelta(seconds=RENDEZVOUS_S), wait_for_workers=False)
-        return f'{ray.util.get_node_ip_address()}:{self._store.port}'
+        ip = ray.util.get_node_ip_address()
+        sock = socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET)
+        sock.bind((ip, 0))
+        sock.listen(128)
+        port = sock.getsockname()[1]
+        self._store = TCPStore(ip, port, world_size, is_master=True, wait_for_workers=False,
+                               master_listen_fd=sock.detach(),  # the store owns it now
+                               timeout=timedelta(seconds=RENDEZVOUS_S))
+        return f'[{ip}]:{port}' if ':' in ip else f'{ip}:{port}'
 
     def _state(self, trial_id):
         return self._runs.setdefault(trial_id, dict(reports=[], stop=False, polled=time.time()))
@@ -121,6 +129,7 @@ class TrainWorker:
             store, self._store = (self._store if rank == 0 else None), None
             if store is None:
                 host, port = address.rsplit(':', 1)
+                host = host.strip('[]')
                 store = dist.TCPStore(host, int(port), world_size, is_master=False,
                                       timeout=timedelta(seconds=RENDEZVOUS_S))
             dist.init_process_group('nccl' if cuda else 'gloo', store=store, rank=rank,

@@ -66,14 +66,19 @@ def test_each_family_trains_and_evaluates(family, ade150, tmp_path):
     log = next((tmp_path / 'work').glob('*.log')).read_text()
     assert 'ToBFloat16Hook: the backbone runs in bfloat16' in log
     assert '(internvl layout): ' in log and 'tensors loaded' in log  # not a random backbone
-    state = torch.load(tmp_path / 'work' / 'iter_2.pth', map_location='cpu',
-                       weights_only=False)['state_dict']
+    checkpoint = torch.load(tmp_path / 'work' / 'iter_2.pth', map_location='cpu',
+                            weights_only=False)
+    state = checkpoint['state_dict']
     source = torch.load(weights, weights_only=True)['module']
     block = 'backbone.blocks.3.mlp.fc1.weight'
-    assert state[block].dtype == torch.bfloat16
-    loaded = source[block[len('backbone.'):]].bfloat16()
-    trained = not torch.equal(state[block], loaded)
-    assert trained == (family == 'few_shot_1of4')  # only the few-shot protocol fine-tunes
+    if family == 'linear_probing':  # wholly frozen: checkpoints name its file instead
+        assert block not in state
+        assert checkpoint['meta']['frozen_backbone']['weights'] == str(weights)
+    else:  # head tuning trains the pyramid, few-shot the whole backbone: saved with it
+        assert state[block].dtype == torch.bfloat16
+        loaded = source[block[len('backbone.'):]].bfloat16()
+        trained = not torch.equal(state[block], loaded)
+        assert trained == (family == 'few_shot_1of4')  # only the few-shot protocol fine-tunes
     if family == 'few_shot_1of4':
         from mmseg.datasets import build_dataset
         assert len(build_dataset(cfg.data.train)) == 6  # max_image_num = 24 // 4

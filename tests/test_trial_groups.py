@@ -39,7 +39,8 @@ def _head(path):
 
 
 def _history(path):
-    return [{k: v for k, v in json.loads(line).items() if k != 'eval_time'}
+    return [{k: v for k, v in json.loads(line).items()  # all but wall-clock measurements
+             if k != 'eval_time' and not k.startswith('cost.')}
             for line in (path / 'metrics.jsonl').read_text().splitlines()]
 
 
