@@ -29,6 +29,9 @@ def _parser():
     s = sub.add_parser('sweep', help='run a Ray Tune sweep from a search-space YAML')
     s.add_argument('space', help='search-space file, e.g. search_spaces/demo.yaml')
     s.add_argument('--dry-run', action='store_true', help='print the trial plan, start nothing')
+    s.add_argument('--seconds-per-iteration', type=float, metavar='S',
+                   help='with --dry-run: estimate the GPU-hours from S seconds per training '
+                        'iteration (a finished trial\'s cost.train_s / its iterations)')
     s.add_argument('--name', help='sweep name (default: the file\'s name key)')
     s.add_argument('--output', help='output root (default: the file\'s output key, or runs/)')
     s.add_argument('--tracking-uri', help='MLflow URI (default: sqlite under the output root)')
@@ -110,7 +113,8 @@ def main(argv=None):
                 return run_sweep(args.space, name=args.name, output=args.output,
                                  tracking_uri=args.tracking_uri, address=args.address,
                                  dry_run=args.dry_run, resume=args.resume,
-                                 no_grouping=args.no_grouping)
+                                 no_grouping=args.no_grouping,
+                                 seconds_per_iteration=args.seconds_per_iteration)
             if args.command == 'sync':
                 from orchestrator.driver import sync
                 return sync(args.sweep_dir)

@@ -102,7 +102,8 @@ def sync(sweep_dir, out=None):
 
 
 def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=None,
-              dry_run=False, resume=False, out=None, no_grouping=False):
+              dry_run=False, resume=False, out=None, no_grouping=False,
+              seconds_per_iteration=None):
     out = out or sys.stdout
     spec, base_cfg = load_spec(space_file)
     spec.grouping = spec.grouping and not no_grouping
@@ -110,7 +111,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     spec.output = output or spec.output
     address = address or os.environ.get('RAY_ADDRESS')
     if dry_run:
-        header, rows, budget = planning.dry_run_table(spec, base_cfg)
+        header, rows, budget = planning.dry_run_table(spec, base_cfg, seconds_per_iteration)
         print(format_table(header, rows), file=out)
         print(budget, file=out)
         print('\n'.join(grouping.dry_run_lines(spec, planning.plain(base_cfg),

@@ -178,8 +178,10 @@ def resource_plan(spec, nodes):
     return trials, lines
 
 
-def dry_run_table(spec, base_cfg):
-    """Rows of (trial, resolved values...) and the total budget line."""
+def dry_run_table(spec, base_cfg, seconds_per_iteration=None):
+    """Rows of (trial, resolved values...) and the total budget line; with
+    ``seconds_per_iteration`` (one training iteration of one trial, measured or guessed) the
+    line also estimates the sweep's GPU-hours (worker-hours on CPU), trial groups not counted."""
     rows = grid_trials(spec)
     keys = searched_keys(spec)
     shown = keys + [k for k in ('model.decode_head.channels', 'runner.max_iters', WARMUP_KEY)
@@ -200,4 +202,10 @@ def dry_run_table(spec, base_cfg):
               f'{total_iters} iterations in all = {total_iters * spec.workers_per_trial} '
               f'worker-iterations'
               + (f' = {total_iters * need["GPU"]:,.0f} GPU-iterations' if need['GPU'] else ''))
+    if seconds_per_iteration:
+        hours = total_iters * seconds_per_iteration / 3600
+        unit, per_trial = (('GPU-hours', need['GPU']) if need['GPU'] else
+                           ('worker-hours', spec.workers_per_trial))
+        budget += (f'\nestimate at {seconds_per_iteration:g} s per iteration: {hours:,.1f} '
+                   f'trial-hours = {hours * per_trial:,.1f} {unit}')
     return header, table, budget

@@ -42,6 +42,7 @@ def ranked_results(result_grid, keys, metric='mIoU', mode='max'):
 REPORT_DIR = 'report'
 CURVE_PNG, CURVE_CSV = 'miou_vs_fraction.png', 'miou_vs_fraction.csv'
 PARALLEL_PNG, CLASSES_PNG = 'parallel_coordinates.png', 'per_class_iou_best.png'
+COST_PNG = 'miou_vs_cost.png'
 
 
 def _short(key):
@@ -156,6 +157,32 @@ def _plot_parallel(rows, keys, metric, path):
     plt.close(fig)
 
 
+def cost_axis(rows):
+    """GPU-hours when the trials ran on GPUs, else worker-hours (CPU sweeps); None without
+    cost metrics (a sweep from before they were recorded)."""
+    for key, label in (('cost.gpu_hours', 'GPU-hours'), ('cost.worker_hours', 'worker-hours')):
+        if rows and all(key in r for r in rows) and any(r[key] > 0 for r in rows):
+            return key, label
+    return None
+
+
+def _plot_cost(rows, keys, metric, axis, path):
+    """Each finished trial's metric against what it cost, coloured by head variant."""
+    import matplotlib.pyplot as plt
+    key, label = axis
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant in sorted({variant_label(r, keys) for r in rows}):
+        pts = [r for r in rows if variant_label(r, keys) == variant]
+        ax.scatter([r[key] for r in pts], [r[metric] for r in pts], label=variant, s=30)
+    ax.set_xlabel(f'{label} per trial')
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plot_classes(best, path):
     import matplotlib.pyplot as plt
     classes = sorted(k for k in best if k.startswith('IoU.'))
@@ -201,6 +228,9 @@ def write_report(results):
     label = (results.references or {}).get('label', 'published')
     _plot_curve(curve, metric, os.path.join(out, CURVE_PNG), references, label)
     _plot_parallel(ranked, keys, metric, os.path.join(out, PARALLEL_PNG))
+    axis = cost_axis(ranked)
+    if axis:
+        _plot_cost(ranked, results.variant_keys(), metric, axis, os.path.join(out, COST_PNG))
     best = ranked[0]
     _plot_classes(best, os.path.join(out, CLASSES_PNG))
 
@@ -218,6 +248,9 @@ def write_report(results):
                       for c in curve], markdown=True), '',
         *_reference_section(references, label, metric),
         '## Searched values against the metric', '', f'![parallel]({PARALLEL_PNG})', '',
+        *(['## What it cost', '', f'{metric} against {axis[1]} per trial (all: '
+           f'{sum(r[axis[0]] for r in ranked):.3g} {axis[1]}).', '', f'![cost]({COST_PNG})', '']
+          if axis else []),
         '## Per-class IoU of the best trial', '', f'![classes]({CLASSES_PNG})', '',
         '## All finished trials, best first', '',
         format_table(['trial', *map(_short, keys), metric],

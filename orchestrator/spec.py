@@ -343,10 +343,13 @@ def load_spec(path):
                                   lambda v: _int(v) and v > 0, 'a positive integer', 1)
     spec.cpus_per_worker = _get(source, 'resources', res, 'cpus_per_worker',
                                 lambda v: _num(v) and v > 0, 'a number > 0', 1)
-    # Ray shares a GPU between workers only in fractions of one; above one it assigns whole GPUs
+    # A worker is one training process driving one device (mmseg's DDP: one rank per GPU); Ray
+    # shares a GPU between workers in fractions of one. More GPUs per trial: more workers.
     spec.gpus_per_worker = _get(source, 'resources', res, 'gpus_per_worker',
-                                lambda v: _num(v) and (0 <= v <= 1 or float(v).is_integer()),
-                                'a fraction in [0, 1] (workers share a GPU) or a whole number', 0)
+                                lambda v: _num(v) and 0 <= v <= 1,
+                                'a fraction in [0, 1]: a worker is one process training on one '
+                                'GPU (workers share a GPU below 1); for more GPUs per trial, '
+                                'raise workers_per_trial', 0)
     if 0 < spec.gpus_per_worker < 1 and spec.workers_per_trial > 1:
         raise _err(source, 'resources.gpus_per_worker', spec.gpus_per_worker,
                    'a fraction of a GPU needs workers_per_trial: 1 (NCCL cannot run two ranks '

@@ -155,7 +155,7 @@ def test_half_gpu_trials_share_the_gpu_at_once(two_nodes, synthetic_root, tmp_pa
 
 
 @pytest.mark.parametrize('resources,needle', [
-    ({'workers_per_trial': 1, 'gpus_per_worker': 2}, 'no node can hold one worker'),
+    ({'workers_per_trial': 1, 'cpus_per_worker': 16}, 'no node can hold one worker'),
     ({'workers_per_trial': 2, 'gpus_per_worker': 1}, 'hold 1 such worker(s)'),
 ])
 def test_impossible_plan_on_the_cluster_fails_fast(two_nodes, synthetic_root, tmp_path, capsys,

@@ -183,12 +183,14 @@ def test_report_plots_exist_decode_and_show_something(study, parent_id, capsys):
     from PIL import Image
     assert cli.main(['report', 'study', '--output', str(study['tmp'] / 'out')]) == 0
     report = study['sweep_dir'] / 'report'
-    for name in ('miou_vs_fraction.png', 'parallel_coordinates.png', 'per_class_iou_best.png'):
+    for name in ('miou_vs_fraction.png', 'parallel_coordinates.png', 'per_class_iou_best.png',
+                 'miou_vs_cost.png'):
         img = np.asarray(Image.open(report / name).convert('RGB'))
         assert img.shape[0] > 300 and img.shape[1] > 400, (name, img.shape)
         assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50, name  # lines, text, colours
     text = (report / 'report.md').read_text()
     assert '![curve](miou_vs_fraction.png)' in text and text.count('\n| ') >= TRIALS
+    assert '![cost](miou_vs_cost.png)' in text and 'against worker-hours per trial' in text
     # the published points, beside the variant they belong to (num_convs=0), in [0, 1] units
     section = text.split('Published reference (paper)')[1].split('## ')[0]
     rows = re.findall(r'^\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|.*\|\s*num_convs=(\d)\s*\|$',

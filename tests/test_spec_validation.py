@@ -104,6 +104,8 @@ CASES = [
      ['early_stopping.asha.reduction_factor', '1']),
     ('gpus above one not whole', _set('resources/gpus_per_worker', 1.5), None,
      ['resources.gpus_per_worker', '1.5', 'fraction']),
+    ('two gpus per worker', _set('resources/gpus_per_worker', 2), None,
+     ['resources.gpus_per_worker', '2', 'raise workers_per_trial']),
     ('shared GPU, two ranks', lambda d: d['resources'].update(workers_per_trial=2,
                                                               gpus_per_worker=0.5), None,
      ['resources.gpus_per_worker', '0.5', 'workers_per_trial: 1']),
@@ -223,6 +225,15 @@ def test_fewshot_space_dry_run_prints_internvls_protocol(capsys):
                         ('1', '80000', '1500')}
     assert {r['model.decode_head.channels'] for r in rows if r['model.decode_head.num_convs'] ==
             '0'} == {'3200'}
+
+
+def test_dry_run_estimates_gpu_hours_from_seconds_per_iteration(capsys):
+    code = cli.main(['sweep', 'search_spaces/fewshot.yaml', '--dry-run',
+                     '--seconds-per-iteration', '0.5'])
+    out = capsys.readouterr().out
+    # 5k + 10k + 20k + 40k + 80k iterations x 12 heads = 1.86 M iterations of 8-GPU trials
+    assert code == 0 and 'estimate at 0.5 s per iteration: 258.3 trial-hours' in out
+    assert '= 2,066.7 GPU-hours' in out
 
 
 def test_linear_probe_space_dry_run_plans_subsets_and_trial_groups(capsys):
