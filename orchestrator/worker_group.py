@@ -48,10 +48,12 @@ class TrainWorker:
         # finished trial's process can arrive after the next trial started on this worker
 
     def where(self):
-        """Where this worker runs (node, GPUs, pid): the trial's placement tags in MLflow."""
+        """Where this worker runs (node, Ray's GPU ids, the CUDA device index it trains on, what
+        it sees, pid): the trial's placement tags in MLflow."""
         ctx = ray.get_runtime_context()
         return dict(node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address(),
-                    gpu_ids=[str(g) for g in ray.get_gpu_ids()], pid=os.getpid())
+                    gpu_ids=[str(g) for g in ray.get_gpu_ids()], device=local_device(),
+                    visible=os.environ.get('CUDA_VISIBLE_DEVICES'), pid=os.getpid())
 
     def rendezvous(self, world_size):
         """Open the trial's rendezvous here (rank 0): torch's TCP store on a socket listening on
@@ -120,12 +122,15 @@ class TrainWorker:
 
         import torch
         import torch.distributed as dist
-        # mmseg's train_segmentor reads LOCAL_RANK for DDP's device ids
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK='0')
+        # mmseg's train_segmentor reads LOCAL_RANK for DDP's device ids: the node-local index
+        # of this worker's GPU (every GPU of the node is visible: see _start_group)
+        device = local_device()
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size),
+                          LOCAL_RANK=str(device or 0))
+        if torch.cuda.is_available() and device is not None:
+            torch.cuda.set_device(device)
         if world_size > 1:
             cuda = torch.cuda.is_available()
-            if cuda:
-                torch.cuda.set_device(0)  # Ray shows each GPU worker its own device(s) only
             store, self._store = (self._store if rank == 0 else None), None
             if store is None:
                 host, port = address.rsplit(':', 1)
@@ -173,11 +178,33 @@ async def _settled(ref):
         pass
 
 
+def local_device():
+    """The CUDA index of this worker's (first) Ray GPU among the devices the process sees, or
+    None without a GPU. Workers see every GPU of their node (_start_group), as Ray Train's
+    workers see their node's share of the trial, so NCCL can use NVLink between the ranks."""
+    ids = [str(g) for g in ray.get_gpu_ids()]
+    if not ids:
+        return None
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if visible:  # the node itself was started with a subset: Ray's ids are among them
+        order = visible.split(',')
+        return order.index(ids[0]) if ids[0] in order else 0
+    return int(float(ids[0]))
+
+
+# Ray would show each GPU actor only its own GPU (CUDA_VISIBLE_DEVICES per process): ranks of one
+# trial on one node could then not reach each other's devices (no NVLink for NCCL). Set before
+# the process starts, this keeps the node's devices visible; each worker picks its own.
+_SEE_NODE_GPUS = {'env_vars': {'RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES': '1'}}
+
+
 def _start_group(n_workers, bundle, strategy):
     pg = placement_group([dict(bundle) for _ in range(n_workers)], strategy=strategy)
+    gpu = bundle.get('GPU', 0)
     workers = [TrainWorker.options(
-        num_cpus=bundle.get('CPU', 0), num_gpus=bundle.get('GPU', 0),
+        num_cpus=bundle.get('CPU', 0), num_gpus=gpu,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        **({'runtime_env': _SEE_NODE_GPUS} if gpu else {}),
     ).remote() for i in range(n_workers)]
     return pg, workers
 

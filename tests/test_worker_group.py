@@ -126,3 +126,44 @@ def test_the_rendezvous_listens_on_the_nodes_ip_only(pool):
     finally:
         ray.get(pool.release_broken.remote(gid, 'test'))
 
+
+
+@pytest.fixture
+def gpu_node(pool, ray_address):
+    """A node with 2 logical GPUs joins the session's cluster for one test (Ray hands out GPU
+    ids without any GPU: what a worker sees and picks is Ray's and ours, not CUDA's)."""
+    import subprocess
+    import sys
+
+    import ray
+    node = subprocess.Popen([str(Path(sys.executable).with_name('ray')), 'start',
+                             f'--address={ray_address}', '--num-cpus=2', '--num-gpus=2',
+                             '--block', '--disable-usage-stats'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        assert _eventually(lambda: any(n['Alive'] and n['Resources'].get('GPU') == 2
+                                       for n in ray.nodes()))
+        yield
+    finally:
+        node.terminate()
+        node.wait(timeout=60)
+
+
+def test_a_trials_workers_see_their_nodes_gpus_and_pick_their_own(gpu_node):
+    """As Ray Train: the ranks of a trial on one node see the node's GPUs (so NCCL can use
+    NVLink between them) and each trains on its own, by its node-local index."""
+    import ray
+
+    from orchestrator.worker_group import WorkerPool
+    gpu_pool = WorkerPool.remote(1, 2, {'CPU': 1.0, 'GPU': 1.0})
+    try:
+        _, workers = ray.get(gpu_pool.acquire.remote('gpus'), timeout=120)
+        ranks = ray.get([w.where.remote() for w in workers], timeout=120)
+        assert len({r['node_id'] for r in ranks}) == 1  # packed on the 2-GPU node
+        assert sorted(r['gpu_ids'] for r in ranks) == [['0'], ['1']]
+        for r in ranks:
+            assert r['visible'] is None  # Ray did not narrow CUDA_VISIBLE_DEVICES to one GPU
+            assert r['device'] == int(r['gpu_ids'][0])  # its own, by node-local index
+    finally:
+        ray.kill(gpu_pool)

@@ -13,6 +13,7 @@ import os
 
 import torch
 from mmcv.runner import HOOKS, Hook
+from mmcv.runner.dist_utils import get_dist_info
 
 _FILE_DIGESTS = {}  # (path, size, mtime) -> sha256: a warm worker hashes a 12 GB file once
 
@@ -65,6 +66,8 @@ class FrozenBackboneCheckpointHook(Hook):
         backbone = getattr(model, 'backbone', None)
         if backbone is None or any(p.requires_grad for p in backbone.parameters()):
             return  # a backbone that trains is saved like everything else
+        if get_dist_info()[0] != 0:
+            return  # rank 0 saves (and hashes a 12 GB file once per process), not every rank
         saved = self._resumed_from(runner)
         identity = self._identity(backbone)
         if saved is not None and saved != identity:
