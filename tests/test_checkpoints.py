@@ -82,3 +82,20 @@ def test_a_changed_weight_file_is_refused_on_resume(synthetic_root, tmp_path):
     with pytest.raises(BackboneChanged, match='weight file changed'):
         worker.train(again, str(first))
 
+
+def test_a_resume_whose_last_evaluation_was_lost_evaluates_it_first(synthetic_root, tmp_path):
+    """A worker killed between mmcv's checkpoint and its evaluation: the resumed run evaluates
+    that iteration before training on (found by CI: the cost metrics read the training loader
+    before it existed)."""
+    import json
+    first = tmp_path / 'first'
+    worker.train(_cfg(synthetic_root, **{'runner.max_iters': 20}), str(first))
+    (first / 'metrics.jsonl').write_text('')  # the evaluation at 20 never reached the file
+    seen = []
+    worker.train(_cfg(synthetic_root, resume_from=str(first / 'iter_20.pth')), str(first),
+                 callback=seen.append)
+    assert [m['iter'] for m in seen] == [20, 40]
+    assert seen[0]['cost.img_per_s'] == 0 and seen[1]['cost.img_per_s'] > 0
+    lines = [json.loads(line) for line in (first / 'metrics.jsonl').read_text().splitlines()]
+    assert [m['iter'] for m in lines] == [20, 40]
+

@@ -2,9 +2,10 @@
 
 InternVL's ``ADE20KDataset`` keeps ``max_image_num`` training images after a ``random.shuffle``
 seeded by the run's seed: each seed trains on another subset, the same on every rank. Here the
-kept images are the first ``max_image_num`` of the seeded permutation of subsets.py, with
-``subset_seed`` (the run's ``seed`` when the worker builds it, orchestrator/worker.py): the same
-dependence on the seed, and nested across sizes for one seed.
+kept images are the first ``max_image_num`` of the seeded permutation that the sweeps' few-shot
+fractions use (orchestrator/fewshot.py), with ``subset_seed`` (the run's ``seed`` when the worker
+builds it, orchestrator/worker.py): the same dependence on the seed, the same on every rank, and
+nested across sizes for one seed.
 """
 from mmseg.datasets.ade import ADE20KDataset as MMSegADE20KDataset
 from mmseg.datasets.builder import DATASETS

@@ -45,7 +45,8 @@ class EvalMetricsHook(Hook):
         now = time.time()
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         train_s = self._spent_s + (now - self._started)
-        batch = getattr(getattr(runner.data_loader, '_dataloader', None), 'batch_size', None) or 1
+        loader = getattr(runner, 'data_loader', None)  # not there yet in before_run (a resume)
+        batch = getattr(getattr(loader, '_dataloader', None), 'batch_size', None) or 1
         interval_s = max(now - self._interval_start, 1e-9)
         cost = {'cost.train_s': train_s, 'cost.worker_hours': train_s * world / 3600,
                 'cost.gpu_hours': train_s * world / 3600 if torch.cuda.is_available() else 0.0,
