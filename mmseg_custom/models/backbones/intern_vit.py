@@ -256,7 +256,7 @@ class InternViT(BaseModule):
         """Load ``pretrained`` (any layout of internvit_weights.py), resizing ``pos_embed`` to
         this model's grid and the patch kernel to its patch size. Every ViT parameter must come
         from the file (the pyramid may not: it is new in head tuning)."""
-        if not self.pretrained:  # InternVL's few-shot configs never pass theirs: say so
+        if not self.pretrained:  # some InternVL configs forgot to pass theirs: say so
             get_root_logger().warning('InternViT: no weight file (model.backbone.pretrained): '
                                       'the backbone starts from a random initialisation')
             return
