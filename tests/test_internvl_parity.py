@@ -362,5 +362,8 @@ def test_a_sweep_runs_on_an_internvl_config_with_its_checkpoint(ade150, tmp_path
         assert child.data.params['lr_config.warmup_iters'] == '2'
         assert child.data.tags['trial_group_size'] == '2'
         assert 0.0 <= child.data.metrics['mIoU'] <= 1.0
+        # each head carries half of what the group cost (1 CPU worker: worker-hours = wall / 2)
+        assert child.data.metrics['cost.worker_hours'] == pytest.approx(
+            child.data.metrics['cost.train_s'] / 3600 / 2)
     logs = '\n'.join(p.read_text() for p in (tmp_path / 'out' / 'internvl').rglob('*.log'))
     assert f'InternViT weights {tmp_path / "intern_vit_tiny_224px.pth"} (internvl layout)' in logs

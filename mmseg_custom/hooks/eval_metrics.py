@@ -11,20 +11,17 @@ process died between mmcv's checkpoint and its evaluation), evaluates that itera
 Each dict carries ``eval_time`` (when it was computed): replaying an evaluation from the file
 gives MLflow the identical record, which it stores once.
 
-What the run cost so far rides along as ``cost.*``: training wall time (``cost.train_s``, summed
-over a resumed run's attempts), ``cost.worker_hours`` and ``cost.gpu_hours`` (wall time x ranks,
-x ranks on GPUs), training throughput since the last evaluation (``cost.img_per_s``, all ranks)
-and peak memory of rank 0 (``cost.peak_rss_gb``; ``cost.peak_gpu_mem_gb`` on GPU).
+What the run cost so far rides along as ``cost.*`` (cost.py).
 """
 import json
 import os.path as osp
-import resource
 import time
 
-import torch
 import torch.distributed as dist
 from mmcv.runner import HOOKS, Hook
 from mmcv.runner.dist_utils import get_dist_info
+
+from .cost import RunCost
 
 EVAL_KEYS = ('mIoU', 'mAcc', 'aAcc')
 
@@ -36,26 +33,7 @@ class EvalMetricsHook(Hook):
         self.callback = callback
         self.out_file = out_file
         self._losses = []
-        self._spent_s = 0.0  # training time of earlier attempts (a resumed run)
-        self._started = self._interval_start = None
-        self._interval_iters = 0
-
-    def _cost(self, runner):
-        """The run's cost so far (rank 0's view; the ranks run in lockstep)."""
-        now = time.time()
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        train_s = self._spent_s + (now - self._started)
-        loader = getattr(runner, 'data_loader', None)  # not there yet in before_run (a resume)
-        batch = getattr(getattr(loader, '_dataloader', None), 'batch_size', None) or 1
-        interval_s = max(now - self._interval_start, 1e-9)
-        cost = {'cost.train_s': train_s, 'cost.worker_hours': train_s * world / 3600,
-                'cost.gpu_hours': train_s * world / 3600 if torch.cuda.is_available() else 0.0,
-                'cost.img_per_s': self._interval_iters * batch * world / interval_s,
-                'cost.peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
-        if torch.cuda.is_available():
-            cost['cost.peak_gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 1e9
-        self._interval_start, self._interval_iters = time.time(), 0
-        return cost
+        self._cost = RunCost()
 
     @staticmethod
     def _eval_hook(runner):
@@ -75,7 +53,7 @@ class EvalMetricsHook(Hook):
             lr = next(iter(lr.values())) if isinstance(lr, dict) else lr
             metrics['lr'] = float(lr[0])
             metrics['iter'] = iteration
-            metrics.update(self._cost(runner))
+            metrics.update(self._cost.snapshot(runner))
             metrics['eval_time'] = time.time()
             with open(osp.join(runner.work_dir, self.out_file), 'a') as f:
                 f.write(json.dumps(metrics) + '\n')
@@ -89,15 +67,16 @@ class EvalMetricsHook(Hook):
 
     def before_run(self, runner):
         # A fresh run starts a fresh file; a resumed run (iter > 0) appends to its history.
-        self._started = self._interval_start = time.time()
+        spent_s = 0.0
         path = osp.join(runner.work_dir, self.out_file)
         if runner.iter > 0 and get_dist_info()[0] == 0 and osp.isfile(path):
             with open(path) as f:  # the earlier attempts' training time goes on counting
                 for line in f:
                     try:
-                        self._spent_s = json.loads(line).get('cost.train_s', self._spent_s)
+                        spent_s = json.loads(line).get('cost.train_s', spent_s)
                     except json.JSONDecodeError:  # a line the killed attempt left half-written
                         pass
+        self._cost.start(spent_s)
         if runner.iter == 0:
             if get_dist_info()[0] == 0:
                 open(path, 'w').close()
@@ -116,7 +95,7 @@ class EvalMetricsHook(Hook):
             self._evaluate_now(runner, hook)
 
     def after_train_iter(self, runner):
-        self._interval_iters += 1
+        self._cost.step()
         log_vars = (runner.outputs or {}).get('log_vars', {})
         if 'loss' in log_vars:
             self._losses.append(float(log_vars['loss']))

@@ -4,7 +4,7 @@ per-head stop and divergence, so one head can leave the group while the others t
 ``MultiHeadEvalHook`` does for every head what mmseg's EvalHook + ``EvalMetricsHook`` do for a solo
 run: at every ``interval`` and at the last iteration it evaluates (on rank 0, with rank 0's BN
 buffers, as mmseg's distributed evaluation does after broadcasting them), adds the head's mean
-training loss and its learning rate, appends the dict to that head's ``metrics.jsonl`` and hands
+training loss, its learning rate and its share of what the group cost (cost.py), appends the dict to that head's ``metrics.jsonl`` and hands
 it to that head's callback, on every rank. The backbone runs once per validation input for all
 heads (the segmentor caches its features).
 
@@ -23,6 +23,7 @@ from mmcv.runner import HOOKS, Hook
 from mmcv.runner.dist_utils import get_dist_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .cost import RunCost
 from .stop_request import TrainingStopped
 
 
@@ -48,14 +49,17 @@ class MultiHeadEvalHook(Hook):
         self.callbacks = callbacks or [None] * len(work_dirs)
         self.out_file = out_file
         self._losses = [[] for _ in work_dirs]
+        self._cost = RunCost()
 
     def before_run(self, runner):
+        self._cost.start()
         if get_dist_info()[0] == 0:
             for d in self.work_dirs:
                 os.makedirs(d, exist_ok=True)
                 open(osp.join(d, self.out_file), 'w').close()
 
     def after_train_iter(self, runner):
+        self._cost.step()
         log_vars = (runner.outputs or {}).get('log_vars', {})
         for k in range(len(self.work_dirs)):
             loss = sum(v for n, v in log_vars.items() if n.startswith(f'head{k}.') and 'loss' in n)
@@ -97,6 +101,8 @@ class MultiHeadEvalHook(Hook):
             segmentor.eval_all_heads = False
             model.train()
         lrs = {g['head']: g['lr'] for g in runner.optimizer.param_groups}
+        # each head's share of what the group cost: the heads still training split it
+        cost = self._cost.snapshot(runner, share=1.0 / max(1, len(results)))
         metrics = {}
         for k, res in results.items():
             scores = dataset.evaluate(res, metric='mIoU', logger='silent')
@@ -104,7 +110,7 @@ class MultiHeadEvalHook(Hook):
                  if n in ('mIoU', 'mAcc', 'aAcc') or n.startswith(('IoU.', 'Acc.'))}
             if self._losses[k]:
                 m['loss'] = sum(self._losses[k]) / len(self._losses[k])
-            m.update(lr=float(lrs[k]), iter=iteration, eval_time=time.time())
+            m.update(lr=float(lrs[k]), iter=iteration, **cost, eval_time=time.time())
             with open(osp.join(self.work_dirs[k], self.out_file), 'a') as f:
                 f.write(json.dumps(m) + '\n')
             metrics[k] = m
