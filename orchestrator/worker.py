@@ -10,7 +10,6 @@ and one metrics dict out (the same on every rank).
     torchrun --nproc_per_node 2 -m orchestrator.worker configs/tiny_fcn_synthetic.py --work-dir ...
 """
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from mmseg.models import build_segmentor
 from mmseg.utils import get_root_logger
 
 from mmseg_custom.hooks import TrainingDiverged, TrainingStopped
+from mmseg_custom.hooks.frozen_backbone import tensors_sha256
 from mmseg_custom.models.backbones.internvit_weights import BackboneWeightsError
 from mmseg_custom.models.head_rng import isolate_head_rng, reinit_head
 
@@ -43,15 +43,7 @@ from orchestrator.spec import check_data_paths
 HEAD_FILE = 'head_final.pth'  # the trained head's weights, solo or grouped
 
 
-def state_digest(module_or_state):
-    """sha256 over a module's (or state dict's) tensors, in key order: equal digests, equal weights."""
-    state = module_or_state.state_dict() if hasattr(module_or_state, 'state_dict') else module_or_state
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().reshape(-1).contiguous()
-        h.update(key.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+state_digest = tensors_sha256  # rank_sync.json: data-parallel ranks must end identical
 
 
 def build_model(cfg, source='config', init_weights=True):

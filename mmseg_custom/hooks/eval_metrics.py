@@ -67,16 +67,18 @@ class EvalMetricsHook(Hook):
 
     def before_run(self, runner):
         # A fresh run starts a fresh file; a resumed run (iter > 0) appends to its history.
-        spent_s = 0.0
         path = osp.join(runner.work_dir, self.out_file)
+        history = []
         if runner.iter > 0 and get_dist_info()[0] == 0 and osp.isfile(path):
-            with open(path) as f:  # the earlier attempts' training time goes on counting
+            with open(path) as f:
                 for line in f:
                     try:
-                        spent_s = json.loads(line).get('cost.train_s', spent_s)
+                        history.append(json.loads(line))
                     except json.JSONDecodeError:  # a line the killed attempt left half-written
                         pass
-        self._cost.start(spent_s)
+        # the earlier attempts' training time goes on counting
+        self._cost.start(next((r['cost.train_s'] for r in reversed(history)
+                               if 'cost.train_s' in r), 0.0))
         if runner.iter == 0:
             if get_dist_info()[0] == 0:
                 open(path, 'w').close()
@@ -84,11 +86,7 @@ class EvalMetricsHook(Hook):
         hook = self._eval_hook(runner)
         if hook is None or runner.iter % hook.interval != 0:
             return
-        done = [False]
-        if get_dist_info()[0] == 0 and osp.isfile(path):
-            with open(path) as f:
-                done[0] = any(json.loads(line).get('iter') == runner.iter
-                              for line in f if line.strip())
+        done = [any(r.get('iter') == runner.iter for r in history)]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast_object_list(done, src=0)
         if not done[0]:

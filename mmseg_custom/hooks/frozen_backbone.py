@@ -30,9 +30,13 @@ def file_sha256(path):
     return _FILE_DIGESTS[key]
 
 
-def tensors_sha256(module):
+def tensors_sha256(module_or_state):
+    """sha256 over a module's (or state dict's) tensors in key order: equal digests, equal
+    weights."""
+    state = (module_or_state.state_dict() if hasattr(module_or_state, 'state_dict')
+             else module_or_state)
     h = hashlib.sha256()
-    for key, t in sorted(module.state_dict().items()):
+    for key, t in sorted(state.items()):
         h.update(key.encode())
         h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
