@@ -28,12 +28,27 @@ HEADS = [dict(num_convs=0, with_norm=True), dict(num_convs=1), dict(num_convs=2)
 
 
 def config(root, args, head):
+    """The tiny frozen config at ``args``' sizes (width, depth; optional size, patch, classes,
+    channels, loader_workers: the GPU check's larger shapes) with one head variant."""
     from mmcv import Config
     cfg = Config.fromfile(str(ROOT / 'configs' / 'tiny_vit_frozen_fcn_synthetic.py'))
+    size, classes = getattr(args, 'size', 64), getattr(args, 'classes', None)
     for split in ('train', 'val', 'test'):
         cfg.data[split].data_root = str(root)
-    cfg.model.backbone.update(embed_dim=args.width, depth=args.depth,
-                              num_heads=max(1, args.width // 32), out_indices=[args.depth - 1])
+        if classes:
+            cfg.data[split].num_classes = classes
+        if split != 'train':  # evaluate at the generated size (the base config's is 64 px)
+            cfg.data[split].pipeline[1].img_scale = (size, size)
+    if classes:
+        cfg.model.decode_head.num_classes = classes
+    loader_workers = getattr(args, 'loader_workers', 0)
+    cfg.data.update(workers_per_gpu=loader_workers, persistent_workers=loader_workers > 0)
+    patch = getattr(args, 'patch', 8)
+    cfg.model.backbone.update(embed_dim=args.width, depth=args.depth, patch_size=patch,
+                              img_size=size, pretrain_size=size,
+                              num_heads=max(1, args.width // 32 if args.width < 1024 else 16),
+                              out_indices=[args.depth - 1])
+    cfg.model.decode_head.channels = getattr(args, 'channels', cfg.model.decode_head.channels)
     head = dict(head)
     lr = head.pop('lr', None)
     if lr:
@@ -48,31 +63,37 @@ def config(root, args, head):
     return cfg
 
 
-def loop_s_per_iter(work_dir):
+def loop_s_per_iter(work_dir, key='time'):
     """mmseg's logged seconds per training iteration (data + forward/backward + step), averaged
     over the run (the log interval is the run's length): the loop without start-up or eval."""
     import glob
     import json
     logs = glob.glob(f'{work_dir}/*.log.json')
     entries = [json.loads(line) for line in open(logs[0]) if '"mode": "train"' in line]
-    return entries[-1]['time']
+    return entries[-1][key]
 
 
-def unit_costs(cfgs, reps=10):
+def unit_costs(cfgs, reps=10, size=64, device='cpu'):
     """(b, h): seconds per training batch of the backbone forward, and of one head's
     forward + backward + optimizer step (mean over the variants)."""
     import torch
     from mmcv.cnn.utils import revert_sync_batchnorm
     from mmcv.runner import build_optimizer
     from mmseg.models import build_segmentor
+
+    def clock():
+        if device != 'cpu':
+            torch.cuda.synchronize()
+        return time.perf_counter()
     batch = cfgs[0].data.samples_per_gpu
-    img = torch.randn(batch, 3, 64, 64)
-    gt = torch.randint(0, cfgs[0].model.decode_head.num_classes, (batch, 1, 64, 64))
-    metas = [dict(img_shape=(64, 64, 3), ori_shape=(64, 64, 3), pad_shape=(64, 64, 3),
-                  flip=False)] * batch
+    img = torch.randn(batch, 3, size, size, device=device)
+    gt = torch.randint(0, cfgs[0].model.decode_head.num_classes, (batch, 1, size, size),
+                       device=device)
+    metas = [dict(img_shape=(size, size, 3), ori_shape=(size, size, 3),
+                  pad_shape=(size, size, 3), flip=False)] * batch
     heads = []
     for cfg in cfgs:
-        model = revert_sync_batchnorm(build_segmentor(cfg.model))
+        model = revert_sync_batchnorm(build_segmentor(cfg.model)).to(device)
         model.init_weights()
         model.train()
         opt = build_optimizer(model, copy.deepcopy(cfg.optimizer))
@@ -80,20 +101,20 @@ def unit_costs(cfgs, reps=10):
     model = heads[0][0]
     with torch.no_grad():
         feats = model.extract_feat(img)
-        start = time.perf_counter()
+        start = clock()
         for _ in range(reps):
             model.extract_feat(img)
-        b = (time.perf_counter() - start) / reps
+        b = (clock() - start) / reps
     hs = []
     for m, opt in heads:
         for i in range(reps + 2):
             if i == 2:
-                start = time.perf_counter()
+                start = clock()
             opt.zero_grad()
             loss = m.decode_head.forward_train(feats, metas, gt, None)
             sum(v for k, v in loss.items() if 'loss' in k).backward()
             opt.step()
-        hs.append((time.perf_counter() - start) / reps)
+        hs.append((clock() - start) / reps)
     return b, statistics.mean(hs)
 
 

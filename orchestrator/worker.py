@@ -68,10 +68,11 @@ def load_weights(model, source='config'):
 
 
 def init_distributed():
-    """Join torchrun's process group when launched by it; True when running distributed."""
+    """Join torchrun's process group when launched by it, also with one process (as mmseg's
+    ``--launcher pytorch``: DDP and SyncBatchNorm on one GPU); True when running distributed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
-    if int(os.environ.get('WORLD_SIZE', '1')) > 1:
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 or 'TORCHELASTIC_RUN_ID' in os.environ:
         backend = 'nccl' if torch.cuda.is_available() else 'gloo'
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
@@ -318,6 +319,10 @@ def _record_rank_sync(model, work_dir, distributed, logger):
             f'{name.replace("_", " ")} identical on all {len(values)} rank(s): {in_sync}')
     with open(osp.join(work_dir, 'rank_sync.json'), 'w') as f:
         json.dump(dict(world_size=len(digests['decode_head']),
+                       backend=dist.get_backend() if distributed else None,
+                       device=str(next(model.decode_head.parameters()).device),
+                       sync_batchnorm=sum(isinstance(m, torch.nn.SyncBatchNorm)
+                                          for m in model.modules()),
                        **{f'{name}_sha256': values for name, values in digests.items()}), f)
 
 
