@@ -19,6 +19,7 @@ keeps what came before; its path is the last line printed):
     .venv/bin/python benchmarks/gpu_check.py --device cpu --out /tmp/gpu_check.json
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -138,7 +139,7 @@ def check_backbone_forward(args, tmp):
     return result
 
 
-def check_trial_group(args, tmp):
+def check_trial_group(args, tmp, result):
     import copy
     import torch
     from mmseg_custom.datasets.synthetic import generate_ade_layout
@@ -154,8 +155,10 @@ def check_trial_group(args, tmp):
         cfg = config(root, g, head)
         cfg.data.samples_per_gpu = g.batch
         return cfg
-    rows, solo_checkpoint = [], None
+    rows = result['rows'] = []  # filled as each K finishes: a stopped check keeps them
+    result['shape'] = vars(g)
     for k in args.ks:
+        gc.collect()
         cfgs = [cfg_for(HEADS[i % len(HEADS)]) for i in range(k)]
         b, h = unit_costs(cfgs, reps=5, size=g.size, device=args.device)
         if args.device == 'cuda':
@@ -187,8 +190,10 @@ def check_trial_group(args, tmp):
                          compute_speedup=compute_solo / compute_group,
                          compute_of_ideal=compute_solo / compute_group / ideal,
                          peak_gpu_mem_gb_solo=solo_peak, peak_gpu_mem_gb_group=group_peak))
-        solo_checkpoint = solo_checkpoint or f'{tmp}/k{k}/solo0'
-    return dict(shape=vars(g), rows=rows, solo_work_dir=solo_checkpoint)
+        result.setdefault('solo_work_dir', f'{tmp}/k{k}/solo0')
+        print(f'[gpu-check] c. K={k}: loop x{rows[-1]["loop_speedup"]:.2f} of ideal '
+              f'x{ideal:.2f}', flush=True)
+    return result
 
 
 def check_finetune_step(args, tmp):
@@ -322,10 +327,14 @@ def main(argv=None):
             try:
                 if name == 'checkpoint_size':
                     result = check(args, tmp, report.get('trial_group', {}).get('solo_work_dir'))
+                elif name == 'trial_group':
+                    result = {}
+                    check(args, tmp, result)
                 else:
                     result = check(args, tmp)
             except Exception as e:  # keep going: one broken check must not hide the others
-                result = dict(error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc())
+                result = dict(result if name == 'trial_group' else {},
+                              error=f'{type(e).__name__}: {e}', traceback=traceback.format_exc())
                 failed.append(name)
             finally:
                 signal.alarm(0)
