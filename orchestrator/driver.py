@@ -234,6 +234,7 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
             base = planning.plain(base_cfg)
 
             def params_of(config):
+                config = grouping.flat_config(config)
                 sampled = {k: config[k] for k in keys}
                 _, derived = planning.resolve(spec, base, sampled)
                 return {**sampled, **derived}
@@ -241,8 +242,16 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
             callback = MLflowTrialCallback(journal, spec.name, params_of,
                                            lambda tid: trial_dir(sweep_dir, tid))
             write_plan(sweep_dir, len(rows), max_concurrent, spec.metric, keys)
+            space = planning.tune_param_space(spec)
+            live_trials = max_concurrent
             if trial_groups:
                 print('\n'.join(grouping.dry_run_lines(spec, base, rows)), file=out)
+                space = grouping.nest_for_groups(space)
+                live_trials, largest = grouping.live_trial_bound(spec, space, trial_groups,
+                                                                 max_concurrent)
+                print(f'trial groups: at most {live_trials} trials alive at once '
+                      f'({max_concurrent} worker slot(s) x up to {largest} heads per group)',
+                      file=out)
             live = LiveStatus(sweep_dir, out)  # after the MLflow callback: reads its journal
             _, full = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})
             max_iters = full['runner.max_iters']
@@ -258,14 +267,14 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
             else:
                 tuner = tune.Tuner(
                     trainable,
-                    param_space=planning.tune_param_space(spec),
+                    param_space=space,
                     tune_config=tune.TuneConfig(
                         metric=spec.metric, mode=spec.mode,
                         num_samples=spec.num_samples, search_alg=_search_alg(spec),
                         scheduler=_scheduler(spec, max_iters),
-                        # a group starts when all its trials have joined: with groups, every
-                        # trial is started at once (they wait, idle, for their worker group)
-                        max_concurrent_trials=len(rows) if trial_groups else max_concurrent,
+                        # a group starts when all its trials have joined: its members wait,
+                        # idle, for their worker group (grouping.live_trial_bound)
+                        max_concurrent_trials=live_trials,
                         reuse_actors=True),
                     run_config=tune.RunConfig(name=spec.name,
                                               storage_path=osp.dirname(experiment_path),

@@ -17,6 +17,12 @@ import json
 import math
 
 HEAD_SIDE_PREFIXES = ('model.decode_head.',)
+# Tune creates grid trials in the order of its sorted key paths, the first path varying fastest
+# (ray.tune.search.variant_generator). Nested under these names, head-side keys vary fastest and
+# backbone-side keys slowest: a trial group's members are created one after another, so a
+# bounded number of live Tune trials always completes the next group.
+HEAD_NEST, SHARED_NEST = 'head', 'shared'
+
 HEAD_SIDE_KEYS = ('optimizer.lr', 'optimizer.weight_decay')
 BYTES_PER_LOGIT = 4 * 3  # fp32 logits, their gradient, the softmax inside the loss
 
@@ -120,3 +126,44 @@ def dry_run_lines(spec, base, rows):
         values = ', '.join(f'{k}={v}' for k, v in json.loads(key).items()) or 'all'
         lines.append(f'  group {i}: trials {",".join(map(str, members))} ({values})')
     return lines
+
+
+def nest_for_groups(space):
+    """Tune's param space with head-side keys under ``head`` and the rest under ``shared``."""
+    nested = {HEAD_NEST: {k: v for k, v in space.items() if head_side(k)},
+              SHARED_NEST: {k: v for k, v in space.items() if not head_side(k)}}
+    return {k: v for k, v in nested.items() if v}
+
+
+def flat_config(config):
+    """A Tune trial's config as {searched key: value}, nested (grouped sweeps) or not."""
+    flat = {}
+    for key, value in config.items():
+        if key in (HEAD_NEST, SHARED_NEST) and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def live_trial_bound(spec, space, chunks, slots):
+    """How many Tune trials a grouped sweep keeps alive: enough for ``slots`` trial groups of
+    the largest size to form and train at once, and never fewer than any group's span in the
+    order Tune creates the trials (Tune's own generator, over the nested ``space``), so that no
+    group waits for a member that cannot start. Returns (bound, the largest group)."""
+    from ray.tune.search.variant_generator import generate_variants
+    largest = max((max(sizes) for sizes in chunks.values()), default=1)
+    order = [group_key(spec, flat_config(variant))
+             for _ in range(spec.num_samples) for _, variant in generate_variants(space)]
+    arrived, first, span = {}, {}, 0
+    for position, key in enumerate(order):
+        if key not in chunks:
+            continue
+        n = arrived[key] = arrived.get(key, 0) + 1
+        sizes, chunk, end = chunks[key], 0, chunks[key][0]
+        while n > end and chunk + 1 < len(sizes):
+            chunk += 1
+            end += sizes[chunk]
+        first.setdefault((key, chunk), position)
+        span = max(span, position - first[(key, chunk)] + 1)
+    return min(len(order), max(slots * largest, span)), largest

@@ -7,6 +7,7 @@ import os.path as osp
 from prettytable import PrettyTable, TableStyle
 
 from orchestrator.errors import ConfigError
+from orchestrator.grouping import flat_config
 
 
 def format_table(header, rows, markdown=False):
@@ -25,7 +26,7 @@ def ranked_results(result_grid, keys, metric='mIoU', mode='max'):
     done, failed = [], []
     for r in result_grid:
         trial_id = (r.metrics or {}).get('trial_id', '?')
-        values = [r.config.get(k) for k in keys]
+        values = [flat_config(r.config).get(k) for k in keys]
         if r.error is not None or metric not in (r.metrics or {}):
             reason = str(r.error).strip().splitlines()[-1] if r.error else 'no metric reported'
             failed.append([trial_id, *values, reason])

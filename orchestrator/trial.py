@@ -15,7 +15,7 @@ from ray import tune
 from orchestrator.errors import TrialFailed
 from orchestrator.files import read_jsonl, write_json_atomic
 from orchestrator.fewshot import write_split_file
-from orchestrator.grouping import group_key
+from orchestrator.grouping import flat_config, group_key
 from orchestrator.plan import resolve
 from orchestrator.spec import FRACTION_KEY, SUBSET_SEED_KEY
 from orchestrator.worker_group import CALL_S, GRACE_S
@@ -189,7 +189,8 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
     """
     trial_id = tune.get_context().get_trial_id()
     out_dir = trial_dir(output_dir, trial_id)
-    overrides = trial_overrides(spec, base, dict(config), out_dir)
+    config = flat_config(config)
+    overrides = trial_overrides(spec, base, config, out_dir)
     overrides['auto_resume'] = True
     job = dict(base=base, overrides=overrides, base_filename=base_filename, trial_dir=out_dir,
                source=spec.source, trial_id=trial_id)
@@ -205,7 +206,7 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
         _replay_history(overrides['work_dir'])
         try:
             if grouped and restarts == 0 and \
-                    _train_in_group(pool, job, group_key(spec, dict(config)), forward):
+                    _train_in_group(pool, job, group_key(spec, config), forward):
                 return None
             return _train_on_group(pool, job, forward)
         except WorkersLost as e:

@@ -268,9 +268,12 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
     datasets = [build_dataset(gcfg.data.train)]
     model.CLASSES, model.PALETTE = datasets[0].CLASSES, datasets[0].PALETTE
     loader_workers = gcfg.data.get('workers_per_gpu', 2)
+    # each rank evaluates its share of the validation set (MultiHeadEvalHook); the seed, as
+    # mmseg's own validation loader has it: without one its sampler draws from numpy's global
+    # stream, and the training augmentations would differ from a solo run's
     val = build_dataloader(build_dataset(gcfg.data.val, dict(test_mode=True)), samples_per_gpu=1,
-                           workers_per_gpu=loader_workers, dist=False, shuffle=False,
-                           persistent_workers=loader_workers > 0)
+                           workers_per_gpu=loader_workers, dist=distributed, shuffle=False,
+                           seed=seed, persistent_workers=loader_workers > 0)
     history = [[] for _ in range(n)]
 
     def on_eval(k):

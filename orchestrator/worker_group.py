@@ -34,7 +34,7 @@ WATCH_S = 2.0  # how often the pool checks that a trial's process is alive
 ABANDONED_AFTER_S = 120.0
 RENDEZVOUS_S = 300.0  # how long ranks wait for each other when a run starts
 CALL_S = 120.0  # a worker's or the pool's answer to a short call (where, rendezvous, drain)
-JOIN_WAIT_S = 300.0  # all of a sweep's trials start at once; a group member later than this is lost
+JOIN_WAIT_S = 300.0  # a group's members start one after another; one later than this is lost
 
 
 @ray.remote(max_concurrency=4)  # `run` in one thread; `drain`/`request_stop` answered alongside

@@ -244,3 +244,98 @@ def test_a_group_whose_member_never_comes_starts_without_it(ray_address, synthet
         ray.kill(pool)
     finally:
         ray.shutdown()
+
+
+# -- bounded grouped sweeps: live Tune trials <= worker slots x group size -----------------------
+
+def test_tune_creates_a_groups_members_one_after_another():
+    """Nested head-side/backbone-side, Tune's own generator creates each group's members in a
+    row: 1 slot needs 6 live trials for groups of 6 (flat, the fractions interleave: 11)."""
+    from orchestrator import grouping, plan
+    from orchestrator.spec import load_spec
+    spec, base_cfg = load_spec('search_spaces/demo_grouped.yaml')
+    chunks, _ = grouping.plan_groups(spec, plan.plain(base_cfg), plan.grid_trials(spec))
+    space = plan.tune_param_space(spec)
+    nested = grouping.nest_for_groups(space)
+    assert grouping.live_trial_bound(spec, nested, chunks, 1) == (6, 6)
+    assert grouping.live_trial_bound(spec, nested, chunks, 2) == (12, 6)
+    assert grouping.live_trial_bound(spec, space, chunks, 1) == (11, 6)
+    spec, base_cfg = load_spec('search_spaces/linear_probe.yaml')  # 180 trials, 15 groups of 12
+    chunks, _ = grouping.plan_groups(spec, plan.plain(base_cfg), plan.grid_trials(spec))
+    nested = grouping.nest_for_groups(plan.tune_param_space(spec))
+    assert grouping.live_trial_bound(spec, nested, chunks, 2) == (24, 12)
+
+
+def test_a_grouped_sweep_keeps_at_most_slots_x_group_size_trials_alive(synthetic_root,
+                                                                      ray_address, tmp_path):
+    """4 trials in 2 groups of 2, one worker slot: at most 2 trials alive at any time (each
+    trial's start and end as the sweep's journal recorded them), all finished."""
+    import yaml
+    from orchestrator import cli
+    space = dict(
+        name='bounded', base_config=str(Path(CONFIG).resolve()), data_root=str(synthetic_root),
+        parameters={'model.decode_head.num_convs': {'grid': [0, 1]},
+                    'fewshot.fraction': {'grid': [0.5, 1.0]}},
+        derived={'iterations': {'at_full_data': 16}, 'evaluations': 1},
+        resources={'workers_per_trial': 1, 'cpus_per_worker': 1, 'max_concurrent_trials': 1},
+        tracking={'experiment': 'bounded'}, output=str(tmp_path / 'out'))
+    (tmp_path / 'space.yaml').write_text(yaml.safe_dump(space))
+    assert cli.main(['sweep', str(tmp_path / 'space.yaml'), '--address', ray_address]) == 0
+    events = [json.loads(line) for line in
+              (tmp_path / 'out' / 'bounded' / 'mlflow_journal.jsonl').read_text().splitlines()]
+    starts = {e['trial_id']: e['at'] for e in events if e['op'] == 'child'}
+    ends = {e['trial_id']: e['at'] for e in events
+            if e['op'] == 'status' and e.get('trial_id') and e['status'] != 'RUNNING'}
+    assert len(starts) == 4 and {e['status'] for e in events if e['op'] == 'status'
+                                 and e.get('trial_id') in ends and e['status'] != 'RUNNING'} \
+        == {'FINISHED'}
+    alive = max(sum(starts[t] <= at < ends[t] for t in starts) for at in starts.values())
+    assert alive == 2  # one group at a time (before: all 4 at once)
+
+
+def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root, tmp_path):
+    """2 gloo workers: each evaluates half of the 16 validation images, rank 0 scores the
+    gathered results; each head's reported mIoU is the one its final weights score on all 16
+    images in one process."""
+    import ray
+    from mmcv.cnn.utils import revert_sync_batchnorm
+    from mmcv.parallel import MMDataParallel
+    from mmcv.runner import load_state_dict
+    from mmseg.apis import set_random_seed, single_gpu_test
+    from mmseg.datasets import build_dataloader, build_dataset
+    from mmseg.models import build_segmentor
+
+    from orchestrator.plan import plain
+    from orchestrator.worker_group import WorkerPool
+    cfgs, jobs = [], []
+    for k, variant in enumerate(VARIANTS[:2]):
+        cfg = _cfg(synthetic_root, **copy.deepcopy(variant))
+        (tmp_path / f't{k}').mkdir()
+        cfgs.append(cfg)
+        jobs.append(dict(base=plain(cfg), overrides={'work_dir': str(tmp_path / f't{k}' / 'mmseg')},
+                         base_filename=cfg.filename, trial_dir=str(tmp_path / f't{k}'),
+                         source='test', trial_id=f't{k}'))
+    ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    try:
+        pool = WorkerPool.remote(1, 2, {'CPU': 1.0}, trial_groups={'k': [2]})
+        joined = [pool.join.remote(j['trial_id'], 'k', j, None) for j in jobs]
+        gid, workers, runs, group_dir, size = ray.get(joined[0], timeout=120)
+        assert size == 2
+        ray.get(runs, timeout=300)
+        ray.kill(pool)
+    finally:
+        ray.shutdown()
+    log = next(Path(group_dir).glob('*.log')).read_text()
+    assert 'grouped evaluation at iteration 12: 16 images on 2 rank(s) (8, 8)' in log
+    for k, cfg in enumerate(cfgs):
+        reported = json.loads((tmp_path / f't{k}' / 'mmseg' / 'metrics.jsonl')
+                              .read_text().splitlines()[-1])
+        set_random_seed(cfg.seed)  # the seeded, frozen backbone every run builds
+        model = revert_sync_batchnorm(build_segmentor(cfg.model))
+        load_state_dict(model.decode_head, _head(tmp_path / f't{k}' / 'mmseg'), strict=True)
+        dataset = build_dataset(cfg.data.val, dict(test_mode=True))
+        loader = build_dataloader(dataset, 1, 0, dist=False, shuffle=False,
+                                  persistent_workers=False)
+        results = single_gpu_test(MMDataParallel(model.eval()), loader, pre_eval=True)
+        assert dataset.evaluate(results, metric='mIoU', logger='silent')['mIoU'] == \
+            pytest.approx(reported['mIoU'], abs=1e-6)

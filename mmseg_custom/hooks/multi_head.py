@@ -1,9 +1,11 @@
 """Hooks of a grouped run (``MultiHeadEncoderDecoder``): one evaluation pass for all heads, and
 per-head stop and divergence, so one head can leave the group while the others train on.
 
-``MultiHeadEvalHook`` does for every head what mmseg's EvalHook + ``EvalMetricsHook`` do for a solo
-run: at every ``interval`` and at the last iteration it evaluates (on rank 0, with rank 0's BN
-buffers, as mmseg's distributed evaluation does after broadcasting them), adds the head's mean
+``MultiHeadEvalHook`` does for every head what mmseg's DistEvalHook + ``EvalMetricsHook`` do for a
+solo run: at every ``interval`` and at the last iteration it evaluates, every rank its share of
+the validation set (the dataloader's distributed sampler) with rank 0's BN buffers, rank 0
+scoring the gathered per-image results, as mmseg's distributed evaluation does (no rank waits
+in a collective while another evaluates everything), adds the head's mean
 training loss, its learning rate and its share of what the group cost (cost.py), appends the dict to that head's ``metrics.jsonl`` and hands
 it to that head's callback, on every rank. The backbone runs once per validation input for all
 heads (the segmentor caches its features).
@@ -77,18 +79,25 @@ class MultiHeadEvalHook(Hook):
                 if isinstance(m, _BatchNorm) and m.track_running_stats:
                     dist.broadcast(m.running_var, 0)
                     dist.broadcast(m.running_mean, 0)
+        per_image = self._pre_eval(model, segmentor)
         metrics = None
+        if _distributed():
+            shares = [None] * dist.get_world_size()
+            dist.all_gather_object(shares, per_image)
+        else:
+            shares = [per_image]
         if get_dist_info()[0] == 0:
-            metrics = self._metrics(runner, model, segmentor, iteration)
+            metrics = self._metrics(runner, shares, iteration)
         metrics = _broadcast(metrics)
         for k, m in metrics.items():
             self._losses[k] = []
             if self.callbacks[k] is not None:
                 self.callbacks[k](m)
 
-    def _metrics(self, runner, model, segmentor, iteration):
+    def _pre_eval(self, model, segmentor):
+        """This rank's share of the validation set: {image index: {head: pre_eval result}}."""
         dataset = self.dataloader.dataset
-        results = {k: [] for k, on in enumerate(segmentor.active) if on}
+        per_image = {}
         model.eval()
         segmentor.eval_all_heads = True
         try:
@@ -96,10 +105,22 @@ class MultiHeadEvalHook(Hook):
                 with torch.no_grad():
                     out = model(return_loss=False, rescale=True, **data)
                 for k, result in out.items():
-                    results[k].extend(dataset.pre_eval(result, indices=indices))
+                    for i, r in zip(indices, dataset.pre_eval(result, indices=indices)):
+                        per_image.setdefault(i, {})[k] = r
         finally:
             segmentor.eval_all_heads = False
             model.train()
+        return per_image
+
+    def _metrics(self, runner, shares, iteration):
+        """Rank 0: every head's scores over the whole validation set, from all ranks' shares
+        (a sampler pads the last share with repeated images: each image counts once)."""
+        dataset = self.dataloader.dataset
+        per_image = {}
+        for share in shares:
+            per_image.update(share)
+        heads = sorted({k for r in per_image.values() for k in r})
+        results = {k: [per_image[i][k] for i in sorted(per_image)] for k in heads}
         lrs = {g['head']: g['lr'] for g in runner.optimizer.param_groups}
         # each head's share of what the group cost: the heads still training split it
         cost = self._cost.snapshot(runner, share=1.0 / max(1, len(results)))
@@ -114,7 +135,9 @@ class MultiHeadEvalHook(Hook):
             with open(osp.join(self.work_dirs[k], self.out_file), 'a') as f:
                 f.write(json.dumps(m) + '\n')
             metrics[k] = m
-        runner.logger.info('grouped evaluation at iteration %d: %s', iteration,
+        runner.logger.info('grouped evaluation at iteration %d: %d images on %d rank(s) %s: %s',
+                           iteration, len(per_image), len(shares),
+                           tuple(len(share) for share in shares),
                            ', '.join(f'head{k} mIoU {m["mIoU"]:.4f}' for k, m in metrics.items()))
         return metrics
 
