@@ -31,6 +31,26 @@ def cluster_nodes():
             for n in ray.nodes() if n['Alive']]
 
 
+def local_gpu_memory():
+    """Total memory of this machine's first GPU in bytes, or None (no GPU here)."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def gpu_memory():
+    """Total memory of a GPU of the connected cluster in bytes (one task holding one GPU, so
+    where the workers will train), or None when no GPU answers: the group size then falls
+    back to grouping.py's default."""
+    import ray
+    try:
+        return ray.get(ray.remote(num_cpus=0, num_gpus=1)(local_gpu_memory).remote(),
+                       timeout=STORAGE_CHECK_TIMEOUT_S)
+    except Exception:  # no free GPU in time, or a worker that cannot start
+        return None
+
+
 def _reads(path, token):
     try:
         with open(path) as f:

@@ -114,8 +114,9 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
         header, rows, budget = planning.dry_run_table(spec, base_cfg, seconds_per_iteration)
         print(format_table(header, rows), file=out)
         print(budget, file=out)
+        gpu = cluster.local_gpu_memory() if spec.gpus_per_worker else None
         print('\n'.join(grouping.dry_run_lines(spec, planning.plain(base_cfg),
-                                               planning.grid_trials(spec))), file=out)
+                                               planning.grid_trials(spec), gpu)), file=out)
         print('\n'.join(_dry_run_plan(spec, address)), file=out)
         return 0
     from orchestrator.journal import WriterLock
@@ -208,7 +209,10 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
             # MLflow and Tune get ready.
             pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
             rows = planning.grid_trials(spec)
-            trial_groups, _ = grouping.plan_groups(spec, planning.plain(base_cfg), rows)
+            # a group's heads share the GPU's memory left beside the frozen model
+            gpu = (cluster.gpu_memory() if spec.gpus_per_worker and spec.grouping
+                   and spec.grouping_memory_gb is None else None)
+            trial_groups, _ = grouping.plan_groups(spec, planning.plain(base_cfg), rows, gpu)
             if resume and trial_groups:  # some members may have finished: the rest train alone
                 print('trial groups: off for --resume (the unfinished trials train alone, to the '
                       'same result)', file=out)
@@ -245,7 +249,7 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
             space = planning.tune_param_space(spec)
             live_trials = max_concurrent
             if trial_groups:
-                print('\n'.join(grouping.dry_run_lines(spec, base, rows)), file=out)
+                print('\n'.join(grouping.dry_run_lines(spec, base, rows, gpu)), file=out)
                 space = grouping.nest_for_groups(space)
                 live_trials, largest = grouping.live_trial_bound(spec, space, trial_groups,
                                                                  max_concurrent)

@@ -13,6 +13,7 @@ of a group is the JSON of its trial's backbone-side values, computed the same wa
 (planning) and by each trial (joining its group). Groups larger than the memory estimate allows
 are split.
 """
+import copy
 import json
 import math
 
@@ -25,6 +26,8 @@ HEAD_NEST, SHARED_NEST = 'head', 'shared'
 
 HEAD_SIDE_KEYS = ('optimizer.lr', 'optimizer.weight_decay')
 BYTES_PER_LOGIT = 4 * 3  # fp32 logits, their gradient, the softmax inside the loss
+DEFAULT_HEADS_GB = 8.0  # memory for a group's heads when no GPU tells us more
+GPU_USABLE = 0.9  # of a GPU's memory: CUDA's context, the allocator's slack, a batch in flight
 
 
 def head_side(key):
@@ -80,7 +83,47 @@ def why_not(spec, base):
     return None
 
 
-def plan_groups(spec, base, rows):
+def frozen_model_bytes(base):
+    """What the shared part of a group (everything but its heads) holds on the GPU: its weights
+    and buffers in their dtypes, from the model built on the meta device (no memory, no
+    weights). Frozen, it has no gradients or optimizer state."""
+    import torch
+    import mmseg_custom  # noqa: F401  (our backbones and heads)
+    from mmseg.models import build_segmentor
+    model_cfg = copy.deepcopy(base['model'])
+    model_cfg.get('backbone', {}).pop('pretrained', None)
+    model_cfg.pop('pretrained', None)
+    with torch.device('meta'):
+        model = build_segmentor(model_cfg)
+    return sum(t.numel() * t.element_size()
+               for name, t in [*model.named_parameters(), *model.named_buffers()]
+               if not name.startswith(('decode_head.', 'auxiliary_head.')))
+
+
+def heads_per_group(spec, base, gpu_bytes=None):
+    """(the most heads one group may hold, how that was decided): the memory for heads over
+    one head's logits (head_memory_bytes). That memory is ``grouping.memory_gb`` when given,
+    else the GPU's (``gpu_bytes``, as the cluster reported it) less the frozen model, else
+    DEFAULT_HEADS_GB (a CPU sweep, or a GPU this machine cannot see)."""
+    gib = 1024 ** 3
+    if spec.grouping_memory_gb is not None:
+        budget, how = spec.grouping_memory_gb * gib, f'grouping.memory_gb={spec.grouping_memory_gb:g}'
+    elif gpu_bytes:
+        model = frozen_model_bytes(base)
+        budget = GPU_USABLE * gpu_bytes - model
+        how = (f'{GPU_USABLE:.0%} of the GPU\'s {gpu_bytes / gib:.1f} GiB less the frozen '
+               f'model\'s {model / gib:.2f} GiB')
+    else:
+        budget = DEFAULT_HEADS_GB * gib
+        how = (f'{DEFAULT_HEADS_GB:g} GiB: no GPU memory known here (set grouping.memory_gb, or '
+               'plan on the cluster with --address)' if spec.gpus_per_worker else
+               f'{DEFAULT_HEADS_GB:g} GiB (CPU workers; grouping.memory_gb sets it)')
+    per_head = head_memory_bytes(base)
+    how += f': {per_head / 1024 ** 2:.1f} MiB of logits per head'
+    return max(1, int(budget // per_head)), how
+
+
+def plan_groups(spec, base, rows, gpu_bytes=None):
     """{group key: [sizes of its chunks]} for keys with 2+ trials and a frozen backbone, and the
     groups as (key, trial row indices) for the dry run; rows are plan.grid_trials(spec)."""
     if why_not(spec, base):
@@ -88,8 +131,7 @@ def plan_groups(spec, base, rows):
     by_key = {}
     for i, row in enumerate(rows):
         by_key.setdefault(group_key(spec, row), []).append(i)
-    per_head = head_memory_bytes(base)
-    cap = max(1, int(spec.grouping_memory_gb * 1024 ** 3 // per_head))
+    cap, _ = heads_per_group(spec, base, gpu_bytes)
     chunks, shown = {}, []
     for key, members in by_key.items():
         if len(members) < 2 or not _frozen(base, rows[members[0]]):
@@ -106,22 +148,20 @@ def plan_groups(spec, base, rows):
     return chunks, shown
 
 
-def dry_run_lines(spec, base, rows):
+def dry_run_lines(spec, base, rows, gpu_bytes=None):
     reason = why_not(spec, base)
     if reason:
         return [f'trial groups: {reason}']
-    chunks, shown = plan_groups(spec, base, rows)
+    chunks, shown = plan_groups(spec, base, rows, gpu_bytes)
     if not shown:
         if not any(_frozen(base, row) for row in rows):
             return ['trial groups: none: the backbone is not frozen (model.backbone.freeze_vit; '
                     'InternVL\'s with_fpn pyramid and unfreeze_pos_embed train)']
         return ['trial groups: none (no two trials share a frozen backbone and its inputs)']
     grouped = sum(len(m) for _, m in shown)
-    cap = max(1, int(spec.grouping_memory_gb * 1024 ** 3 // head_memory_bytes(base)))
+    cap, how = heads_per_group(spec, base, gpu_bytes)
     lines = [f'trial groups: {grouped} of {len(rows)} trials in {len(shown)} group(s), one frozen '
-             f'backbone pass per batch per group (at most {cap} heads per group: '
-             f'{head_memory_bytes(base) / 1024 ** 2:.1f} MiB of logits per head, '
-             f'grouping.memory_gb={spec.grouping_memory_gb:g})']
+             f'backbone pass per batch per group (at most {cap} heads per group: {how})']
     for i, (key, members) in enumerate(shown):
         values = ', '.join(f'{k}={v}' for k, v in json.loads(key).items()) or 'all'
         lines.append(f'  group {i}: trials {",".join(map(str, members))} ({values})')

@@ -77,7 +77,7 @@ class SweepSpec:
     max_concurrent_trials: int = None
     worker_retries: int = 2
     grouping: bool = True
-    grouping_memory_gb: float = 8.0
+    grouping_memory_gb: float = None  # None: the GPU's memory less the model's (grouping.py)
     tracking_uri: str = None
     experiment: str = None
     output: str = 'runs'
@@ -367,7 +367,7 @@ def load_spec(path):
     spec.grouping = _get(source, 'grouping', grouping, 'enabled', lambda v: isinstance(v, bool),
                          'true or false', True)
     spec.grouping_memory_gb = _get(source, 'grouping', grouping, 'memory_gb',
-                                   lambda v: _num(v) and v > 0, 'a number of GB > 0', 8.0)
+                                   lambda v: _num(v) and v > 0, 'a number of GB > 0', None)
 
     track = raw.get('tracking') or {}
     _check_keys(source, 'tracking', track, SECTION_KEYS['tracking'])

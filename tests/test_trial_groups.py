@@ -261,6 +261,7 @@ def test_tune_creates_a_groups_members_one_after_another():
     assert grouping.live_trial_bound(spec, nested, chunks, 2) == (12, 6)
     assert grouping.live_trial_bound(spec, space, chunks, 1) == (11, 6)
     spec, base_cfg = load_spec('search_spaces/linear_probe.yaml')  # 180 trials, 15 groups of 12
+    spec.grouping_memory_gb = 16
     chunks, _ = grouping.plan_groups(spec, plan.plain(base_cfg), plan.grid_trials(spec))
     nested = grouping.nest_for_groups(plan.tune_param_space(spec))
     assert grouping.live_trial_bound(spec, nested, chunks, 2) == (24, 12)
@@ -339,3 +340,27 @@ def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root,
         results = single_gpu_test(MMDataParallel(model.eval()), loader, pre_eval=True)
         assert dataset.evaluate(results, metric='mIoU', logger='silent')['mIoU'] == \
             pytest.approx(reported['mIoU'], abs=1e-6)
+
+
+def test_heads_per_group_come_from_the_gpu_memory_left_beside_the_frozen_model():
+    """InternViT-6B's linear probe, 12 heads per (fraction, subset): an H200's memory less the
+    frozen backbone's holds all 12 (15 groups); without a GPU to ask, the 8 GiB default splits
+    each into 6 + 6; an explicit grouping.memory_gb wins."""
+    from orchestrator import grouping, plan
+    from orchestrator.spec import load_spec
+    spec, base_cfg = load_spec('search_spaces/linear_probe.yaml')
+    base, rows = plan.plain(base_cfg), plan.grid_trials(spec)
+    model = grouping.frozen_model_bytes(base)
+    assert 11.5e9 < model < 12.0e9  # 5.9 B bf16 parameters, nothing of the head
+    gpu = 143771 * 1024 ** 2  # what an H200 reports
+    cap, how = grouping.heads_per_group(spec, base, gpu)
+    assert cap == int((0.9 * gpu - model) // grouping.head_memory_bytes(base)) > 12
+    chunks, _ = grouping.plan_groups(spec, base, rows, gpu)
+    assert list(chunks.values()) == [[12]] * 15
+    line = grouping.dry_run_lines(spec, base, rows, gpu)[0]
+    assert 'in 15 group(s)' in line and "less the frozen model's 11." in line
+    chunks, _ = grouping.plan_groups(spec, base, rows)
+    assert list(chunks.values()) == [[6, 6]] * 15
+    assert 'no GPU memory known here' in grouping.dry_run_lines(spec, base, rows)[0]
+    spec.grouping_memory_gb = 4.0
+    assert grouping.heads_per_group(spec, base, gpu)[0] == 4
