@@ -21,7 +21,7 @@ GPU_SITE ?= .cache/gpu-site
 GPU_CHECK_OUT ?= work_dirs/gpu_check/cuda.json
 gpu-check:
 	bash scripts/gpu_setup.sh $(GPU_WHEELS) $(GPU_SITE)
-	PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR) PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --device cuda --out $(GPU_CHECK_OUT)
+	PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR) PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --device cuda --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 gpu-check-cpu: setup
 	.venv/bin/python benchmarks/gpu_check.py --device cpu

@@ -39,6 +39,23 @@ def _check_data(spec, base_cfg):
     check_weights_path(cfg, spec.source)
 
 
+def _close_lost_trials(journal, trial_ids):
+    """A trial that started after Tune's last experiment checkpoint is unknown to the resumed
+    Tune, which runs its configuration again as a new trial (Optuna, restored, proposes it
+    again): its child run, still RUNNING, is marked KILLED and says why."""
+    journal.flush(attempts=3)
+    try:
+        running = journal.running_trials()
+    except Exception:  # MLflow unreachable: the runs stay as they are
+        return
+    for trial_id in running:
+        if trial_id not in trial_ids:
+            journal.record('tags', trial_id=trial_id, tags={'lost_on_resume': (
+                'started after the interrupted sweep\'s last Tune checkpoint; the resumed '
+                'sweep ran its configuration again as another trial')})
+            journal.record('status', trial_id=trial_id, status='KILLED')
+
+
 def _dry_run_plan(spec, address):
     """The packing on the cluster at ``address``, or on this machine (where a plan that does not
     fit is only reported: a dry run plans for a bigger cluster anywhere)."""
@@ -163,6 +180,10 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
     # (a runtime_env on a local cluster would make every actor start a fresh worker process).
     env_vars = {'OMP_NUM_THREADS': str(max(1, int(spec.cpus_per_worker)))}
     os.environ.update(env_vars)
+    # Tune saves its experiment (trials and searcher state) every TUNE_GLOBAL_CHECKPOINT_S;
+    # its 'auto' period can leave the trials of the last tens of seconds out, and a --resume then
+    # runs them again (Optuna re-proposes them). Every second instead: a few KB per save.
+    os.environ.setdefault('TUNE_GLOBAL_CHECKPOINT_S', '1')
     import ray
     from ray import tune
     if address:  # an existing cluster: plan on its nodes and check its storage before any work
@@ -284,6 +305,8 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
                                               storage_path=osp.dirname(experiment_path),
                                               callbacks=[callback, live], verbose=0))
             results = tuner.fit()
+            if resume:
+                _close_lost_trials(journal, {r.metrics.get('trial_id') for r in results})
             header, rows, failed = ranked_results(results, keys, spec.metric, spec.mode)
             journal.record('status', status='FAILED' if failed else 'FINISHED')
             live.show(force=True, final=True)

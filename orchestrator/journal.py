@@ -290,6 +290,14 @@ class TrackingJournal:
                                        max_results=1)
         return runs[0].info.run_id if runs else None
 
+    def running_trials(self):
+        """Trial ids of this sweep's children that MLflow still shows RUNNING."""
+        runs = self.client.search_runs(
+            [self.experiment_id()], max_results=10000,
+            filter_string=f"tags.sweep_uid = '{self.sweep_uid}' and tags.role = 'trial' and "
+                          "attributes.status = 'RUNNING'")
+        return [r.data.tags['trial_id'] for r in runs]
+
     def parent_id(self):
         if 'parent' not in self._ids:
             found = self._find(f"tags.sweep_uid = '{self.sweep_uid}' and tags.role = 'sweep'")

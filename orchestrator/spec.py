@@ -320,11 +320,6 @@ def load_spec(path):
         if len(spec.fewshot_seeds) > 1:
             raise _err(source, 'fewshot.seeds', list(spec.fewshot_seeds), 'Optuna samples, it '
                        'does not enumerate subset seeds: give one seed')
-        try:
-            import optuna  # noqa: F401
-        except ImportError:
-            raise _err(source, 'search.algorithm', 'optuna',
-                       'optuna is not installed (pip install optuna)') from None
 
     stop = raw.get('early_stopping')
     if stop is not None:

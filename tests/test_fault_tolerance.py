@@ -342,3 +342,41 @@ def test_two_sweeps_at_once_share_the_default_store(tmp_path, synthetic_root, ra
         assert len(parents) == 1 and len(children) == 2
         for child in children:
             assert child.info.status == 'FINISHED' and _steps(client, child) == [20, 40]
+
+
+def test_an_optuna_sweep_with_asha_resumes_its_search(tmp_path, synthetic_root, ray_address,
+                                                       cli_env):
+    """TPE (Optuna, installed with the project) under ASHA: each proposal is a child's params.
+    Killed after two trials and resumed, the search goes on from its state: four distinct
+    proposals, where a searcher started afresh would propose its (seeded) first two again."""
+    path = _space(tmp_path, synthetic_root, 'tpe',
+                  {'optimizer.lr': {'loguniform': [1e-4, 1e-2]},
+                   'model.decode_head.num_convs': {'choice': [0, 1]}}, iters=40, evaluations=2,
+                  search={'algorithm': 'optuna', 'num_samples': 4, 'seed': 7},
+                  early_stopping={'asha': {'grace_period': 20, 'reduction_factor': 2}},
+                  resources={'workers_per_trial': 1, 'cpus_per_worker': 1,
+                             'max_concurrent_trials': 1})
+    trials = tmp_path / 'out' / 'tpe' / 'trials'
+    driver = _sweep(path, ray_address, cli_env)
+    _wait_for(lambda: len(list(trials.glob('*/mmseg/*.log'))) >= 3, driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    resumed = _sweep(path, ray_address, cli_env, '--resume')
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    client, parents, children = _runs(tmp_path, 'tpe')
+    assert len(parents) == 1 and parents[0].info.status == 'FINISHED'
+    # a trial started after Tune's last save before the kill runs again under a new id; its
+    # first child says so (KILLED, tag lost_on_resume), the four trials finished
+    lost = [c for c in children if 'lost_on_resume' in c.data.tags]
+    assert all(c.info.status == 'KILLED' for c in lost) and len(lost) <= 1
+    children = [c for c in children if c not in lost]
+    assert len(children) == 4 and all(c.info.status == 'FINISHED' for c in children)
+    proposals = [(float(c.data.params['optimizer.lr']), c.data.params['model.decode_head.num_convs'])
+                 for c in children]
+    assert len(set(proposals)) == 4, proposals
+    assert all(1e-4 <= lr <= 1e-2 for lr, _ in proposals)
+    for child in children:  # the proposal is what the trial trained with
+        config = client.download_artifacts(child.info.run_id, 'resolved_config.py', str(tmp_path))
+        assert f"lr={float(child.data.params['optimizer.lr'])!r}" in \
+            Path(config).read_text().replace(' ', '')

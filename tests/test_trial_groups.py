@@ -311,11 +311,12 @@ def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root,
     cfgs, jobs = [], []
     for k, variant in enumerate(VARIANTS[:2]):
         cfg = _cfg(synthetic_root, **copy.deepcopy(variant))
-        (tmp_path / f't{k}').mkdir()
+        (tmp_path / 'trials' / f't{k}').mkdir(parents=True)
         cfgs.append(cfg)
-        jobs.append(dict(base=plain(cfg), overrides={'work_dir': str(tmp_path / f't{k}' / 'mmseg')},
-                         base_filename=cfg.filename, trial_dir=str(tmp_path / f't{k}'),
-                         source='test', trial_id=f't{k}'))
+        trial = tmp_path / 'trials' / f't{k}'  # the group's directory: tmp_path / 'groups'
+        jobs.append(dict(base=plain(cfg), overrides={'work_dir': str(trial / 'mmseg')},
+                         base_filename=cfg.filename, trial_dir=str(trial), source='test',
+                         trial_id=f't{k}'))
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     try:
         pool = WorkerPool.remote(1, 2, {'CPU': 1.0}, trial_groups={'k': [2]})
@@ -329,11 +330,12 @@ def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root,
     log = next(Path(group_dir).glob('*.log')).read_text()
     assert 'grouped evaluation at iteration 12: 16 images on 2 rank(s) (8, 8)' in log
     for k, cfg in enumerate(cfgs):
-        reported = json.loads((tmp_path / f't{k}' / 'mmseg' / 'metrics.jsonl')
+        reported = json.loads((tmp_path / 'trials' / f't{k}' / 'mmseg' / 'metrics.jsonl')
                               .read_text().splitlines()[-1])
         set_random_seed(cfg.seed)  # the seeded, frozen backbone every run builds
         model = revert_sync_batchnorm(build_segmentor(cfg.model))
-        load_state_dict(model.decode_head, _head(tmp_path / f't{k}' / 'mmseg'), strict=True)
+        load_state_dict(model.decode_head, _head(tmp_path / 'trials' / f't{k}' / 'mmseg'),
+                        strict=True)
         dataset = build_dataset(cfg.data.val, dict(test_mode=True))
         loader = build_dataloader(dataset, 1, 0, dist=False, shuffle=False,
                                   persistent_workers=False)
