@@ -265,7 +265,9 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
                 return {**sampled, **derived}
 
             callback = MLflowTrialCallback(journal, spec.name, params_of,
-                                           lambda tid: trial_dir(sweep_dir, tid))
+                                           lambda tid: trial_dir(sweep_dir, tid),
+                                           data_name=osp.basename(osp.normpath(spec.data_root or
+                                                                               'train')))
             write_plan(sweep_dir, len(rows), max_concurrent, spec.metric, keys)
             space = planning.tune_param_space(spec)
             live_trials = max_concurrent

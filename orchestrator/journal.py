@@ -345,6 +345,13 @@ class TrackingJournal:
             for path in rec['paths']:
                 if osp.isfile(path):
                     client.log_artifact(run_id, path)
+        elif op == 'dataset':
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+            dataset = Dataset(name=rec['name'], digest=rec['digest'], source_type='local',
+                              source=json.dumps({'uri': rec['source']}),
+                              profile=json.dumps(rec['profile']))
+            client.log_inputs(self.child_id(rec['trial_id']), datasets=[DatasetInput(
+                dataset, tags=[InputTag('mlflow.data.context', 'train')])])
         elif op == 'status':
             run_id = self.child_id(rec['trial_id']) if rec.get('trial_id') else self.parent_id()
             if rec['status'] == 'RUNNING':

@@ -5,6 +5,7 @@ Ray's MLflowLoggerCallback does not nest runs, and its step is Tune's report cou
 callback creates children with ``mlflow.parentRunId`` (what the MLflow UI nests by), logs the same
 param columns on every child, and steps metrics by the mmseg iteration.
 """
+import hashlib
 import json
 import os.path as osp
 import re
@@ -15,6 +16,7 @@ from importlib import metadata
 from ray.tune import Callback
 
 from orchestrator.errors import ConfigError
+from orchestrator.spec import FRACTION_KEY, SUBSET_SEED_KEY
 
 METRIC_PREFIXES = ('mIoU', 'mAcc', 'aAcc', 'IoU.', 'Acc.', 'loss', 'lr', 'restarts', 'cost.')
 PACKAGES = ('torch', 'mmcv-full', 'mmsegmentation', 'ray', 'mlflow')
@@ -100,12 +102,14 @@ class MLflowTrialCallback(Callback):
     the end. Every write goes through the sweep's TrackingJournal (nothing is lost while MLflow
     is unreachable; a resumed sweep continues its trials' runs instead of adding new ones)."""
 
-    def __init__(self, journal, sweep_name, params_of, trial_dir_of):
+    def __init__(self, journal, sweep_name, params_of, trial_dir_of, data_name='train'):
         self.sweep_dir = journal.register().sweep_dir
         self.sweep_name = sweep_name
         self.params_of = params_of        # trial.config -> {param key: value}
         self.trial_dir_of = trial_dir_of  # trial_id -> directory with the trial's artifacts
+        self.data_name = data_name        # the training data's name in dataset inputs
         self._placed = {}  # trial_id -> the placement last recorded (a restart may move it)
+        self._datasets = set()  # trial ids whose few-shot subset is recorded
 
     @property
     def journal(self):
@@ -134,8 +138,28 @@ class MLflowTrialCallback(Callback):
                                   'role': 'trial'})
         self.journal.record('status', trial_id=trial.trial_id, status='RUNNING')
 
+    def _record_dataset(self, trial):
+        """The trial's few-shot subset as the run's training dataset input (MLflow's Dataset
+        column): name, digest of its file list, fraction, subset seed, image count. Runs that
+        trained on one subset share its digest (search_runs: datasets.digest = '...')."""
+        path = osp.join(self.trial_dir_of(trial.trial_id), 'fewshot_subset.txt')
+        if trial.trial_id in self._datasets or not osp.isfile(path):
+            return
+        with open(path) as f:
+            text = f.read()
+        params = self.params_of(trial.config)
+        fraction = float(params.get(FRACTION_KEY, 1.0))
+        seed = int(params.get(SUBSET_SEED_KEY, 0))
+        self._datasets.add(trial.trial_id)
+        self.journal.record('dataset', trial_id=trial.trial_id,
+                            name=f'{self.data_name} {fraction:g} seed {seed}',
+                            digest=hashlib.sha256(text.encode()).hexdigest()[:10], source=path,
+                            profile=dict(fraction=fraction, subset_seed=seed,
+                                         images=len(text.split())))
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._record_placement(trial.trial_id)
+        self._record_dataset(trial)
         step = int(result.get('iter', result.get('training_iteration', 0)))
         self.journal.record('metrics', trial_id=trial.trial_id, step=step,
                             ts=int(result.get('eval_time', result.get('timestamp', 0)) * 1000),
@@ -143,6 +167,7 @@ class MLflowTrialCallback(Callback):
 
     def _finish(self, trial, status, reason=None):
         self._record_placement(trial.trial_id)
+        self._record_dataset(trial)
         trial_dir = self.trial_dir_of(trial.trial_id)
         paths = [osp.join(trial_dir, name) for name in
                  ('resolved_config.py', 'fewshot_subset.txt', 'mmseg/metrics.jsonl')]

@@ -117,3 +117,24 @@ def test_no_environment_secret_in_mlflow_or_outputs(sweep):
     assert any(p.name == 'mlflow.db' for p in files) and any('mlartifacts' in p.parts for p in files)
     leaked = [p for p in files if SECRET.encode() in p.read_bytes()]
     assert not leaked
+
+
+def test_each_child_has_its_few_shot_subset_as_a_dataset_input(sweep):
+    """MLflow's Dataset column: the subset's name, a digest of its file list, its fraction and
+    seed; runs on one subset are found by the digest."""
+    import hashlib
+    _, children = _runs(sweep)
+    client, exp = sweep['client'], sweep['client'].get_experiment_by_name('e2e')
+    for c in children:
+        run = client.get_run(c.info.run_id)
+        (given,) = run.inputs.dataset_inputs
+        subset = Path(client.download_artifacts(c.info.run_id, 'fewshot_subset.txt')).read_text()
+        fraction = float(c.data.params['fewshot.fraction'])
+        assert given.dataset.digest == hashlib.sha256(subset.encode()).hexdigest()[:10]
+        assert given.dataset.name == f'synthetic_ade {fraction:g} seed 0'
+        assert json.loads(given.dataset.profile) == dict(fraction=fraction, subset_seed=0,
+                                                         images=len(subset.split()))
+        assert {t.key: t.value for t in given.tags} == {'mlflow.data.context': 'train'}
+        found = client.search_runs([exp.experiment_id],
+                                   f"dataset.digest = '{given.dataset.digest}'")
+        assert c.info.run_id in {r.info.run_id for r in found}
