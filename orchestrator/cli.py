@@ -104,6 +104,12 @@ def _results_command(args):
 
 
 def main(argv=None):
+    import logging
+    # Not for our users: torch's warning on every CPU-only machine that it found no CUDA runtime
+    # (when mmcv imports its extension builder), MLflow's INFO lines as it creates its tables
+    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
+    for name in ('mlflow.store.db.utils', 'alembic'):
+        logging.getLogger(name).setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     if args.command in ('sweep', 'sync', 'report', 'status', 'best'):
         from orchestrator.errors import ConfigError

@@ -39,6 +39,30 @@ def _check_data(spec, base_cfg):
     check_weights_path(cfg, spec.source)
 
 
+def _init_ray(sweep_dir, **kwargs):
+    """ray.init with Ray's and Tune's own messages (Tune's experiment box and TensorBoard hint,
+    Ray's token and worker warnings, its INFO lines) in <sweep>/ray.log, not on the terminal:
+    our progress lines and final table stay there."""
+    import contextlib
+    import logging
+
+    import ray
+    os.environ['RAY_AIR_NEW_OUTPUT'] = '0'  # the legacy reporter is silent at verbose=0; the
+    # new one prints its box and hint whatever the verbosity
+    os.makedirs(sweep_dir, exist_ok=True)
+    path = osp.join(sweep_dir, 'ray.log')
+    with open(path, 'a') as f, contextlib.redirect_stderr(f):  # ray.init drops log handlers
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    logger = logging.getLogger('ray')
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def _close_lost_trials(journal, trial_ids):
     """A trial that started after Tune's last experiment checkpoint is unknown to the resumed
     Tune, which runs its configuration again as a new trial (Optuna, restored, proposes it
@@ -187,8 +211,7 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
     import ray
     from ray import tune
     if address:  # an existing cluster: plan on its nodes and check its storage before any work
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={'env_vars': env_vars})
+        _init_ray(sweep_dir, address=address, runtime_env={'env_vars': env_vars})
         try:
             nodes = cluster.cluster_nodes()
             max_concurrent, plan_lines = planning.resource_plan(spec, nodes)
@@ -220,7 +243,7 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
     with ThreadPoolExecutor(1) as background:
         warming = background.submit(journal.warm)
         if not address:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            _init_ray(sweep_dir)
         started = False
         try:
             if not address:

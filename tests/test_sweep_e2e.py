@@ -138,3 +138,26 @@ def test_each_child_has_its_few_shot_subset_as_a_dataset_input(sweep):
         found = client.search_runs([exp.experiment_id],
                                    f"dataset.digest = '{given.dataset.digest}'")
         assert c.info.run_id in {r.info.run_id for r in found}
+
+
+def test_the_sweeps_output_is_ours(tmp_path, synthetic_root, ray_address, cli_env):
+    """Our plan, progress lines and final table on the terminal; Tune's experiment box and
+    TensorBoard hint and Ray's INFO lines in the sweep's ray.log."""
+    import subprocess
+    import sys
+    space = dict(
+        name='quiet', base_config=str(Path('configs/tiny_fcn_synthetic.py').resolve()),
+        data_root=str(synthetic_root), parameters={'model.decode_head.num_convs': {'grid': [0]}},
+        derived={'iterations': {'at_full_data': 10}, 'evaluations': 1},
+        resources={'workers_per_trial': 1, 'cpus_per_worker': 1},
+        tracking={'experiment': 'quiet'}, output=str(tmp_path / 'out'))
+    (tmp_path / 'space.yaml').write_text(yaml.safe_dump(space))
+    run = subprocess.run([str(Path(sys.executable).with_name('orchestrator')), 'sweep',
+                          str(tmp_path / 'space.yaml'), '--address', ray_address],
+                         env=cli_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    shown = run.stdout + run.stderr
+    assert 'resource plan:' in shown and 'finished: 1/1 done' in shown and '| mIoU' in shown
+    assert 'Configuration for experiment' not in shown and 'tensorboard' not in shown.lower()
+    assert 'INFO' not in shown
+    assert 'Wrote the latest version' in (tmp_path / 'out' / 'quiet' / 'ray.log').read_text()
