@@ -2,6 +2,7 @@
 MLflow run (through the sweep's journal), let Ray Tune run the trials (search algorithm, ASHA,
 concurrency cap) or resume them, print the ranked result; and ``sync`` for journaled writes."""
 import json
+import logging
 import os
 import os.path as osp
 import shutil
@@ -39,28 +40,51 @@ def _check_data(spec, base_cfg):
     check_weights_path(cfg, spec.source)
 
 
+class _SweepLog(logging.Handler):
+    """Lines for <sweep>/ray.log, held until the sweep's directory exists (an impossible plan on
+    a cluster is refused before anything is written); also a stream for redirect_stderr."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.held = path, []
+        self.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+
+    def emit(self, record):
+        self.write(self.format(record) + '\n')
+
+    def write(self, text):
+        self.held.append(text)
+        self.flush()
+
+    def fileno(self):  # ray.init enables faulthandler on it: a crash shows on the terminal
+        return sys.__stderr__.fileno()
+
+    def flush(self):
+        if self.held and osp.isdir(osp.dirname(self.path)):
+            with open(self.path, 'a') as f:
+                f.writelines(self.held)
+            self.held = []
+
+
 def _init_ray(sweep_dir, **kwargs):
     """ray.init with Ray's and Tune's own messages (Tune's experiment box and TensorBoard hint,
     Ray's token and worker warnings, its INFO lines) in <sweep>/ray.log, not on the terminal:
-    our progress lines and final table stay there."""
+    our progress lines and final table stay there. Returns the log's handler."""
     import contextlib
-    import logging
 
     import ray
     os.environ['RAY_AIR_NEW_OUTPUT'] = '0'  # the legacy reporter is silent at verbose=0; the
     # new one prints its box and hint whatever the verbosity
-    os.makedirs(sweep_dir, exist_ok=True)
-    path = osp.join(sweep_dir, 'ray.log')
-    with open(path, 'a') as f, contextlib.redirect_stderr(f):  # ray.init drops log handlers
+    sweep_log = _SweepLog(osp.join(sweep_dir, 'ray.log'))
+    with contextlib.redirect_stderr(sweep_log):  # ray.init drops the handlers set before it
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
     logger = logging.getLogger('ray')
     for old in list(logger.handlers):
         logger.removeHandler(old)
-    logger.addHandler(handler)
+    logger.addHandler(sweep_log)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    return sweep_log
 
 
 def _close_lost_trials(journal, trial_ids):
@@ -211,7 +235,7 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
     import ray
     from ray import tune
     if address:  # an existing cluster: plan on its nodes and check its storage before any work
-        _init_ray(sweep_dir, address=address, runtime_env={'env_vars': env_vars})
+        sweep_log = _init_ray(sweep_dir, address=address, runtime_env={'env_vars': env_vars})
         try:
             nodes = cluster.cluster_nodes()
             max_concurrent, plan_lines = planning.resource_plan(spec, nodes)
@@ -222,6 +246,8 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
     if not resume:
         os.makedirs(sweep_dir, exist_ok=True)
         shutil.copy(spec.source, osp.join(sweep_dir, 'space.yaml'))
+    if address:
+        sweep_log.flush()  # what ray.init said, now that the directory exists
 
     from orchestrator.journal import TrackingJournal
     from orchestrator.status import LiveStatus, write_plan

@@ -283,3 +283,30 @@ def test_the_live_view_reads_the_journal_incrementally(tmp_path):
         f.write('rics", "trial_id": "a"}\n')
     assert [r['op'] for r in tail.read()] == ['parent', 'child', 'metrics']
     assert [r['op'] for r in tail.read()] == ['parent', 'child', 'metrics']  # nothing new
+
+
+def test_the_report_says_which_searched_value_matters(study, capsys):
+    """Parameter importance (Optuna's fANOVA over the finished trials): per scope, the searched
+    values that vary, shares summing to 1; per fraction, the fraction itself is not a factor."""
+    text = (study['sweep_dir'] / 'report' / 'report.md').read_text()
+    section = text.split('## Which searched value matters')[1].split('\n## ')[0]
+    rows = re.findall(r'^\|\s*([\w .]+?)\s*\|\s*([\w.]+)\s*\|\s*([\d.]+)\s*\|$', section, re.M)
+    scopes = {}
+    for scope, key, value in rows:
+        scopes.setdefault(scope, {})[key] = float(value)
+    assert set(scopes) == {'all trials', 'fraction 0.5', 'fraction 1'}
+    assert set(scopes['all trials']) == {NUM_CONVS, FRACTION, SUBSET_SEED}
+    for scope, shares in scopes.items():
+        assert sum(shares.values()) == pytest.approx(1.0, abs=2e-3), scope
+        assert scope == 'all trials' or FRACTION not in shares
+
+
+def test_importance_finds_the_value_the_metric_depends_on():
+    from orchestrator.compare import importances
+    rng = np.random.default_rng(0)
+    rows = [dict(a=int(a), b=bool(b), lr=float(lr), m=0.3 * a + 0.001 * lr)
+            for a, b, lr in zip(rng.integers(0, 3, 24), rng.integers(0, 2, 24),
+                                rng.uniform(0, 1, 24))]
+    found = importances(rows, ['a', 'b', 'lr'], 'm')
+    assert list(found)[0] == 'a' and found['a'] > 0.9
+    assert importances(rows[:3], ['a', 'b', 'lr'], 'm') == {}  # too few trials to say

@@ -366,3 +366,24 @@ def test_heads_per_group_come_from_the_gpu_memory_left_beside_the_frozen_model()
     assert 'no GPU memory known here' in grouping.dry_run_lines(spec, base, rows)[0]
     spec.grouping_memory_gb = 4.0
     assert grouping.heads_per_group(spec, base, gpu)[0] == 4
+
+
+def test_compare_puts_the_same_configurations_of_two_sweeps_side_by_side(sweeps, capsys):
+    """The grouped sweep (A) against the same 8 configurations trained alone (B): 8 pairs, each
+    side's mIoU as MLflow holds it for the run with that configuration."""
+    from orchestrator import cli
+    (_, g_client, grouped), (_, a_client, alone) = sweeps
+    dirs = [Path(c.tracking_uri[len('sqlite:///'):]).parent / 'groups' for c in (g_client,
+                                                                                a_client)]
+    assert cli.main(['compare', *map(str, dirs)]) == 0
+    out = capsys.readouterr().out
+    assert '8 configuration(s) in both' in out and '0 in one only' in out
+    runs = {('A', _config(r)): r for r in grouped} | {('B', _config(r)): r for r in alone}
+    lines = [line for line in out.splitlines() if line.startswith('|') and 'n A' not in line]
+    assert len(lines) == 8
+    for line in lines:
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        config = tuple(cells[:3])  # num_convs, with_norm, lr as MLflow's params spell them
+        a, b = runs[('A', config)], runs[('B', config)]
+        assert float(cells[-5]) == pytest.approx(a.data.metrics['mIoU'], abs=1e-4)
+        assert float(cells[-3]) == pytest.approx(b.data.metrics['mIoU'], abs=1e-4)
