@@ -55,6 +55,10 @@ def _parser():
     st = sub.add_parser('status', help='each trial\'s state, iteration, latest metric and ETA')
     st.add_argument('sweep', **sweep_arg)
     st.add_argument('--output', **output_arg)
+    c = sub.add_parser('compare', help='two sweeps\' same configurations side by side')
+    c.add_argument('sweep_a', **sweep_arg)
+    c.add_argument('sweep_b', **sweep_arg)
+    c.add_argument('--output', **output_arg)
     b = sub.add_parser('best', help='the best trial\'s resolved mmseg config, loadable by mmseg')
     b.add_argument('sweep', **sweep_arg)
     b.add_argument('--out', required=True, help='file to write, e.g. best.py')
@@ -84,6 +88,11 @@ def run_training(config, work_dir, workers=1, cfg_options=()):
 def _results_command(args):
     """report / status / best: a finished or running sweep, read back."""
     from orchestrator.results import sweep_dir_of
+    if args.command == 'compare':
+        from orchestrator.compare import compare
+        print(compare(sweep_dir_of(args.sweep_a, args.output),
+                      sweep_dir_of(args.sweep_b, args.output)))
+        return 0
     sweep_dir = sweep_dir_of(args.sweep, args.output)
     if args.command == 'status':
         from orchestrator.status import format_status, sweep_status
@@ -111,7 +120,7 @@ def main(argv=None):
     for name in ('mlflow.store.db.utils', 'alembic'):
         logging.getLogger(name).setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
-    if args.command in ('sweep', 'sync', 'report', 'status', 'best'):
+    if args.command in ('sweep', 'sync', 'report', 'status', 'best', 'compare'):
         from orchestrator.errors import ConfigError
         try:
             if args.command == 'sweep':

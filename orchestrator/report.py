@@ -208,6 +208,18 @@ def _reference_section(references, label, metric):
                          markdown=True), '']
 
 
+def _importance_section(results):
+    from orchestrator.compare import MIN_TRIALS, importance_rows
+    rows = importance_rows(results)
+    if not rows:
+        return []
+    return ['## Which searched value matters', '',
+            f'Share of the {results.metric} variance each searched value explains (Optuna\'s '
+            f'fANOVA over the finished trials; a scope needs {MIN_TRIALS}+ of them):', '',
+            format_table(['scope', 'searched value', 'importance'],
+                         [[s, k, f'{v:.3f}'] for s, k, v in rows], markdown=True), '']
+
+
 def write_report(results):
     """Write ``<sweep>/report/`` (report.md, PNGs, the CSV behind the curve) and attach it to
     the sweep's parent MLflow run under ``report/``. Returns the report's path."""
@@ -248,6 +260,7 @@ def write_report(results):
                      [[c[k] for k in ('variant', 'fraction', 'mean', 'std', 'n')]
                       for c in curve], markdown=True), '',
         *_reference_section(references, label, metric),
+        *_importance_section(results),
         '## Searched values against the metric', '', f'![parallel]({PARALLEL_PNG})', '',
         *(['## What it cost', '', f'{metric} against {axis[1]} per trial (all: '
            f'{sum(r[axis[0]] for r in ranked):.3g} {axis[1]}).', '', f'![cost]({COST_PNG})', '']

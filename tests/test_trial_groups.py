@@ -379,11 +379,12 @@ def test_compare_puts_the_same_configurations_of_two_sweeps_side_by_side(sweeps,
     out = capsys.readouterr().out
     assert '8 configuration(s) in both' in out and '0 in one only' in out
     runs = {('A', _config(r)): r for r in grouped} | {('B', _config(r)): r for r in alone}
-    lines = [line for line in out.splitlines() if line.startswith('|') and 'n A' not in line]
+    table = [[c.strip() for c in line.strip('|').split('|')] for line in out.splitlines()
+             if line.startswith('|')]
+    header, lines = table[0], table[1:]
     assert len(lines) == 8
-    for line in lines:
-        cells = [c.strip() for c in line.strip('|').split('|')]
-        config = tuple(cells[:3])  # num_convs, with_norm, lr as MLflow's params spell them
+    for cells in lines:  # the searched values as MLflow's params spell them
+        config = tuple(cells[header.index(k)] for k in SEARCHED)
         a, b = runs[('A', config)], runs[('B', config)]
         assert float(cells[-5]) == pytest.approx(a.data.metrics['mIoU'], abs=1e-4)
         assert float(cells[-3]) == pytest.approx(b.data.metrics['mIoU'], abs=1e-4)
