@@ -79,7 +79,7 @@ def unit_costs(cfgs, reps=10, size=64, device='cpu'):
     import torch
     from mmcv.cnn.utils import revert_sync_batchnorm
     from mmcv.runner import build_optimizer
-    from mmseg.models import build_segmentor
+    from mmseg.models import build_head, build_segmentor
 
     def clock():
         if device != 'cpu':
@@ -91,14 +91,16 @@ def unit_costs(cfgs, reps=10, size=64, device='cpu'):
                        device=device)
     metas = [dict(img_shape=(size, size, 3), ori_shape=(size, size, 3),
                   pad_shape=(size, size, 3), flip=False)] * batch
+    # one backbone (as a group has), one head per variant: a 300M backbone built K times on
+    # the CPU is what slowed the GPU check's trial-group check
+    model = revert_sync_batchnorm(build_segmentor(cfgs[0].model)).to(device)
+    model.init_weights()
     heads = []
     for cfg in cfgs:
-        model = revert_sync_batchnorm(build_segmentor(cfg.model)).to(device)
-        model.init_weights()
-        model.train()
-        opt = build_optimizer(model, copy.deepcopy(cfg.optimizer))
-        heads.append((model, opt))
-    model = heads[0][0]
+        head = revert_sync_batchnorm(build_head(cfg.model.decode_head)).to(device)
+        head.init_weights()
+        head.train()
+        heads.append((head, build_optimizer(head, copy.deepcopy(cfg.optimizer))))
     with torch.no_grad():
         feats = model.extract_feat(img)
         start = clock()
@@ -111,7 +113,7 @@ def unit_costs(cfgs, reps=10, size=64, device='cpu'):
             if i == 2:
                 start = clock()
             opt.zero_grad()
-            loss = m.decode_head.forward_train(feats, metas, gt, None)
+            loss = m.forward_train(feats, metas, gt, None)
             sum(v for k, v in loss.items() if 'loss' in k).backward()
             opt.step()
         hs.append((clock() - start) / reps)
