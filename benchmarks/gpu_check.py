@@ -75,7 +75,8 @@ def _timed(fn, reps, warmup, device):
 
 
 def matmul_peak(device, n, dtype):
-    """TFLOP/s of an n x n x n product in ``dtype``: the ceiling the backbone is measured against."""
+    """TFLOP/s of an n x n x n product in ``dtype``: the ceiling the backbone is measured
+    against."""
     import torch
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -96,7 +97,8 @@ def check_torchrun_train(args, tmp):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
            '-m', 'orchestrator.worker', 'configs/tiny_fcn_synthetic.py', '--work-dir', str(work),
            '--cfg-options', *options]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
     start = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     wall = time.perf_counter() - start

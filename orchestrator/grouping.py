@@ -18,13 +18,12 @@ import json
 import math
 
 HEAD_SIDE_PREFIXES = ('model.decode_head.',)
+HEAD_SIDE_KEYS = ('optimizer.lr', 'optimizer.weight_decay')
 # Tune creates grid trials in the order of its sorted key paths, the first path varying fastest
 # (ray.tune.search.variant_generator). Nested under these names, head-side keys vary fastest and
 # backbone-side keys slowest: a trial group's members are created one after another, so a
 # bounded number of live Tune trials always completes the next group.
 HEAD_NEST, SHARED_NEST = 'head', 'shared'
-
-HEAD_SIDE_KEYS = ('optimizer.lr', 'optimizer.weight_decay')
 BYTES_PER_LOGIT = 4 * 3  # fp32 logits, their gradient, the softmax inside the loss
 DEFAULT_HEADS_GB = 8.0  # memory for a group's heads when no GPU tells us more
 GPU_USABLE = 0.9  # of a GPU's memory: CUDA's context, the allocator's slack, a batch in flight
@@ -107,7 +106,8 @@ def heads_per_group(spec, base, gpu_bytes=None):
     DEFAULT_HEADS_GB (a CPU sweep, or a GPU this machine cannot see)."""
     gib = 1024 ** 3
     if spec.grouping_memory_gb is not None:
-        budget, how = spec.grouping_memory_gb * gib, f'grouping.memory_gb={spec.grouping_memory_gb:g}'
+        budget = spec.grouping_memory_gb * gib
+        how = f'grouping.memory_gb={spec.grouping_memory_gb:g}'
     elif gpu_bytes:
         model = frozen_model_bytes(base)
         budget = GPU_USABLE * gpu_bytes - model

@@ -5,9 +5,9 @@ per-head stop and divergence, so one head can leave the group while the others t
 solo run: at every ``interval`` and at the last iteration it evaluates, every rank its share of
 the validation set (the dataloader's distributed sampler) with rank 0's BN buffers, rank 0
 scoring the gathered per-image results, as mmseg's distributed evaluation does (no rank waits
-in a collective while another evaluates everything), adds the head's mean
-training loss, its learning rate and its share of what the group cost (cost.py), appends the dict to that head's ``metrics.jsonl`` and hands
-it to that head's callback, on every rank. The backbone runs once per validation input for all
+in a collective while another evaluates everything), adds the head's mean training loss, its
+learning rate and its share of what the group cost (cost.py), appends the dict to that head's
+``metrics.jsonl`` and hands it to that head's callback, on every rank. The backbone runs once per validation input for all
 heads (the segmentor caches its features).
 
 ``HeadControlHook`` asks each head's ``should_stop()`` after every iteration (answers all-reduced,
