@@ -7,8 +7,8 @@ the validation set (the dataloader's distributed sampler) with rank 0's BN buffe
 scoring the gathered per-image results, as mmseg's distributed evaluation does (no rank waits
 in a collective while another evaluates everything), adds the head's mean training loss, its
 learning rate and its share of what the group cost (cost.py), appends the dict to that head's
-``metrics.jsonl`` and hands it to that head's callback, on every rank. The backbone runs once per validation input for all
-heads (the segmentor caches its features).
+``metrics.jsonl`` and hands it to that head's callback, on every rank. The backbone runs once
+per validation input for all heads (the segmentor caches its features).
 
 ``HeadControlHook`` asks each head's ``should_stop()`` after every iteration (answers all-reduced,
 so every rank switches the same heads off at the same iteration), reports a head that diverged
