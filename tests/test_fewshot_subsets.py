@@ -43,3 +43,24 @@ def test_same_subset_in_another_process(synthetic_root, tmp_path):
 def test_fraction_outside_unit_interval_rejected(bad):
     with pytest.raises(ValueError, match=r'\(0, 1\]'):
         fewshot_subset(NAMES, bad)
+
+
+def test_max_image_num_keeps_the_images_a_fraction_keeps():
+    """mmseg_custom's copy of the rule (it must load without the orchestrator) agrees with it."""
+    from mmseg_custom.datasets.max_image_num import seeded_prefix
+    for seed in (0, 3):
+        for keep in (1, 5, len(NAMES)):
+            assert seeded_prefix(reversed(NAMES), keep, seed) == \
+                fewshot_subset(NAMES, keep / len(NAMES), seed)
+
+
+def test_mmseg_custom_loads_without_the_orchestrator():
+    """A best.py config's custom_imports need mmseg_custom alone."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['orchestrator'] = None; import mmseg_custom; "
+            "from mmseg.datasets import DATASETS; print(DATASETS.get('ADE20KDataset').__module__)")
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith('max_image_num')

@@ -6,11 +6,20 @@ kept images are the first ``max_image_num`` of the seeded permutation that the s
 fractions use (orchestrator/fewshot.py), with ``subset_seed`` (the run's ``seed`` when the worker
 builds it, orchestrator/worker.py): the same dependence on the seed, the same on every rank, and
 nested across sizes for one seed.
+
+The rule is written here again rather than imported: ``mmseg_custom`` must load without the
+orchestrator (a ``best.py`` config needs only it), and the orchestrator's trial processes must
+not import mmseg for it. tests/test_fewshot_subsets.py checks that both keep the same images.
 """
+import numpy as np
 from mmseg.datasets.ade import ADE20KDataset as MMSegADE20KDataset
 from mmseg.datasets.builder import DATASETS
 
-from orchestrator.fewshot import seeded_prefix  # numpy only: the trial process imports it
+
+def seeded_prefix(names, keep, seed=0):
+    """The first ``keep`` names of the seeded permutation of the sorted names."""
+    names = sorted(names)
+    return [names[i] for i in np.random.default_rng(seed).permutation(len(names))[:keep]]
 
 
 class MaxImageNumMixin:

@@ -25,16 +25,13 @@ from mmcv.runner import HOOKS, Hook
 from mmcv.runner.dist_utils import get_dist_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..ranks import all_reduce_values, distributed
 from .cost import RunCost
 from .stop_request import TrainingStopped
 
 
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _broadcast(obj):
-    if _distributed():
+    if distributed():
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         obj = box[0]
@@ -74,14 +71,14 @@ class MultiHeadEvalHook(Hook):
     def _evaluate(self, runner, iteration):
         model = runner.model
         segmentor = getattr(model, 'module', model)
-        if _distributed():
+        if distributed():
             for m in segmentor.heads.modules():
                 if isinstance(m, _BatchNorm) and m.track_running_stats:
                     dist.broadcast(m.running_var, 0)
                     dist.broadcast(m.running_mean, 0)
         per_image = self._pre_eval(model, segmentor)
         metrics = None
-        if _distributed():
+        if distributed():
             shares = [None] * dist.get_world_size()
             dist.all_gather_object(shares, per_image)
         else:
@@ -160,12 +157,7 @@ class HeadControlHook(Hook):
         n = len(segmentor.heads)
         asked = [1.0 if (self.should_stop and self.should_stop[k] and self.should_stop[k]())
                  else 0.0 for k in range(n)]
-        flags = torch.tensor(asked)
-        if _distributed():
-            if dist.get_backend() == 'nccl':
-                flags = flags.cuda()
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        for k, stop in enumerate(flags.tolist()):
+        for k, stop in enumerate(all_reduce_values(asked, dist.ReduceOp.MAX)):
             if stop and segmentor.active[k]:
                 segmentor.active[k] = False
                 runner.logger.info(f'head {k}: stopped at iteration {runner.iter + 1}')

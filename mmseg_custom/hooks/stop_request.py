@@ -5,9 +5,10 @@ asked on every rank after every iteration; the answers are combined with an all-
 one rank's request stops all ranks together instead of leaving the others waiting in a collective.
 The run ends by raising ``TrainingStopped``, which the caller catches.
 """
-import torch
 import torch.distributed as dist
 from mmcv.runner import HOOKS, Hook
+
+from ..ranks import all_reduce_values
 
 
 class TrainingStopped(Exception):
@@ -21,10 +22,6 @@ class StopRequestHook(Hook):
         self.should_stop = should_stop
 
     def after_train_iter(self, runner):
-        flag = torch.tensor([1.0 if self.should_stop() else 0.0])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == 'nccl':
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
+        (stop,) = all_reduce_values([1.0 if self.should_stop() else 0.0], dist.ReduceOp.MAX)
+        if stop > 0:
             raise TrainingStopped(f'stopped at iteration {runner.iter + 1}')

@@ -19,6 +19,8 @@ from mmseg.models import builder
 from mmseg.models.builder import SEGMENTORS
 from mmseg.models.segmentors import EncoderDecoder
 
+from ...ranks import all_reduce_values
+
 
 @SEGMENTORS.register_module()
 class MultiHeadEncoderDecoder(EncoderDecoder):
@@ -66,12 +68,9 @@ class MultiHeadEncoderDecoder(EncoderDecoder):
     def _drop_diverged(self, losses, totals):
         """A head whose loss is not finite (on any rank) leaves the group before the step."""
         ks = sorted(totals)
-        finite = torch.tensor([float(torch.isfinite(totals[k]).all()) for k in ks])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == 'nccl':
-                finite = finite.cuda()
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        for k, ok in zip(ks, finite.tolist()):
+        finite = all_reduce_values([torch.isfinite(totals[k]).all() for k in ks],
+                                   dist.ReduceOp.MIN)
+        for k, ok in zip(ks, finite):
             if not ok:
                 self.active[k] = False
                 self.diverged[k] = float(totals[k].detach().float().mean())
