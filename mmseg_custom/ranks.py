@@ -18,3 +18,12 @@ def all_reduce_values(values, op):
             tensor = tensor.cuda()
         dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def from_rank0(obj):
+    """Rank 0's ``obj`` on every rank (a picklable object); alone, ``obj`` itself."""
+    if distributed():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    return obj

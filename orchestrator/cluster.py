@@ -14,6 +14,7 @@ import uuid
 from orchestrator.errors import ConfigError
 
 STORAGE_CHECK_TIMEOUT_S = 120  # one small task per node; a fresh worker process on each
+GPU_QUERY_TIMEOUT_S = 120  # one task holding a GPU: a fresh worker process importing torch
 
 
 def local_nodes():
@@ -46,7 +47,7 @@ def gpu_memory():
     import ray
     try:
         return ray.get(ray.remote(num_cpus=0, num_gpus=1)(local_gpu_memory).remote(),
-                       timeout=STORAGE_CHECK_TIMEOUT_S)
+                       timeout=GPU_QUERY_TIMEOUT_S)
     except Exception:  # no free GPU in time, or a worker that cannot start
         return None
 

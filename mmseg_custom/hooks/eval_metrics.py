@@ -17,10 +17,10 @@ import json
 import os.path as osp
 import time
 
-import torch.distributed as dist
 from mmcv.runner import HOOKS, Hook
 from mmcv.runner.dist_utils import get_dist_info
 
+from ..ranks import from_rank0
 from .cost import RunCost
 
 EVAL_KEYS = ('mIoU', 'mAcc', 'aAcc')
@@ -58,10 +58,7 @@ class EvalMetricsHook(Hook):
             with open(osp.join(runner.work_dir, self.out_file), 'a') as f:
                 f.write(json.dumps(metrics) + '\n')
         self._losses = []
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            box = [metrics]
-            dist.broadcast_object_list(box, src=0)
-            metrics = box[0]
+        metrics = from_rank0(metrics)
         if self.callback is not None:
             self.callback(metrics)
 
@@ -86,10 +83,7 @@ class EvalMetricsHook(Hook):
         hook = self._eval_hook(runner)
         if hook is None or runner.iter % hook.interval != 0:
             return
-        done = [any(r.get('iter') == runner.iter for r in history)]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(done, src=0)
-        if not done[0]:
+        if not from_rank0(any(r.get('iter') == runner.iter for r in history)):
             self._evaluate_now(runner, hook)
 
     def after_train_iter(self, runner):

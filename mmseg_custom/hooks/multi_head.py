@@ -25,17 +25,10 @@ from mmcv.runner import HOOKS, Hook
 from mmcv.runner.dist_utils import get_dist_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ranks import all_reduce_values, distributed
+from ..ranks import all_reduce_values, distributed, from_rank0
 from .cost import RunCost
 from .stop_request import TrainingStopped
 
-
-def _broadcast(obj):
-    if distributed():
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        obj = box[0]
-    return obj
 
 
 @HOOKS.register_module()
@@ -85,7 +78,7 @@ class MultiHeadEvalHook(Hook):
             shares = [per_image]
         if get_dist_info()[0] == 0:
             metrics = self._metrics(runner, shares, iteration)
-        metrics = _broadcast(metrics)
+        metrics = from_rank0(metrics)
         for k, m in metrics.items():
             self._losses[k] = []
             if self.callbacks[k] is not None:
