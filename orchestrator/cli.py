@@ -64,7 +64,31 @@ def _parser():
     b.add_argument('--out', required=True, help='file to write, e.g. best.py')
     b.add_argument('--output', **output_arg)
 
+    j = sub.add_parser('schema', help='write the JSON Schema of search-space files (editors use '
+                                      'it to complete and check them)')
+    j.add_argument('--out', default='search_spaces/schema.json',
+                   help='file to write (default: search_spaces/schema.json)')
+    j.add_argument('--check', action='store_true',
+                   help='write nothing; exit 1 if the file differs from the format in the code')
+
     return p
+
+
+def schema_command(out, check=False):
+    """search_spaces/schema.json, generated from the format (spec_format.py), never hand-edited."""
+    from orchestrator.spec_format import schema_text
+    text = schema_text()
+    if check:
+        current = open(out).read() if os.path.isfile(out) else None
+        if current != text:
+            print(f'{out}: out of date; regenerate with: orchestrator schema --out {out}',
+                  file=sys.stderr)
+            return 1
+        return 0
+    with open(out, 'w') as f:
+        f.write(text)
+    print(out)
+    return 0
 
 
 def run_training(config, work_dir, workers=1, cfg_options=()):
@@ -137,6 +161,8 @@ def main(argv=None):
         except ConfigError as e:
             print(f'error: {e}', file=sys.stderr)
             return e.exit_code
+    if args.command == 'schema':
+        return schema_command(args.out, args.check)
     if args.command == 'train':
         return run_training(args.config, args.work_dir, args.workers, args.cfg_options)
     from mmseg_custom.datasets.synthetic import generate_ade_layout

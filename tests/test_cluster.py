@@ -1,6 +1,7 @@
 """Beyond one machine: the resource plan (pure: computed from per-node resources), and real
 sweeps on a two-node Ray cluster — the session's head plus a second `ray start --address` node
 with a logical GPU — read back from MLflow's placement tags."""
+import dataclasses
 import subprocess
 import sys
 import time
@@ -13,16 +14,18 @@ from mlflow.tracking import MlflowClient
 from orchestrator import cli
 from orchestrator.errors import ConfigError
 from orchestrator.plan import resource_plan
-from orchestrator.spec import SweepSpec
+from orchestrator.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name('ray'))
 
 
+DEMO_SPEC = load_spec(ROOT / 'search_spaces' / 'demo.yaml')[0]
+
+
 def _spec(workers, cpus=1, gpus=0, cap=None):
-    return SweepSpec(source='s.yaml', name='s', base_config='', params=[],
-                     workers_per_trial=workers, cpus_per_worker=cpus, gpus_per_worker=gpus,
-                     max_concurrent_trials=cap)
+    return dataclasses.replace(DEMO_SPEC, workers_per_trial=workers, cpus_per_worker=cpus,
+                               gpus_per_worker=gpus, max_concurrent_trials=cap)
 
 
 def _node(name, cpu, gpu=0):
