@@ -1,5 +1,5 @@
 """Orchestration overhead: the same training (a) directly under torchrun and (b) as an
-`orchestrator sweep` of K identical trials (local Ray, warm worker groups, Tune, MLflow; K=1 by
+`orchestrator sweep` of K identical trials (local Ray, warm crews, Tune, MLflow; K=1 by
 default: a one-trial sweep). Prints the wall times, the time from the command's start to mmcv's
 runner starting, how much slower the training itself runs inside the sweep, the gap between
 consecutive trials, and the overhead per trial (b - K*a) / K and its ratio to a.

@@ -119,7 +119,8 @@ def _results_command(args):
         return 0
     sweep_dir = sweep_dir_of(args.sweep, args.output)
     if args.command == 'status':
-        from orchestrator.status import format_status, sweep_status
+        from orchestrator.status import sweep_status
+        from orchestrator.status_view import format_status
         print(format_status(*sweep_status(sweep_dir)))
         return 0
     from orchestrator.results import SweepResults

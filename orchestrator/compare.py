@@ -80,7 +80,7 @@ def compare_rows(a, b):
 
 def compare(sweep_a, sweep_b):
     """The side-by-side table of two sweep directories, as text."""
-    from orchestrator.report import format_table
+    from orchestrator.tables import format_table
     a, b = SweepResults(sweep_a), SweepResults(sweep_b)
     header, rows = compare_rows(a, b)
     shared = sum(r[-1] is not None for r in rows)

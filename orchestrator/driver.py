@@ -9,14 +9,16 @@ import shutil
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from orchestrator import cluster, grouping
 from orchestrator import plan as planning
 from orchestrator.errors import ConfigError
 
 EXIT_TRACKING_PENDING = 3  # every trial ran, but some MLflow writes wait in the journal
-from orchestrator.report import format_table, ranked_results
-from orchestrator.spec import check_data_paths, check_sweep_name, check_weights_path, load_spec
+from orchestrator.tables import format_table, ranked_results
+from orchestrator.preflight import check_data_paths, check_weights_path
+from orchestrator.spec import check_sweep_name, load_spec
 
 
 def _search_alg(spec):
@@ -166,27 +168,37 @@ def sync(sweep_dir, out=None):
     return 0 if left == 0 else EXIT_TRACKING_PENDING
 
 
-def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=None,
-              dry_run=False, resume=False, out=None, no_grouping=False,
-              seconds_per_iteration=None):
-    out = out or sys.stdout
-    spec, base_cfg = load_spec(space_file)
-    spec.grouping = spec.grouping and not no_grouping
-    spec.name = check_sweep_name(spec.source, '--name', name) if name else spec.name
-    spec.output = output or spec.output
-    address = address or os.environ.get('RAY_ADDRESS')
-    if dry_run:
-        header, rows, budget = planning.dry_run_table(spec, base_cfg, seconds_per_iteration)
-        print(format_table(header, rows), file=out)
-        print(budget, file=out)
-        gpu = cluster.local_gpu_memory() if spec.gpus_per_worker else None
-        print('\n'.join(grouping.dry_run_lines(spec, planning.plain(base_cfg),
-                                               planning.grid_trials(spec), gpu)), file=out)
-        print('\n'.join(_dry_run_plan(spec, address)), file=out)
-        return 0
-    from orchestrator.journal import WriterLock
-    with WriterLock() as writer:  # released however the sweep ends
-        return _run(spec, base_cfg, tracking_uri, address, resume, out, writer)
+@dataclass
+class _Sweep:
+    """One run of ``orchestrator sweep``, filled in by its steps in order."""
+    spec: object
+    base_cfg: object  # the mmcv Config (its file name travels to the workers)
+    address: str  # an existing Ray cluster, or None: a local one
+    resume: bool
+    out: object
+    sweep_dir: str
+    experiment_path: str  # Tune's experiment folder
+    journal: object = None
+    max_concurrent: int = None  # crews: how many trials (or trial groups) train at once
+    plan_lines: list = None
+    groups: object = None  # grouping.GroupPlan
+    pool_name: str = None
+    started: bool = False  # the parent run is RUNNING: an interruption marks it KILLED
+
+    def __post_init__(self):
+        self.base = planning.plain(self.base_cfg)  # the config as plain data, for Tune and Ray
+
+
+def _print_dry_run(spec, base_cfg, address, seconds_per_iteration, out):
+    """The trials, their derived values, the trial groups and the packing; nothing started."""
+    header, rows, budget = planning.dry_run_table(spec, base_cfg, seconds_per_iteration)
+    print(format_table(header, rows), file=out)
+    print(budget, file=out)
+    gpu = cluster.local_gpu_memory() if spec.gpus_per_worker else None
+    print('\n'.join(grouping.dry_run_lines(spec, planning.plain(base_cfg),
+                                           planning.grid_trials(spec), gpu)), file=out)
+    print('\n'.join(_dry_run_plan(spec, address)), file=out)
+    return 0
 
 
 def _abandoned_after_s():
@@ -205,25 +217,25 @@ def _lock_journal(spec, writer, sweep_dir):
         raise ConfigError(f'{spec.source}: {e}') from None
 
 
-def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
-    """The sweep itself, once its input is valid (run_sweep)."""
+def _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer):
+    """Everything that can refuse the sweep, before Ray starts: data, the packing on this
+    machine, --resume's state, the journal lock; then the sweep's directory with its space file.
+    On an existing cluster Ray is attached here (the plan and the storage check need it)."""
     if spec.generate_data:
         from mmseg_custom.datasets.synthetic import generate_ade_layout
         generate_ade_layout(spec.data_root, **spec.generate_data)
     _check_data(spec, base_cfg)
     if not address:  # fail fast before starting Ray
         planning.resource_plan(spec, cluster.local_nodes())
-
-    output_root = osp.abspath(spec.output)
-    sweep_dir = osp.join(output_root, spec.name)
-    experiment_path = osp.join(sweep_dir, 'tune', spec.name)
+    sweep_dir = osp.join(osp.abspath(spec.output), spec.name)
+    sweep = _Sweep(spec, base_cfg, address, resume, out, sweep_dir,
+                   experiment_path=osp.join(sweep_dir, 'tune', spec.name))
     if resume:
-        _check_resumable(spec, sweep_dir, experiment_path)
+        _check_resumable(spec, sweep_dir, sweep.experiment_path)
     if osp.isdir(sweep_dir):  # before anything in it changes: not beside a running sweep
         _lock_journal(spec, writer, sweep_dir)
     if not resume:
         _clear_delivered_journal(spec, sweep_dir)
-
     # Inherited by a local cluster's processes; sent as the job's runtime_env to an existing one
     # (a runtime_env on a local cluster would make every actor start a fresh worker process).
     env_vars = {'OMP_NUM_THREADS': str(max(1, int(spec.cpus_per_worker)))}
@@ -232,150 +244,189 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
     # its 'auto' period can leave the trials of the last tens of seconds out, and a --resume then
     # runs them again (Optuna re-proposes them). Every second instead: a few KB per save.
     os.environ.setdefault('TUNE_GLOBAL_CHECKPOINT_S', '1')
-    import ray
-    from ray import tune
-    if address:  # an existing cluster: plan on its nodes and check its storage before any work
-        sweep_log = _init_ray(sweep_dir, address=address, runtime_env={'env_vars': env_vars})
-        try:
-            nodes = cluster.cluster_nodes()
-            max_concurrent, plan_lines = planning.resource_plan(spec, nodes)
-            cluster.check_shared_storage(output_root, nodes, spec.source)
-        except BaseException:
-            ray.shutdown()
-            raise
+    if address:
+        sweep_log = _attach_cluster(sweep, env_vars)
     if not resume:
         os.makedirs(sweep_dir, exist_ok=True)
         shutil.copy(spec.source, osp.join(sweep_dir, 'space.yaml'))
     if address:
         sweep_log.flush()  # what ray.init said, now that the directory exists
+    return sweep
 
+
+def _attach_cluster(sweep, env_vars):
+    """An existing cluster: plan on its nodes and check its storage before any work."""
+    import ray
+    sweep_log = _init_ray(sweep.sweep_dir, address=sweep.address,
+                          runtime_env={'env_vars': env_vars})
+    try:
+        nodes = cluster.cluster_nodes()
+        sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(sweep.spec, nodes)
+        cluster.check_shared_storage(osp.dirname(sweep.sweep_dir), nodes, sweep.spec.source)
+    except BaseException:
+        ray.shutdown()
+        raise
+    return sweep_log
+
+
+def _open_journal(sweep, tracking_uri, writer):
+    """The sweep's MLflow journal: the same parent and child runs on --resume (and the same store
+    unless told otherwise), a new one otherwise."""
     from orchestrator.journal import TrackingJournal
-    from orchestrator.status import LiveStatus, write_plan
-    from orchestrator.tracking import MLflowTrialCallback, default_tracking_uri, parent_tags
-    from orchestrator.trial import run_trial, trial_dir
-    from orchestrator.worker_group import WorkerPool
-    if resume:  # the same parent and child runs, the same store (unless told otherwise)
-        journal = TrackingJournal.open(sweep_dir)
+    from orchestrator.mlflow_store import default_tracking_uri
+    spec = sweep.spec
+    if sweep.resume:
+        journal = TrackingJournal.open(sweep.sweep_dir)
         journal.tracking_uri = tracking_uri or journal.tracking_uri
     else:
         journal = TrackingJournal(
-            sweep_dir, tracking_uri or spec.tracking_uri or default_tracking_uri(output_root),
-            spec.experiment, uuid.uuid4().hex)
-    _lock_journal(spec, writer, sweep_dir)
+            sweep.sweep_dir, tracking_uri or spec.tracking_uri or
+            default_tracking_uri(osp.dirname(sweep.sweep_dir)), spec.experiment, uuid.uuid4().hex)
+    _lock_journal(spec, writer, sweep.sweep_dir)
     journal.register().save_meta()
+    sweep.journal = journal
+
+
+def _start_crews(sweep):
+    """Ray (local), the packing, the trial groups, and the WorkerPool with its crews, started at
+    once: their workers import mmseg (the start-up's longest step) while MLflow and Tune get
+    ready."""
+    from orchestrator.crew import WorkerPool
+    spec = sweep.spec
+    if not sweep.address:
+        _init_ray(sweep.sweep_dir)
+        sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(
+            spec, cluster.cluster_nodes())
+    print('\n'.join(sweep.plan_lines), file=sweep.out, flush=True)
+    # a trial group's heads share the GPU's memory left beside the frozen model
+    gpu = (cluster.gpu_memory() if spec.gpus_per_worker and spec.grouping
+           and spec.grouping_memory_gb is None else None)
+    sweep.groups = grouping.plan(spec, sweep.base, planning.grid_trials(spec), gpu)
+    if sweep.resume and sweep.groups.chunks:  # some members may have finished: the rest alone
+        print('trial groups: off for --resume (the unfinished trials train alone, to the same '
+              'result)', file=sweep.out)
+        sweep.groups = grouping.GroupPlan(reason='off for --resume')
+    sweep.pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
+    WorkerPool.options(name=sweep.pool_name).remote(  # lives with the driver
+        sweep.max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec),
+        trial_groups=sweep.groups.chunks)
+
+
+def _open_parent_run(sweep, warming):
+    """The parent MLflow run, with what ``report`` and ``best`` need to read the children back;
+    from here on Tune's loop only appends to the journal, which a thread delivers."""
+    from orchestrator.tracking import parent_tags
+    spec, journal = sweep.spec, sweep.journal
+    try:  # the journal is used by one thread at a time
+        warming.result()
+    except ConfigError as e:  # the store refuses the experiment: before any training
+        raise ConfigError(f'{spec.source}: {e}') from None
+    tags = dict(parent_tags(spec.name), searched_params=json.dumps(planning.searched_keys(spec)),
+                metric=spec.metric, mode=spec.mode)
+    if spec.references:  # published numbers the report draws (search_spaces/README.md)
+        tags['references'] = json.dumps(spec.references)
+    journal.record('parent', name=spec.name, tags=tags,
+                   artifact=osp.join(sweep.sweep_dir, 'space.yaml'))
+    journal.record('status', status='RUNNING')
+    journal.start_delivery()
+    sweep.started = True
+
+
+def _tracking_callback(sweep):
+    """The Tune callback that writes each trial's MLflow child: its params are the searched
+    values and what they derive (iterations, warmup, channels)."""
+    from orchestrator.tracking import MLflowTrialCallback
+    from orchestrator.trial import trial_dir
+    spec, base, keys = sweep.spec, sweep.base, planning.searched_keys(sweep.spec)
+
+    def params_of(config):
+        config = grouping.flat_config(config)
+        sampled = {k: config[k] for k in keys}
+        _, derived = planning.resolve(spec, base, sampled)
+        return {**sampled, **derived}
+
+    return MLflowTrialCallback(
+        sweep.journal, spec.name, params_of, lambda tid: trial_dir(sweep.sweep_dir, tid),
+        data_name=osp.basename(osp.normpath(spec.data_root or 'train')))
+
+
+def _param_space(sweep):
+    """Tune's param space and how many trials may be alive at once: a trial group starts when
+    all its members have joined, and they wait, idle, for their crew (grouping.live_trial_bound)."""
+    spec, out = sweep.spec, sweep.out
+    space, live_trials = planning.tune_param_space(spec), sweep.max_concurrent
+    if sweep.groups.chunks:
+        print('\n'.join(grouping.dry_run_lines(spec, sweep.base, planning.grid_trials(spec),
+                                               planned=sweep.groups)), file=out)
+        space = grouping.nest_for_groups(space)
+        live_trials, largest = grouping.live_trial_bound(spec, space, sweep.groups.chunks,
+                                                         sweep.max_concurrent)
+        print(f'trial groups: at most {live_trials} trials alive at once '
+              f'({sweep.max_concurrent} crew(s) x up to {largest} heads per group)', file=out)
+    return space, live_trials
+
+
+def _build_tuner(sweep):
+    """The Tuner (restored on --resume: finished trials stay finished, running ones continue
+    from their checkpoints) and the live status it reports to."""
+    from ray import tune
+
+    from orchestrator.live import LiveStatus
+    from orchestrator.status import write_plan
+    from orchestrator.trial import run_trial
+    spec = sweep.spec
+    callback = _tracking_callback(sweep)
+    write_plan(sweep.sweep_dir, len(planning.grid_trials(spec)), sweep.max_concurrent,
+               spec.metric, planning.searched_keys(spec))
+    space, live_trials = _param_space(sweep)
+    live = LiveStatus(sweep.sweep_dir, sweep.out)  # after the MLflow callback: reads its journal
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec, base=sweep.base,
+                             base_filename=sweep.base_cfg.filename, output_dir=sweep.sweep_dir,
+                             pool_name=sweep.pool_name, grouped=bool(sweep.groups.chunks),
+                             abandoned_after_s=_abandoned_after_s()),
+        # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own.
+        {'cpu': 0, 'memory': 256 * 1024 ** 2})
+    if sweep.resume:
+        return tune.Tuner.restore(sweep.experiment_path, trainable,
+                                  resume_unfinished=True), live
+    _, full = planning.resolve(spec, sweep.base, {planning.FRACTION_KEY: 1.0})
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+            search_alg=_search_alg(spec), scheduler=_scheduler(spec, full['runner.max_iters']),
+            max_concurrent_trials=live_trials, reuse_actors=True),
+        run_config=tune.RunConfig(name=spec.name,
+                                  storage_path=osp.dirname(sweep.experiment_path),
+                                  callbacks=[callback, live], verbose=0)), live
+
+
+def _fit(sweep, tuner, live):
+    """Run the trials; the parent run ends FINISHED, or FAILED when a trial failed."""
+    spec = sweep.spec
+    results = tuner.fit()
+    if sweep.resume:
+        _close_lost_trials(sweep.journal, {r.metrics.get('trial_id') for r in results})
+    header, rows, failed = ranked_results(results, planning.searched_keys(spec), spec.metric,
+                                          spec.mode)
+    sweep.journal.record('status', status='FAILED' if failed else 'FINISHED')
+    live.show(force=True, final=True)
+    return header, rows, failed
+
+
+def _print_outcome(sweep, header, rows, failed):
+    """The ranked table, where the results are, and the exit code: 0, 1 (a trial failed) or 3
+    (MLflow writes wait in the journal)."""
+    spec, journal, out = sweep.spec, sweep.journal, sweep.out
     tracking_uri = journal.tracking_uri
-
-    # MLflow's import and store set-up (~5 s) overlap ray.init, which mostly waits on processes.
-    with ThreadPoolExecutor(1) as background:
-        warming = background.submit(journal.warm)
-        if not address:
-            _init_ray(sweep_dir)
-        started = False
-        try:
-            if not address:
-                max_concurrent, plan_lines = planning.resource_plan(spec, cluster.cluster_nodes())
-            print('\n'.join(plan_lines), file=out, flush=True)
-            # Started at once: its workers import mmseg (the start-up's longest step) while
-            # MLflow and Tune get ready.
-            pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
-            rows = planning.grid_trials(spec)
-            # a group's heads share the GPU's memory left beside the frozen model
-            gpu = (cluster.gpu_memory() if spec.gpus_per_worker and spec.grouping
-                   and spec.grouping_memory_gb is None else None)
-            trial_groups, _ = grouping.plan_groups(spec, planning.plain(base_cfg), rows, gpu)
-            if resume and trial_groups:  # some members may have finished: the rest train alone
-                print('trial groups: off for --resume (the unfinished trials train alone, to the '
-                      'same result)', file=out)
-                trial_groups = {}
-            pool = WorkerPool.options(name=pool_name).remote(  # noqa: F841 (lives with the driver)
-                max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec),
-                trial_groups=trial_groups)
-            try:  # the journal is used by one thread at a time
-                warming.result()
-            except ConfigError as e:  # the store refuses the experiment: before any training
-                raise ConfigError(f'{spec.source}: {e}') from None
-            keys = planning.searched_keys(spec)
-            # what `orchestrator report` and `best` need to read the children back
-            tags = dict(parent_tags(spec.name), searched_params=json.dumps(keys),
-                        metric=spec.metric, mode=spec.mode)
-            if spec.references:  # published numbers the report draws (search_spaces/README.md)
-                tags['references'] = json.dumps(spec.references)
-            journal.record('parent', name=spec.name, tags=tags,
-                           artifact=osp.join(sweep_dir, 'space.yaml'))
-            journal.record('status', status='RUNNING')
-            journal.start_delivery()  # Tune's loop only appends from here on
-            started = True
-            base = planning.plain(base_cfg)
-
-            def params_of(config):
-                config = grouping.flat_config(config)
-                sampled = {k: config[k] for k in keys}
-                _, derived = planning.resolve(spec, base, sampled)
-                return {**sampled, **derived}
-
-            callback = MLflowTrialCallback(journal, spec.name, params_of,
-                                           lambda tid: trial_dir(sweep_dir, tid),
-                                           data_name=osp.basename(osp.normpath(spec.data_root or
-                                                                               'train')))
-            write_plan(sweep_dir, len(rows), max_concurrent, spec.metric, keys)
-            space = planning.tune_param_space(spec)
-            live_trials = max_concurrent
-            if trial_groups:
-                print('\n'.join(grouping.dry_run_lines(spec, base, rows, gpu)), file=out)
-                space = grouping.nest_for_groups(space)
-                live_trials, largest = grouping.live_trial_bound(spec, space, trial_groups,
-                                                                 max_concurrent)
-                print(f'trial groups: at most {live_trials} trials alive at once '
-                      f'({max_concurrent} worker slot(s) x up to {largest} heads per group)',
-                      file=out)
-            live = LiveStatus(sweep_dir, out)  # after the MLflow callback: reads its journal
-            _, full = planning.resolve(spec, base, {planning.FRACTION_KEY: 1.0})
-            max_iters = full['runner.max_iters']
-            trainable = tune.with_resources(
-                tune.with_parameters(run_trial, spec=spec, base=base,
-                                     base_filename=base_cfg.filename, output_dir=sweep_dir,
-                                     pool_name=pool_name, grouped=bool(trial_groups),
-                                     abandoned_after_s=_abandoned_after_s()),
-                # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own.
-                {'cpu': 0, 'memory': 256 * 1024 ** 2})
-            if resume:  # finished trials stay finished; running ones resume from checkpoints
-                tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True)
-            else:
-                tuner = tune.Tuner(
-                    trainable,
-                    param_space=space,
-                    tune_config=tune.TuneConfig(
-                        metric=spec.metric, mode=spec.mode,
-                        num_samples=spec.num_samples, search_alg=_search_alg(spec),
-                        scheduler=_scheduler(spec, max_iters),
-                        # a group starts when all its trials have joined: its members wait,
-                        # idle, for their worker group (grouping.live_trial_bound)
-                        max_concurrent_trials=live_trials,
-                        reuse_actors=True),
-                    run_config=tune.RunConfig(name=spec.name,
-                                              storage_path=osp.dirname(experiment_path),
-                                              callbacks=[callback, live], verbose=0))
-            results = tuner.fit()
-            if resume:
-                _close_lost_trials(journal, {r.metrics.get('trial_id') for r in results})
-            header, rows, failed = ranked_results(results, keys, spec.metric, spec.mode)
-            journal.record('status', status='FAILED' if failed else 'FINISHED')
-            live.show(force=True, final=True)
-        except BaseException:
-            if started:  # interrupted or crashed: the parent must not stay RUNNING
-                journal.record('status', status='KILLED')
-            raise
-        finally:
-            journal.stop_delivery()
-            ray.shutdown()
     pending = journal.flush(attempts=5)  # a locked store or a restarting server: a moment more
     try:
         parent = journal.parent_id()
     except Exception:  # MLflow unreachable
         parent = None
-
     print(format_table(header, rows), file=out)
-    print(f'results: {sweep_dir}', file=out)
+    print(f'results: {sweep.sweep_dir}', file=out)
     print(f'MLflow: experiment "{spec.experiment}", parent run {parent}', file=out)
     if tracking_uri.startswith(('http://', 'https://')):
         print(f'  open {tracking_uri} (the MLflow server\'s UI)', file=out)
@@ -383,10 +434,45 @@ def _run(spec, base_cfg, tracking_uri, address, resume, out, writer):
         print(f'  mlflow ui --backend-store-uri {tracking_uri}', file=out)
     if failed:
         print(f'{len(failed)} of {len(failed) + len(rows)} trials failed:', file=out)
-        print(format_table(['trial', *keys, 'reason'], failed), file=out)
+        print(format_table(['trial', *planning.searched_keys(spec), 'reason'], failed), file=out)
     if pending:
         print(f'{pending} MLflow write(s) could not be delivered ({tracking_uri} unreachable); '
-              f'they are kept in {journal.path}: `orchestrator sync {sweep_dir}` (or the next '
-              '--resume) delivers them', file=out)
+              f'they are kept in {journal.path}: `orchestrator sync {sweep.sweep_dir}` (or the '
+              'next --resume) delivers them', file=out)
         return EXIT_TRACKING_PENDING
     return 1 if failed else 0
+
+
+def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=None,
+              dry_run=False, resume=False, out=None, no_grouping=False,
+              seconds_per_iteration=None):
+    """``orchestrator sweep``: the steps below, in this order."""
+    out = out or sys.stdout
+    spec, base_cfg = load_spec(space_file)
+    spec.grouping = spec.grouping and not no_grouping
+    spec.name = check_sweep_name(spec.source, '--name', name) if name else spec.name
+    spec.output = output or spec.output
+    address = address or os.environ.get('RAY_ADDRESS')
+    if dry_run:
+        return _print_dry_run(spec, base_cfg, address, seconds_per_iteration, out)
+    from orchestrator.journal import WriterLock
+    with WriterLock() as writer:  # released however the sweep ends
+        sweep = _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer)
+        _open_journal(sweep, tracking_uri, writer)
+        with ThreadPoolExecutor(1) as background:
+            # MLflow's import and store set-up (~5 s) overlap ray.init and the crews' start
+            warming = background.submit(sweep.journal.warm)
+            try:
+                _start_crews(sweep)
+                _open_parent_run(sweep, warming)
+                tuner, live = _build_tuner(sweep)
+                header, rows, failed = _fit(sweep, tuner, live)
+            except BaseException:
+                if sweep.started:  # interrupted or crashed: the parent must not stay RUNNING
+                    sweep.journal.record('status', status='KILLED')
+                raise
+            finally:
+                sweep.journal.stop_delivery()
+                import ray
+                ray.shutdown()
+        return _print_outcome(sweep, header, rows, failed)

@@ -16,6 +16,7 @@ are split.
 import copy
 import json
 import math
+from dataclasses import dataclass, field
 
 HEAD_SIDE_PREFIXES = ('model.decode_head.',)
 HEAD_SIDE_KEYS = ('optimizer.lr', 'optimizer.weight_decay')
@@ -123,16 +124,29 @@ def heads_per_group(spec, base, gpu_bytes=None):
     return max(1, int(budget // per_head)), how
 
 
-def plan_groups(spec, base, rows, gpu_bytes=None):
-    """{group key: [sizes of its chunks]} for keys with 2+ trials and a frozen backbone, and the
-    groups as (key, trial row indices) for the dry run; rows are plan.grid_trials(spec)."""
-    if why_not(spec, base):
-        return {}, []
+@dataclass
+class GroupPlan:
+    """The sweep's trial groups: ``chunks`` {group key: sizes of its chunks} for the pool,
+    ``shown`` (key, trial row indices) per chunk for the listing, the cap on heads per group and
+    how it was decided; ``reason`` when the sweep cannot group at all."""
+    chunks: dict = field(default_factory=dict)
+    shown: list = field(default_factory=list)
+    cap: int = 0
+    how: str = ''
+    reason: str = None
+
+
+def plan(spec, base, rows, gpu_bytes=None):
+    """The GroupPlan for the grid trials ``rows`` (plan.grid_trials): trials of one key, 2 or
+    more, on a frozen backbone, split into chunks of at most ``heads_per_group``."""
+    reason = why_not(spec, base)
+    if reason:
+        return GroupPlan(reason=reason)
     by_key = {}
     for i, row in enumerate(rows):
         by_key.setdefault(group_key(spec, row), []).append(i)
-    cap, _ = heads_per_group(spec, base, gpu_bytes)
-    chunks, shown = {}, []
+    cap, how = heads_per_group(spec, base, gpu_bytes)
+    planned = GroupPlan(cap=cap, how=how)
     for key, members in by_key.items():
         if len(members) < 2 or not _frozen(base, rows[members[0]]):
             continue
@@ -140,29 +154,36 @@ def plan_groups(spec, base, rows, gpu_bytes=None):
         sizes = [len(members) // n + (1 if i < len(members) % n else 0) for i in range(n)]
         if max(sizes) < 2:  # room for one head only
             continue
-        chunks[key] = sizes
+        planned.chunks[key] = sizes
         start = 0
         for size in sizes:
-            shown.append((key, members[start:start + size]))
+            planned.shown.append((key, members[start:start + size]))
             start += size
-    return chunks, shown
+    return planned
 
 
-def dry_run_lines(spec, base, rows, gpu_bytes=None):
-    reason = why_not(spec, base)
-    if reason:
-        return [f'trial groups: {reason}']
-    chunks, shown = plan_groups(spec, base, rows, gpu_bytes)
-    if not shown:
+def plan_groups(spec, base, rows, gpu_bytes=None):
+    """(chunks, shown) of ``plan``."""
+    planned = plan(spec, base, rows, gpu_bytes)
+    return planned.chunks, planned.shown
+
+
+def dry_run_lines(spec, base, rows, gpu_bytes=None, planned=None):
+    """The trial groups as the dry run (and the sweep) lists them; ``planned``: the plan
+    already made for these rows."""
+    planned = planned or plan(spec, base, rows, gpu_bytes)
+    if planned.reason:
+        return [f'trial groups: {planned.reason}']
+    if not planned.shown:
         if not any(_frozen(base, row) for row in rows):
             return ['trial groups: none: the backbone is not frozen (model.backbone.freeze_vit; '
                     'InternVL\'s with_fpn pyramid and unfreeze_pos_embed train)']
         return ['trial groups: none (no two trials share a frozen backbone and its inputs)']
-    grouped = sum(len(m) for _, m in shown)
-    cap, how = heads_per_group(spec, base, gpu_bytes)
-    lines = [f'trial groups: {grouped} of {len(rows)} trials in {len(shown)} group(s), one frozen '
-             f'backbone pass per batch per group (at most {cap} heads per group: {how})']
-    for i, (key, members) in enumerate(shown):
+    grouped = sum(len(m) for _, m in planned.shown)
+    lines = [f'trial groups: {grouped} of {len(rows)} trials in {len(planned.shown)} group(s), '
+             f'one frozen backbone pass per batch per group (at most {planned.cap} heads per '
+             f'group: {planned.how})']
+    for i, (key, members) in enumerate(planned.shown):
         values = ', '.join(f'{k}={v}' for k, v in json.loads(key).items()) or 'all'
         lines.append(f'  group {i}: trials {",".join(map(str, members))} ({values})')
     return lines

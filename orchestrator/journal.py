@@ -26,7 +26,8 @@ import threading
 import time
 
 from orchestrator.files import write_json_atomic
-from orchestrator.tracking_uri import without_credentials
+from orchestrator.mlflow_store import (ExperimentRefused, get_or_create_experiment,
+                                        without_credentials)
 
 JOURNAL = 'mlflow_journal.jsonl'
 LOCK = 'mlflow_journal.lock'
@@ -270,7 +271,6 @@ class TrackingJournal:
         """Import MLflow and create the store and experiment now, so the first write is quick;
         an unreachable server is no error here (records wait in the journal), a store that
         refuses the sweep's experiment is (ExperimentRefused: no journal replay can fix it)."""
-        from orchestrator.tracking import ExperimentRefused
         try:
             self.experiment_id()
         except ExperimentRefused:
@@ -280,7 +280,6 @@ class TrackingJournal:
 
     def experiment_id(self):
         if self._experiment_id is None:
-            from orchestrator.tracking import get_or_create_experiment
             self._experiment_id = get_or_create_experiment(
                 self.client, self.experiment, osp.join(osp.dirname(self.sweep_dir), 'mlartifacts'))
         return self._experiment_id

@@ -5,8 +5,7 @@ import itertools
 import math
 
 from orchestrator.errors import ConfigError
-from orchestrator.spec import (FRACTION_KEY, SUBSET_SEED_KEY, WARMUP_KEY, iterations_for,
-                               warmup_for)
+from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY, WARMUP_KEY
 
 HEAD = 'model.decode_head.'
 
@@ -32,6 +31,22 @@ def searched_keys(spec):
     if len(spec.fewshot_seeds) > 1:
         keys = keys + [SUBSET_SEED_KEY]
     return keys
+
+
+def iterations_for(spec, fraction, base_iters):
+    """InternVL's few-shot recipe: training length proportional to the data fraction."""
+    if spec.iterations_at_full_data is None:
+        return base_iters
+    return max(spec.iterations_min, int(math.ceil(spec.iterations_at_full_data * fraction)))
+
+
+def warmup_for(spec, iters):
+    """InternVL's few-shot warmup: 2 % of the iterations (100 at 5k ... 800 at 40k), at most
+    1500 (80k) -- ``derived.warmup: {ratio: 0.02, max: 1500}``. None: the base config's."""
+    if spec.warmup_ratio is None:
+        return None
+    warmup = max(1, int(round(spec.warmup_ratio * iters)))
+    return min(warmup, spec.warmup_max) if spec.warmup_max else warmup
 
 
 def resolve(spec, base, params):

@@ -1,44 +1,11 @@
-"""What the researcher reads: the ranked table at the end of a sweep, and ``orchestrator report``:
-mIoU against data fraction per head variant, searched values against mIoU, the best trial's
-per-class IoU, written as Markdown + PNGs and attached to the sweep's parent MLflow run.
-Plots read the runs back from MLflow (orchestrator/results.py): they show what MLflow holds."""
+"""``orchestrator report``: the study's answer as pictures. mIoU against data fraction per head
+variant, searched values against mIoU, cost, the best trial's per-class IoU, written as Markdown
++ PNGs and attached to the sweep's parent MLflow run. Plots read the runs back from MLflow
+(orchestrator/results.py): they show what MLflow holds."""
 import os.path as osp
 
-from prettytable import PrettyTable, TableStyle
-
 from orchestrator.errors import ConfigError
-from orchestrator.grouping import flat_config
-
-
-def format_table(header, rows, markdown=False):
-    t = PrettyTable(header)
-    if markdown:
-        t.set_style(TableStyle.MARKDOWN)
-    else:
-        t.align = 'l'
-    for row in rows:
-        t.add_row([f'{v:.4g}' if isinstance(v, float) else v for v in row])
-    return t.get_string()
-
-
-def ranked_results(result_grid, keys, metric='mIoU', mode='max'):
-    """(header, rows, failures) from a Tune ResultGrid, best first; failed trials listed apart."""
-    done, failed = [], []
-    for r in result_grid:
-        trial_id = (r.metrics or {}).get('trial_id', '?')
-        values = [flat_config(r.config).get(k) for k in keys]
-        if r.error is not None or metric not in (r.metrics or {}):
-            reason = str(r.error).strip().splitlines()[-1] if r.error else 'no metric reported'
-            failed.append([trial_id, *values, reason])
-            continue
-        done.append([trial_id, *values, r.metrics[metric], r.metrics.get('iter'),
-                     r.metrics.get('time_total_s', 0.0)])
-    done.sort(key=lambda row: row[len(keys) + 1], reverse=(mode == 'max'))
-    header = ['trial', *keys, metric, 'iters', 'time_s']
-    return header, done, failed
-
-
-# -- `orchestrator report SWEEP`: the study's answer as pictures ---------------------------------
+from orchestrator.tables import format_table
 
 REPORT_DIR = 'report'
 CURVE_PNG, CURVE_CSV = 'miou_vs_fraction.png', 'miou_vs_fraction.csv'

@@ -5,7 +5,6 @@ what needs the base mmseg config or several sections at once, and resolves paths
 a ConfigError naming the file, the key path and the value, raised before Ray, MLflow or any output
 directory is touched. The format is documented in search_spaces/README.md.
 """
-import math
 import os.path as osp
 import typing
 from dataclasses import dataclass
@@ -14,12 +13,9 @@ import pydantic
 import yaml
 
 from orchestrator.errors import ConfigError
+from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY, WEIGHTS_KEY
 from orchestrator.spec_format import SWEEP_NAME, SpaceFile, is_sweep_name
 
-FRACTION_KEY = 'fewshot.fraction'  # not an mmseg key: selects the few-shot training subset
-SUBSET_SEED_KEY = 'fewshot.seed'  # not an mmseg key: the permutation the subset is cut from
-WARMUP_KEY = 'lr_config.warmup_iters'
-WEIGHTS_KEY = 'model.backbone.pretrained'
 
 
 @dataclass(frozen=True)
@@ -338,14 +334,6 @@ def _parse_references(source, refs, params):
                 points={float(f): float(v) * scale for f, v in refs.points.items()})
 
 
-def check_weights_path(cfg, source='config'):
-    """A backbone weight file that is not there fails now, not after the sweep has started."""
-    weights = cfg.model.get('backbone', {}).get('pretrained')
-    if isinstance(weights, str) and not osp.isfile(weights):
-        raise ConfigError(f'{source}: {WEIGHTS_KEY}: file not found: {weights} (set it with '
-                          f'overrides: {{{WEIGHTS_KEY}: /path/to/weights}})')
-
-
 def _check_head_combinations(spec, base_dict):
     """FCNHead rejects num_convs=0 unless in_channels == channels; catch it before any work."""
     head = base_dict.get('model', {}).get('decode_head', {})
@@ -366,38 +354,3 @@ def _check_head_combinations(spec, base_dict):
         if not _int(num_convs) or num_convs < 0:
             raise _err(spec.source, 'parameters.' + nc_key, num_convs, 'FCNHead needs an integer '
                        'num_convs >= 0')
-
-
-def check_data_paths(cfg, source='config'):
-    """Fail before any work when a dataset directory is missing, naming the key and the path."""
-    for split in ('train', 'val'):
-        ds = cfg.data.get(split)
-        if ds is None:
-            continue
-        for d in ds if isinstance(ds, (list, tuple)) else [ds]:
-            root = d.get('data_root')
-            for key in ('img_dir', 'ann_dir'):
-                rel = d.get(key)
-                if rel is None:
-                    continue
-                path = rel if (osp.isabs(rel) or root is None) else osp.join(root, rel)
-                if not osp.isdir(path):
-                    raise ConfigError(
-                        f'{source}: data.{split}.{key}: directory not found: {osp.abspath(path)}')
-
-
-def iterations_for(spec, fraction, base_iters):
-    """InternVL's few-shot recipe: training length proportional to the data fraction."""
-    if spec.iterations_at_full_data is None:
-        return base_iters
-    return max(spec.iterations_min, int(math.ceil(spec.iterations_at_full_data * fraction)))
-
-
-def warmup_for(spec, iters):
-    """InternVL's few-shot warmup: 2 % of the iterations (100 at 5k ... 800 at 40k), at most
-    1500 (80k) -- ``derived.warmup: {ratio: 0.02, max: 1500}``. None: the base config's."""
-    if spec.warmup_ratio is None:
-        return None
-    warmup = max(1, int(round(spec.warmup_ratio * iters)))
-    return min(warmup, spec.warmup_max) if spec.warmup_max else warmup
-

@@ -49,9 +49,38 @@ def number(**bounds):
 
 
 Number = number()
+# The value types of the format, each with the words its error (and an editor's hover) uses
 PositiveInt = allowed('a positive integer', Annotated[StrictInt, Field(gt=0)])
+IterationCount = allowed('a positive number of iterations', Annotated[StrictInt, Field(gt=0)])
+Count = allowed('an integer >= 0', Annotated[StrictInt, Field(ge=0)])
+Integer = allowed('an integer', StrictInt)
 Flag = allowed('true or false', StrictBool)
 Path = allowed('a path', StrictStr)
+Name = allowed('a name', Annotated[StrictStr, Field(pattern=r'\S')])
+Label = allowed('a name for the legend', Annotated[StrictStr, Field(pattern=r'\S')])
+Ratio = allowed('a number in (0, 1]', number(gt=0, le=1))
+Positive = allowed('a number > 0', number(gt=0))
+Gigabytes = allowed('a number of GB > 0', number(gt=0))
+ReductionFactor = allowed('a number > 1', number(gt=1))
+# A worker is one training process driving one device (mmseg's DDP: one rank per GPU); Ray shares
+# a GPU between workers in fractions of one. More GPUs per trial: more workers.
+GpuShare = allowed('a fraction in [0, 1]: a worker is one process training on one GPU (workers '
+                   'share a GPU below 1); for more GPUs per trial, raise workers_per_trial',
+                   number(ge=0, le=1))
+Seeds = allowed('a non-empty list of distinct integers',
+                Annotated[list[StrictInt], Field(min_length=1)], lambda v: len(set(v)) == len(v))
+Algorithm = allowed('one of grid, random, optuna', Literal['grid', 'random', 'optuna'])
+Mode = allowed('max or min', Literal['max', 'min'])
+Metric = allowed('a metric name such as mIoU', StrictStr)
+TrackingUri = allowed('a URI such as sqlite:////abs/mlflow.db or http://127.0.0.1:5000', StrictStr)
+# A path, not a URI: workers on every node write their checkpoints and logs under it
+OutputPath = allowed('a filesystem path (on a multi-node cluster, one every node mounts)',
+                     StrictStr, lambda v: '://' not in v)
+KeyValues = allowed('expected a mapping of dotted config keys to values', dict[str, Any])
+Where = allowed('expected a mapping of searched keys to values', dict[str, Any])
+Published = allowed('expected a mapping of data fractions in (0, 1] to published values',
+                    Annotated[dict[Number, Number], Field(min_length=1)],
+                    lambda v: all(0 < f <= 1 for f in v))
 
 
 class Section(BaseModel):
@@ -67,6 +96,20 @@ class Section(BaseModel):
 def _section(cls):
     """A section that may be left out (or null): its defaults."""
     return Field(default_factory=cls, description=(cls.__doc__ or '').strip())
+
+
+SWEEP_NAME = ('a non-empty name of one directory under the output root (no "/", not "." or '
+              '"..")')
+
+
+def is_sweep_name(name):
+    """A sweep's name is one directory under the output root (and the MLflow parent run's name):
+    a name of '..' or a path would put the sweep, and the files the driver clears, elsewhere."""
+    return (isinstance(name, str) and bool(name.strip()) and name not in ('.', '..')
+            and not any(c in name for c in '/\\\0'))
+
+
+SweepName = allowed(SWEEP_NAME, StrictStr, is_sweep_name)
 
 
 # --- parameters: one distribution per dotted config key ------------------------------------
@@ -120,6 +163,8 @@ Distribution = Annotated[
     Union[tuple(Annotated[m, Tag(k)] for k, m in DISTRIBUTION_MODELS.items())],
     Discriminator(_distribution_of, custom_error_type='allowed',
                   custom_error_message=f'expected one of {{{", ".join(DISTRIBUTIONS)}: ...}}')]
+Parameters = shaped('expected a non-empty mapping of dotted config keys to distributions',
+                    dict[str, Distribution], lambda v: isinstance(v, dict) and len(v) > 0)
 
 
 # --- sections -------------------------------------------------------------------------------
@@ -132,7 +177,7 @@ class Iterations(Section):
 
 class Warmup(Section):
     """lr_config.warmup_iters = min(max, round(ratio * max_iters))"""
-    ratio: allowed('a number in (0, 1]', number(gt=0, le=1))
+    ratio: Ratio
     max: Optional[PositiveInt] = None
 
 
@@ -146,25 +191,23 @@ class Derived(Section):
 
 class Fewshot(Section):
     """The few-shot subsets: one seed, or a list (each configuration on each seed's subset)."""
-    seed: Optional[allowed('an integer', StrictInt)] = None
-    seeds: Optional[allowed('a non-empty list of distinct integers',
-                            Annotated[list[StrictInt], Field(min_length=1)],
-                            lambda v: len(set(v)) == len(v))] = None
+    seed: Optional[Integer] = None
+    seeds: Optional[Seeds] = None
 
 
 class Search(Section):
     """How Ray Tune walks the space."""
-    algorithm: allowed('one of grid, random, optuna', Literal['grid', 'random', 'optuna']) = 'grid'
+    algorithm: Algorithm = 'grid'
     num_samples: PositiveInt = 1
-    metric: allowed('a metric name such as mIoU', StrictStr) = 'mIoU'
-    mode: allowed('max or min', Literal['max', 'min']) = 'max'
-    seed: allowed('an integer', StrictInt) = 0
+    metric: Metric = 'mIoU'
+    mode: Mode = 'max'
+    seed: Integer = 0
 
 
 class Asha(Section):
     """Tune's ASHA scheduler on the metric, by training iteration."""
-    grace_period: allowed('a positive number of iterations', Annotated[StrictInt, Field(gt=0)]) = 1
-    reduction_factor: allowed('a number > 1', number(gt=1)) = 2
+    grace_period: IterationCount = 1
+    reduction_factor: ReductionFactor = 2
 
 
 class EarlyStopping(Section):
@@ -175,32 +218,27 @@ class EarlyStopping(Section):
 class Resources(Section):
     """A trial's workers: one training process (one rank) each."""
     workers_per_trial: PositiveInt = 1
-    cpus_per_worker: allowed('a number > 0', number(gt=0)) = 1
-    # A worker is one training process driving one device (mmseg's DDP: one rank per GPU); Ray
-    # shares a GPU between workers in fractions of one. More GPUs per trial: more workers.
-    gpus_per_worker: allowed('a fraction in [0, 1]: a worker is one process training on one GPU '
-                             '(workers share a GPU below 1); for more GPUs per trial, raise '
-                             'workers_per_trial', number(ge=0, le=1)) = 0
+    cpus_per_worker: Positive = 1
+    gpus_per_worker: GpuShare = 0
     max_concurrent_trials: Optional[PositiveInt] = None
 
 
 class FaultTolerance(Section):
     """A trial whose worker dies restarts from its last checkpoint, this many times."""
-    worker_retries: allowed('an integer >= 0', Annotated[StrictInt, Field(ge=0)]) = 2
+    worker_retries: Count = 2
 
 
 class Grouping(Section):
     """Trial groups: heads sharing one frozen-backbone pass."""
     enabled: Flag = True
     # None: 90 % of the GPU's memory less the frozen model's (grouping.py)
-    memory_gb: Optional[allowed('a number of GB > 0', number(gt=0))] = None
+    memory_gb: Optional[Gigabytes] = None
 
 
 class Tracking(Section):
     """Where MLflow records the sweep."""
-    uri: Optional[allowed('a URI such as sqlite:////abs/mlflow.db or http://127.0.0.1:5000',
-                          StrictStr)] = None
-    experiment: Optional[allowed('a name', Annotated[StrictStr, Field(pattern=r'\S')])] = None
+    uri: Optional[TrackingUri] = None
+    experiment: Optional[Name] = None
 
 
 class GenerateData(Section):
@@ -210,28 +248,15 @@ class GenerateData(Section):
     num_train: Optional[PositiveInt] = None
     num_val: Optional[PositiveInt] = None
     size: Optional[PositiveInt] = None
-    seed: Optional[allowed('an integer >= 0', Annotated[StrictInt, Field(ge=0)])] = None
+    seed: Optional[Count] = None
 
 
 class References(Section):
     """Published numbers the report draws beside a head variant's curve."""
-    label: allowed('a name for the legend', Annotated[StrictStr, Field(pattern=r'\S')]) = 'published'
+    label: Label = 'published'
     percent: Flag = False
-    where: allowed('expected a mapping of searched keys to values', dict[str, Any]) = {}
-    points: allowed('expected a mapping of data fractions in (0, 1] to published values',
-                    Annotated[dict[Number, Number], Field(min_length=1)],
-                    lambda v: all(0 < f <= 1 for f in v))
-
-
-SWEEP_NAME = ('a non-empty name of one directory under the output root (no "/", not "." or '
-              '"..")')
-
-
-def is_sweep_name(name):
-    """A sweep's name is one directory under the output root (and the MLflow parent run's name):
-    a name of '..' or a path would put the sweep, and the files the driver clears, elsewhere."""
-    return (isinstance(name, str) and bool(name.strip()) and name not in ('.', '..')
-            and not any(c in name for c in '/\\\0'))
+    where: Where = {}
+    points: Published
 
 
 class SpaceFile(Section):
@@ -240,16 +265,14 @@ class SpaceFile(Section):
     model_config = ConfigDict(extra='forbid', frozen=True, title='Search space',
                               json_schema_extra={'$schema':
                                                  'https://json-schema.org/draft/2020-12/schema'})
-    name: Optional[allowed(SWEEP_NAME, StrictStr, is_sweep_name)] = Field(
+    name: Optional[SweepName] = Field(
         None, description='sweep name: the output subdirectory and the MLflow parent run '
                           '(default: the file name)')
     base_config: Path = Field(description='an mmseg 0.x config (its _base_ chain included)')
     data_root: Optional[Path] = Field(None, description='sets data.{train,val,test}.data_root')
     generate_data: Optional[GenerateData] = None
-    parameters: shaped('expected a non-empty mapping of dotted config keys to distributions',
-                       dict[str, Distribution], lambda v: isinstance(v, dict) and len(v) > 0)
-    overrides: Optional[allowed('expected a mapping of dotted config keys to values',
-                                dict[str, Any])] = None
+    parameters: Parameters
+    overrides: Optional[KeyValues] = None
     derived: Derived = _section(Derived)
     repeats: PositiveInt = 1
     fewshot: Fewshot = _section(Fewshot)
@@ -259,9 +282,7 @@ class SpaceFile(Section):
     fault_tolerance: FaultTolerance = _section(FaultTolerance)
     grouping: Grouping = _section(Grouping)
     tracking: Tracking = _section(Tracking)
-    # A path, not a URI: workers on every node write their checkpoints and logs under it
-    output: Optional[allowed('a filesystem path (on a multi-node cluster, one every node mounts)',
-                             StrictStr, lambda v: '://' not in v)] = None
+    output: Optional[OutputPath] = None
     references: Optional[References] = None
 
 

@@ -15,39 +15,10 @@ from importlib import metadata
 
 from ray.tune import Callback
 
-from orchestrator.errors import ConfigError
-from orchestrator.spec import FRACTION_KEY, SUBSET_SEED_KEY
+from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
 
 METRIC_PREFIXES = ('mIoU', 'mAcc', 'aAcc', 'IoU.', 'Acc.', 'loss', 'lr', 'restarts', 'cost.')
 PACKAGES = ('torch', 'mmcv-full', 'mmsegmentation', 'ray', 'mlflow')
-
-
-def default_tracking_uri(output_root):
-    """An absolute sqlite URI: Ray changes each trial's working directory, so relative URIs
-    break, and MLflow 3 refuses plain file stores by default."""
-    return 'sqlite:///' + osp.join(osp.abspath(output_root), 'mlflow.db')
-
-
-class ExperimentRefused(ConfigError):
-    """The store holds the sweep's experiment name in a state no write can use (deleted)."""
-
-
-def get_or_create_experiment(client, name, artifact_root):
-    """With a local store, artifacts go to an absolute folder beside it (MLflow's default is
-    ./mlruns relative to the working directory); an http:// server chooses its own. A deleted
-    experiment of that name would refuse every run: that is an ExperimentRefused, at once."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None and exp.lifecycle_stage == 'deleted':
-        raise ExperimentRefused(
-            f'tracking.experiment: {name!r}: deleted in the MLflow store {client.tracking_uri} '
-            f'(id {exp.experiment_id}); restore it (mlflow experiments restore '
-            f'--experiment-id {exp.experiment_id}), remove it for good (mlflow gc), or choose '
-            'another experiment name')
-    if exp is not None:
-        return exp.experiment_id
-    local = not client.tracking_uri.startswith(('http://', 'https://'))
-    location = 'file://' + osp.abspath(artifact_root) if local else None
-    return client.create_experiment(name, artifact_location=location)
 
 
 def _git_commit():

@@ -1,4 +1,4 @@
-"""One Tune trial: resolve its overrides, pick its few-shot subset, lease a warm worker group,
+"""One Tune trial: resolve its overrides, pick its few-shot subset, lease a warm crew (crew.py),
 run the training on its N workers and forward rank 0's evaluations to Tune (so ASHA can stop it).
 
 The trial process only drives: it never imports mmcv or mmseg; the workers merge the config.
@@ -17,8 +17,8 @@ from orchestrator.files import read_jsonl, write_json_atomic
 from orchestrator.fewshot import write_split_file
 from orchestrator.grouping import flat_config, group_key
 from orchestrator.plan import resolve
-from orchestrator.spec import FRACTION_KEY, SUBSET_SEED_KEY
-from orchestrator.worker_group import CALL_S, GRACE_S
+from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
+from orchestrator.crew import CALL_S, GRACE_S
 
 POLL_S = 1.0
 PLACEMENT = 'placement.json'
@@ -48,7 +48,7 @@ class WorkersLost(TrialFailed):
 
 
 def _failure(runs):
-    """The error that ended a group's run. A rank whose process died (not one the pool killed
+    """The error that ended a crew's run. A rank whose process died (not one the pool killed
     afterwards) makes it WorkersLost; otherwise it is the first worker exception (a config error,
     'diverged: ...'), which a retry would only repeat."""
     ray.wait(runs, num_returns=len(runs), timeout=GRACE_S + 5)
@@ -101,15 +101,15 @@ def _poll(runs, workers, trial_id, forward):
             forward(metrics)
 
 
-def _train_in_group(pool, job, key, forward):
-    """One attempt inside the trial's group (orchestrator/grouping.py); False when the pool has
-    no group for it (the trial then trains alone)."""
+def _train_in_trial_group(pool, job, key, forward):
+    """One attempt inside the trial's trial group (grouping.py), on the crew its last member
+    leased; False when the pool has no trial group for it (the trial then trains alone)."""
     trial_id = job['trial_id']
     joined = ray.get(pool.join.remote(trial_id, key, job,
                                       ray.get_runtime_context().current_actor))
     if joined is None:
         return False
-    if joined[0] == 'lost':  # the group's workers could not start it: this trial goes alone
+    if joined[0] == 'lost':  # the crew could not start it: this trial goes alone
         raise WorkersLost(f'trial group could not start: {joined[1]}')
     _, workers, runs, group_dir, size = joined
     try:
@@ -127,21 +127,21 @@ def _train_in_group(pool, job, key, forward):
     return True
 
 
-def _train_on_group(pool, job, forward):
-    """One attempt: lease a group, run the job on it, forward rank 0's reports; raises the
+def _train_alone(pool, job, forward):
+    """One attempt: lease a crew, run the job on it, forward rank 0's reports; raises the
     attempt's failure (WorkersLost or the worker's own exception)."""
     trial_id = job['trial_id']
-    gid, workers = ray.get(pool.acquire.remote(trial_id))
+    cid, workers = ray.get(pool.acquire.remote(trial_id))
     n = len(workers)
-    try:  # until the release is arranged, any failure must hand the group back (rebuilt)
+    try:  # until the release is arranged, any failure must hand the crew back (rebuilt)
         where = ray.get([w.where.remote() for w in workers], timeout=CALL_S)
         address = ray.get(workers[0].rendezvous.remote(n), timeout=CALL_S)
     except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
-        ray.get(pool.release_broken.remote(gid, type(e).__name__))
-        raise WorkersLost(f'a worker of the group did not answer before the run: '
+        ray.get(pool.release_broken.remote(cid, type(e).__name__))
+        raise WorkersLost(f'a worker of the crew did not answer before the run: '
                           f'{type(e).__name__}: {str(e).splitlines()[0][:200]}') from None
     runs = [w.run.remote(job, rank, n, address) for rank, w in enumerate(workers)]
-    pool.release_when_done.remote(gid, runs, ray.get_runtime_context().current_actor, trial_id)
+    pool.release_when_done.remote(cid, runs, ray.get_runtime_context().current_actor, trial_id)
     _write_placement(job['trial_dir'], where)
     try:
         _poll(runs, workers, trial_id, forward)
@@ -152,7 +152,7 @@ def _train_on_group(pool, job, forward):
 
 def _record_restart(output_dir, trial_id, work_dir, restart, retries, error):
     """A restart is visible: a record in the trial's ``restarts.jsonl``, which the live view and
-    ``orchestrator status`` show as a line (status.restart_lines). The iteration lost is the last
+    ``orchestrator status`` show as a line (status_view.restart_lines). The iteration lost is the last
     one in the training log; training resumes after the latest checkpoint (0: from the start)."""
     from orchestrator.status import RESTARTS, log_dir, train_progress
     lost_at = train_progress(log_dir(output_dir, trial_id))[0]
@@ -206,9 +206,9 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
         _replay_history(overrides['work_dir'])
         try:
             if grouped and restarts == 0 and \
-                    _train_in_group(pool, job, group_key(spec, config), forward):
+                    _train_in_trial_group(pool, job, group_key(spec, config), forward):
                 return None
-            return _train_on_group(pool, job, forward)
+            return _train_alone(pool, job, forward)
         except WorkersLost as e:
             if restarts >= spec.worker_retries:
                 raise TrialFailed(

@@ -17,6 +17,7 @@ import os.path as osp
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,12 +33,13 @@ from mmseg.models import build_segmentor
 from mmseg.utils import get_root_logger
 
 from mmseg_custom.hooks import TrainingDiverged, TrainingStopped
+from mmseg_custom.hooks.run_context import attached
 from mmseg_custom.hooks.frozen_backbone import tensors_sha256
 from mmseg_custom.models.backbones.internvit_weights import BackboneWeightsError
 from mmseg_custom.models.head_rng import isolate_head_rng, reinit_head
 
 from orchestrator.errors import ConfigError
-from orchestrator.spec import check_data_paths
+from orchestrator.preflight import check_data_paths
 
 
 HEAD_FILE = 'head_final.pth'  # the trained head's weights, solo or grouped
@@ -147,61 +149,12 @@ def _open_work_dir(cfg):
     return timestamp, logger
 
 
-def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
-    """Train and evaluate ``cfg`` (an mmcv Config); return the final evaluation's metrics.
-
-    The dict holds mIoU, mAcc, aAcc, per-class ``IoU.<class>``/``Acc.<class>`` and ``iter``.
-    ``callback(metrics)`` is called on every rank after every evaluation, with rank 0's metrics
-    (the sweep's reporting path). ``should_stop()``, asked after every iteration on every rank,
-    ends the run early when any rank says so; the last evaluation's metrics are returned then.
-    """
-    cfg = copy.deepcopy(cfg)
-    check_data_paths(cfg, source)
-    _drop_deepspeed_keys(cfg, source)
-    distributed, rank, world_size, cuda, seed = _start_run(cfg)
-    # Built before anything is written: a head the config breaks fails here, in one line.
-    model = build_model(cfg, source, init_weights=False)
-
-    cfg.work_dir = osp.abspath(work_dir or cfg.get('work_dir') or 'work_dirs/run')
-    timestamp, logger = _open_work_dir(cfg)
-    logger.info(f'rank {rank}/{world_size}, device {cfg.device}, '
-                f'backend {dist.get_backend() if distributed else "none"}')
-    if rank == 0:
-        cfg.dump(osp.join(cfg.work_dir, 'config.py'))
-    load_weights(model, source)
-    if not cuda:
-        model = _revert_sync_bn_on_cpu(model, distributed, logger)
-    _own_head_rng([model.decode_head], seed, cfg)
-    datasets = [build_dataset(cfg.data.train)]
-    model.CLASSES = datasets[0].CLASSES
-    model.PALETTE = datasets[0].PALETTE
-
-    history = []
-
-    def on_eval(metrics):
-        history.append(metrics)
-        if callback is not None:
-            callback(metrics)
-
-    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [
-        dict(type='EvalMetricsHook', callback=on_eval, priority=80),
-        dict(type='DivergenceHook', priority='VERY_HIGH'),  # before any step or save
-        dict(type='FrozenBackboneCheckpointHook')]  # probes: no copies of a frozen backbone
-    if should_stop is not None:
-        cfg.custom_hooks.append(dict(type='StopRequestHook', should_stop=should_stop,
-                                     priority='LOWEST'))
-    cfg.checkpoint_config = dict(cfg.get('checkpoint_config') or {},
-                                 meta=dict(CLASSES=model.CLASSES, PALETTE=model.PALETTE))
-    try:
-        train_segmentor(model, datasets, cfg, distributed=distributed, validate=True,
-                        timestamp=timestamp, meta=dict(seed=seed))
-    except TrainingStopped as e:
-        logger.info(f'training ended early on request: {e}')
-        return history[-1] if history else None
-
-    _record_rank_sync(model, cfg.work_dir, distributed, logger)
-    _save_head(model.decode_head, cfg.work_dir)
-    return history[-1] if history else None
+def _with_hooks(cfg, ours):
+    """The config's custom hooks and ours; one of ours the config already has (it is the config
+    of an earlier run, reloaded) is not added twice."""
+    hooks = list(cfg.get('custom_hooks', []))
+    present = {h['type'] for h in hooks}
+    return hooks + [h for h in ours if h['type'] not in present]
 
 
 def _own_head_rng(heads, seed, cfg):
@@ -238,12 +191,88 @@ def grouped_config(cfgs, group_dir):
     return gcfg
 
 
+@dataclass
+class _Run:
+    """A run set up to train: the built model with its weights, the training set, its log."""
+    model: object
+    datasets: list
+    timestamp: str
+    logger: object
+    distributed: bool
+    rank: int
+    world_size: int
+    seed: int
+
+
+def _setup_run(cfg, source, heads_of, check_model=None):
+    """What a solo and a grouped run do alike before training: join the process group, build the
+    model (before anything is written: a config the model rejects fails here, in one line), open
+    the work dir and its log, load the weights, fit SyncBN to the device, give each head its own
+    random streams (``heads_of(model)``), build the training set."""
+    distributed, rank, world_size, cuda, seed = _start_run(cfg)
+    model = build_model(cfg, source, init_weights=False)
+    if check_model is not None:
+        check_model(model)
+    timestamp, logger = _open_work_dir(cfg)
+    load_weights(model, source)
+    if not cuda:
+        model = _revert_sync_bn_on_cpu(model, distributed, logger)
+    _own_head_rng(heads_of(model), seed, cfg)
+    datasets = [build_dataset(cfg.data.train)]
+    model.CLASSES, model.PALETTE = datasets[0].CLASSES, datasets[0].PALETTE
+    return _Run(model, datasets, timestamp, logger, distributed, rank, world_size, seed)
+
+
+def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
+    """Train and evaluate ``cfg`` (an mmcv Config); return the final evaluation's metrics.
+
+    The dict holds mIoU, mAcc, aAcc, per-class ``IoU.<class>``/``Acc.<class>`` and ``iter``.
+    ``callback(metrics)`` is called on every rank after every evaluation, with rank 0's metrics
+    (the sweep's reporting path). ``should_stop()``, asked after every iteration on every rank,
+    ends the run early when any rank says so; the last evaluation's metrics are returned then.
+    """
+    cfg = copy.deepcopy(cfg)
+    check_data_paths(cfg, source)
+    _drop_deepspeed_keys(cfg, source)
+    cfg.work_dir = osp.abspath(work_dir or cfg.get('work_dir') or 'work_dirs/run')
+    run = _setup_run(cfg, source, lambda model: [model.decode_head])
+    model, logger = run.model, run.logger
+    logger.info(f'rank {run.rank}/{run.world_size}, device {cfg.device}, '
+                f'backend {dist.get_backend() if run.distributed else "none"}')
+    history = []
+
+    def on_eval(metrics):
+        history.append(metrics)
+        if callback is not None:
+            callback(metrics)
+
+    cfg.custom_hooks = _with_hooks(cfg, [
+        dict(type='EvalMetricsHook', priority=80),
+        dict(type='DivergenceHook', priority='VERY_HIGH'),  # before any step or save
+        dict(type='FrozenBackboneCheckpointHook'),  # probes: no copies of a frozen backbone
+        dict(type='StopRequestHook', priority='LOWEST')])
+    cfg.checkpoint_config = dict(cfg.get('checkpoint_config') or {},
+                                 meta=dict(CLASSES=model.CLASSES, PALETTE=model.PALETTE))
+    if run.rank == 0:  # the config as it runs (plain values: it reloads; run_context.py)
+        cfg.dump(osp.join(cfg.work_dir, 'config.py'))
+    try:
+        with attached(on_metrics=[on_eval], should_stop=[should_stop]):
+            train_segmentor(model, run.datasets, cfg, distributed=run.distributed,
+                            validate=True, timestamp=run.timestamp, meta=dict(seed=run.seed))
+    except TrainingStopped as e:
+        logger.info(f'training ended early on request: {e}')
+        return history[-1] if history else None
+
+    _record_rank_sync(model, cfg.work_dir, run.distributed, logger)
+    _save_head(model.decode_head, cfg.work_dir)
+    return history[-1] if history else None
+
+
 def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, source='config'):
     """Train the heads of ``cfgs`` on one frozen backbone pass per batch; head k's evaluations go
     to ``work_dirs[k]/metrics.jsonl`` and ``callbacks[k]``, ``should_stops[k]()`` stops head k
     alone. Returns the heads' last metrics. Each head ends as it would have in its solo run
     (tests/test_trial_groups.py checks the weights)."""
-    from mmseg.datasets import build_dataloader
     cfgs = [copy.deepcopy(c) for c in cfgs]
     for c in cfgs:
         check_data_paths(c, source)
@@ -251,55 +280,46 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
     gcfg = grouped_config(cfgs, osp.abspath(group_dir))
     n = len(cfgs)
     callbacks = callbacks or [None] * n
-    distributed, rank, world_size, cuda, seed = _start_run(gcfg)
-    model = build_model(gcfg, source, init_weights=False)
-    frozen = [name for name, p in model.backbone.named_parameters() if p.requires_grad]
-    if frozen:
-        raise ConfigError(f'{source}: grouped heads need a frozen backbone; '
-                          f'{frozen[0]} (and {len(frozen) - 1} more) would train')
-    timestamp, logger = _open_work_dir(gcfg)
-    logger.info(f'trial group of {n} heads: rank {rank}/{world_size}, device {gcfg.device}')
-    if rank == 0:
-        gcfg.dump(osp.join(gcfg.work_dir, 'config.py'))
-    load_weights(model, source)
-    if not cuda:
-        model = _revert_sync_bn_on_cpu(model, distributed, logger)
-    _own_head_rng(model.heads, seed, gcfg)
-    datasets = [build_dataset(gcfg.data.train)]
-    model.CLASSES, model.PALETTE = datasets[0].CLASSES, datasets[0].PALETTE
-    loader_workers = gcfg.data.get('workers_per_gpu', 2)
-    # each rank evaluates its share of the validation set (MultiHeadEvalHook); the seed, as
-    # mmseg's own validation loader has it: without one its sampler draws from numpy's global
-    # stream, and the training augmentations would differ from a solo run's
-    val = build_dataloader(build_dataset(gcfg.data.val, dict(test_mode=True)), samples_per_gpu=1,
-                           workers_per_gpu=loader_workers, dist=distributed, shuffle=False,
-                           seed=seed, persistent_workers=loader_workers > 0)
+
+    def backbone_frozen(model):
+        trained = [name for name, p in model.backbone.named_parameters() if p.requires_grad]
+        if trained:
+            raise ConfigError(f'{source}: grouped heads need a frozen backbone; '
+                              f'{trained[0]} (and {len(trained) - 1} more) would train')
+
+    run = _setup_run(gcfg, source, lambda model: model.heads, backbone_frozen)
+    model, logger = run.model, run.logger
+    logger.info(f'trial group of {n} heads: rank {run.rank}/{run.world_size}, '
+                f'device {gcfg.device}')
     history = [[] for _ in range(n)]
 
     def on_eval(k):
         def record(metrics):
-            history[k].append(metrics)
+            if 'failed' not in metrics:  # a head that diverged: said, not an evaluation
+                history[k].append(metrics)
             if callbacks[k] is not None:
                 callbacks[k](metrics)
         return record
 
     interval = gcfg.get('evaluation', {}).get('interval', gcfg.runner.max_iters)
-    gcfg.custom_hooks = [h for h in gcfg.get('custom_hooks', [])] + [
-        dict(type='MultiHeadEvalHook', dataloader=val, interval=interval, work_dirs=work_dirs,
-             callbacks=[on_eval(k) for k in range(n)], priority=80),
-        dict(type='HeadControlHook', should_stop=should_stops, callbacks=callbacks,
-             priority='LOWEST')]
+    gcfg.custom_hooks = _with_hooks(gcfg, [
+        dict(type='MultiHeadEvalHook', val=gcfg.data.val, interval=interval,
+             work_dirs=list(work_dirs), seed=run.seed,
+             workers_per_gpu=gcfg.data.get('workers_per_gpu', 2), priority=80),
+        dict(type='HeadControlHook', priority='LOWEST')])
+    if run.rank == 0:  # the config as it runs (plain values: it reloads; run_context.py)
+        gcfg.dump(osp.join(gcfg.work_dir, 'config.py'))
     try:
-        train_segmentor(model, datasets, gcfg, distributed=distributed, validate=False,
-                        timestamp=timestamp, meta=dict(seed=seed))
+        with attached(on_metrics=[on_eval(k) for k in range(n)],
+                      should_stop=list(should_stops or [None] * n)):
+            train_segmentor(model, run.datasets, gcfg, distributed=run.distributed,
+                            validate=False, timestamp=run.timestamp, meta=dict(seed=run.seed))
     except TrainingStopped as e:
         logger.info(f'grouped training ended early: {e}')
     for k, head in enumerate(model.heads):
         if model.active[k] or history[k]:
             _save_head(head, work_dirs[k])
     return [h[-1] if h else None for h in history]
-
-
 def _record_rank_sync(model, work_dir, distributed, logger):
     """Every rank's digest of the decode head, and of the backbone when it trains, into
     work_dir/rank_sync.json: data-parallel workers must end identical, and a silent desync would

@@ -123,7 +123,7 @@ def test_killed_worker_restarts_the_trial_from_its_checkpoint(config, tmp_path, 
     driver = _sweep(path, ray_address, cli_env)
     _wait_for(lambda: list(work.glob('*/mmseg/iter_120.pth')), driver)
     victims = ray_processes('ray::TrainWorker')
-    assert len(victims) == 2  # the sweep's one worker group, on this session's cluster
+    assert len(victims) == 2  # the sweep's one crew, on this session's cluster
     os.kill(victims[-1], signal.SIGKILL)
     killed_at = time.time()
     output = driver.communicate(timeout=300)[0]
@@ -154,8 +154,8 @@ def test_killed_worker_restarts_the_trial_from_its_checkpoint(config, tmp_path, 
 def test_a_worker_that_dies_idle_is_replaced_and_no_slot_is_stranded(
         tmp_path, synthetic_root, ray_address, ray_processes, cli_env):
     """A worker killed while idle (here: while it starts, before the first trial leases its
-    group). Before: the trial failed on its first call to the dead worker and its group stayed
-    leased, so the next trial waited forever. Now the group is rebuilt and handed back, the
+    crew). Before: the trial failed on its first call to the dead worker and its crew stayed
+    leased, so the next trial waited forever. Now the crew is rebuilt and handed back, the
     trial restarts on it, and both trials finish."""
     path = _space(tmp_path, synthetic_root, 'idlekill',
                   {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=40, evaluations=1,

@@ -1,4 +1,4 @@
-"""A real sweep: local Ray cluster, warm worker groups over gloo, a real sqlite MLflow store."""
+"""A real sweep: local Ray cluster, warm crews over gloo, a real sqlite MLflow store."""
 import json
 import os
 from pathlib import Path

@@ -52,6 +52,28 @@ def test_single_process_training_reports_every_evaluation(tiny_cfg, tmp_path):
     assert (tmp_path / 'wd' / 'config.py').exists()
 
 
+def test_the_config_as_it_ran_reloads_and_trains_the_same(tiny_cfg, tmp_path):
+    """work_dir/config.py is the config as it ran, hooks included, in plain values (the sweep's
+    listener and stop request are attached in code): mmcv loads it, and a run from the file
+    alone ends with the same scores."""
+    from mmcv import Config
+    tiny_cfg.runner.max_iters = 20
+    tiny_cfg.evaluation.interval = 10
+    seen = []
+    first = worker.train(tiny_cfg, str(tmp_path / 'a'), callback=seen.append,
+                         should_stop=lambda: False)
+    ran = Config.fromfile(str(tmp_path / 'a' / 'config.py'))
+    assert [h['type'] for h in ran.custom_hooks].count('EvalMetricsHook') == 1
+    assert 'StopRequestHook' in [h['type'] for h in ran.custom_hooks]
+    again = worker.train(ran, str(tmp_path / 'b'))
+
+    def scores(m):
+        return {k: v for k, v in m.items() if k != 'eval_time' and not k.startswith('cost.')}
+    assert [m['iter'] for m in seen] == [10, 20] and scores(again) == scores(first)
+    reran = Config.fromfile(str(tmp_path / 'b' / 'config.py'))  # not a second set of hooks
+    assert [h['type'] for h in reran.custom_hooks] == [h['type'] for h in ran.custom_hooks]
+
+
 def test_two_workers_over_gloo_learn_and_stay_in_sync(synthetic_root, tmp_path, cli_env):
     """2 torchrun workers, gloo, distributed evaluation during training, with_norm=True on CPU."""
     wd = tmp_path / 'wd'

@@ -69,6 +69,14 @@ def test_grouped_heads_are_their_solo_selves(synthetic_root, solo, tmp_path):
         assert final[k]['iter'] == 12 and final[k]['mIoU'] == _history(solo / f'h{k}')[-1]['mIoU']
     # the heads really differ from each other (the test would pass trivially otherwise)
     assert len({json.dumps(_history(tmp_path / f'h{k}')[-1]) for k in range(3)}) == 3
+    # the group's config as it ran reloads, and mmcv builds its hooks from it (plain values)
+    from mmcv.runner import HOOKS
+    from mmcv.utils import build_from_cfg
+    ran = Config.fromfile(str(tmp_path / 'group' / 'config.py'))
+    hooks = [build_from_cfg({k: v for k, v in h.items() if k != 'priority'}, HOOKS)
+             for h in ran.custom_hooks]
+    assert {type(h).__name__ for h in hooks} >= {'MultiHeadEvalHook', 'HeadControlHook'}
+    assert next(h for h in hooks if type(h).__name__ == 'MultiHeadEvalHook').work_dirs == dirs
 
 
 def test_a_diverging_head_leaves_and_the_others_are_unchanged(synthetic_root, solo, tmp_path):
@@ -224,7 +232,7 @@ def test_a_group_whose_member_never_comes_starts_without_it(ray_address, synthet
     import ray
 
     from orchestrator.plan import plain
-    from orchestrator.worker_group import WorkerPool
+    from orchestrator.crew import WorkerPool
     cfg = _cfg(synthetic_root, **copy.deepcopy(VARIANTS[0]))
     job = dict(base=plain(cfg), overrides={'work_dir': str(tmp_path / 't0' / 'mmseg')},
                base_filename=cfg.filename, trial_dir=str(tmp_path / 't0'), source='test',
@@ -233,7 +241,7 @@ def test_a_group_whose_member_never_comes_starts_without_it(ray_address, synthet
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     try:
         pool = WorkerPool.remote(1, 1, {'CPU': 1.0}, trial_groups={'k': [2]}, join_wait_s=3)
-        gid, workers, runs, group_dir, size = ray.get(pool.join.remote('t0', 'k', job, None),
+        cid, workers, runs, group_dir, size = ray.get(pool.join.remote('t0', 'k', job, None),
                                                       timeout=120)
         assert size == 1
         final = ray.get(runs, timeout=300)[0]
@@ -307,7 +315,7 @@ def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root,
     from mmseg.models import build_segmentor
 
     from orchestrator.plan import plain
-    from orchestrator.worker_group import WorkerPool
+    from orchestrator.crew import WorkerPool
     cfgs, jobs = [], []
     for k, variant in enumerate(VARIANTS[:2]):
         cfg = _cfg(synthetic_root, **copy.deepcopy(variant))
@@ -321,7 +329,7 @@ def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root,
     try:
         pool = WorkerPool.remote(1, 2, {'CPU': 1.0}, trial_groups={'k': [2]})
         joined = [pool.join.remote(j['trial_id'], 'k', j, None) for j in jobs]
-        gid, workers, runs, group_dir, size = ray.get(joined[0], timeout=120)
+        cid, workers, runs, group_dir, size = ray.get(joined[0], timeout=120)
         assert size == 2
         ray.get(runs, timeout=300)
         ray.kill(pool)

@@ -4,7 +4,7 @@ mmseg's EvalHook writes its results into ``runner.log_buffer`` on rank 0 and the
 them; this hook (priority 80: after EvalHook at LOW=70, before the loggers at VERY_LOW=90) copies
 each evaluation, adds the mean training loss and the lr since the previous one, broadcasts it to
 all ranks (each rank gets the same dict back), appends it to ``work_dir/metrics.jsonl`` and
-hands it to ``callback``. It also evaluates after the last iteration when the interval did not land
+hands it to the run's metrics listener (run_context.py). It also evaluates after the last iteration when the interval did not land
 on it, so a run always ends with metrics of its final weights, and, in a run resumed from a
 checkpoint taken at an evaluation iteration whose evaluation never made it to the file (the
 process died between mmcv's checkpoint and its evaluation), evaluates that iteration first.
@@ -21,16 +21,32 @@ from mmcv.runner import HOOKS, Hook
 from mmcv.runner.dist_utils import get_dist_info
 
 from ..ranks import from_rank0
+from . import run_context
 from .cost import RunCost
 
 EVAL_KEYS = ('mIoU', 'mAcc', 'aAcc')
 
 
+def metrics_record(scores, losses, lr, iteration, cost):
+    """One evaluation as the sweep reads it: the scores (overall and per class), the mean
+    training loss since the previous one, the lr, the iteration, the cost so far, and when."""
+    metrics = {k: float(v) for k, v in scores.items()
+               if k in EVAL_KEYS or k.startswith(('IoU.', 'Acc.'))}
+    if losses:
+        metrics['loss'] = sum(losses) / len(losses)
+    metrics.update(lr=float(lr), iter=iteration, **cost, eval_time=time.time())
+    return metrics
+
+
+def append_record(path, metrics):
+    with open(path, 'a') as f:
+        f.write(json.dumps(metrics) + '\n')
+
+
 @HOOKS.register_module()
 class EvalMetricsHook(Hook):
 
-    def __init__(self, callback=None, out_file='metrics.jsonl'):
-        self.callback = callback
+    def __init__(self, out_file='metrics.jsonl'):
         self.out_file = out_file
         self._losses = []
         self._cost = RunCost()
@@ -44,23 +60,16 @@ class EvalMetricsHook(Hook):
     def _publish(self, runner, iteration):
         metrics = None
         if get_dist_info()[0] == 0:
-            output = runner.log_buffer.output
-            metrics = {k: float(v) for k, v in output.items()
-                       if k in EVAL_KEYS or k.startswith(('IoU.', 'Acc.'))}
-            if self._losses:
-                metrics['loss'] = sum(self._losses) / len(self._losses)
             lr = runner.current_lr()
             lr = next(iter(lr.values())) if isinstance(lr, dict) else lr
-            metrics['lr'] = float(lr[0])
-            metrics['iter'] = iteration
-            metrics.update(self._cost.snapshot(runner))
-            metrics['eval_time'] = time.time()
-            with open(osp.join(runner.work_dir, self.out_file), 'a') as f:
-                f.write(json.dumps(metrics) + '\n')
+            metrics = metrics_record(runner.log_buffer.output, self._losses, lr[0], iteration,
+                                     self._cost.snapshot(runner))
+            append_record(osp.join(runner.work_dir, self.out_file), metrics)
         self._losses = []
         metrics = from_rank0(metrics)
-        if self.callback is not None:
-            self.callback(metrics)
+        listener = run_context.on_metrics()
+        if listener is not None:
+            listener(metrics)
 
     def before_run(self, runner):
         # A fresh run starts a fresh file; a resumed run (iter > 0) appends to its history.

@@ -7,17 +7,16 @@ the validation set (the dataloader's distributed sampler) with rank 0's BN buffe
 scoring the gathered per-image results, as mmseg's distributed evaluation does (no rank waits
 in a collective while another evaluates everything), adds the head's mean training loss, its
 learning rate and its share of what the group cost (cost.py), appends the dict to that head's
-``metrics.jsonl`` and hands it to that head's callback, on every rank. The backbone runs once
-per validation input for all heads (the segmentor caches its features).
+``metrics.jsonl`` and hands it to that head's metrics listener (run_context.py), on every rank.
+The backbone runs once per validation input for all heads (the segmentor caches its features).
+Its validation loader is built from the config's ``val`` dataset, as mmseg builds its own.
 
-``HeadControlHook`` asks each head's ``should_stop()`` after every iteration (answers all-reduced,
+``HeadControlHook`` asks each head's ``should_stop`` after every iteration (answers all-reduced,
 so every rank switches the same heads off at the same iteration), reports a head that diverged
-(``{'failed': 'diverged: ...'}`` to its callback) and ends the run when no head is left.
+(``{'failed': 'diverged: ...'}`` to its listener) and ends the run when no head is left.
 """
-import json
 import os
 import os.path as osp
-import time
 
 import torch
 import torch.distributed as dist
@@ -26,24 +25,35 @@ from mmcv.runner.dist_utils import get_dist_info
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ranks import all_reduce_values, distributed, from_rank0
+from . import run_context
 from .cost import RunCost
+from .eval_metrics import append_record, metrics_record
 from .stop_request import TrainingStopped
-
 
 
 @HOOKS.register_module()
 class MultiHeadEvalHook(Hook):
+    """``val``: the validation dataset's config; ``seed`` and ``workers_per_gpu`` as the run's
+    (without the seed the distributed sampler draws from numpy's global stream, and the training
+    augmentations would differ from a solo run's)."""
 
-    def __init__(self, dataloader, interval, work_dirs, callbacks=None, out_file='metrics.jsonl'):
-        self.dataloader = dataloader
+    def __init__(self, val, interval, work_dirs, seed=0, workers_per_gpu=0,
+                 out_file='metrics.jsonl'):
+        self.val, self.seed, self.workers_per_gpu = val, seed, workers_per_gpu
         self.interval = interval
         self.work_dirs = work_dirs
-        self.callbacks = callbacks or [None] * len(work_dirs)
         self.out_file = out_file
         self._losses = [[] for _ in work_dirs]
         self._cost = RunCost()
+        self.dataloader = None
 
     def before_run(self, runner):
+        from mmseg.datasets import build_dataloader, build_dataset
+        # each rank evaluates its share of the validation set
+        self.dataloader = build_dataloader(
+            build_dataset(self.val, dict(test_mode=True)), samples_per_gpu=1,
+            workers_per_gpu=self.workers_per_gpu, dist=distributed(), shuffle=False,
+            seed=self.seed, persistent_workers=self.workers_per_gpu > 0)
         self._cost.start()
         if get_dist_info()[0] == 0:
             for d in self.work_dirs:
@@ -81,8 +91,9 @@ class MultiHeadEvalHook(Hook):
         metrics = from_rank0(metrics)
         for k, m in metrics.items():
             self._losses[k] = []
-            if self.callbacks[k] is not None:
-                self.callbacks[k](m)
+            listener = run_context.on_metrics(k)
+            if listener is not None:
+                listener(m)
 
     def _pre_eval(self, model, segmentor):
         """This rank's share of the validation set: {image index: {head: pre_eval result}}."""
@@ -117,14 +128,8 @@ class MultiHeadEvalHook(Hook):
         metrics = {}
         for k, res in results.items():
             scores = dataset.evaluate(res, metric='mIoU', logger='silent')
-            m = {n: float(v) for n, v in scores.items()
-                 if n in ('mIoU', 'mAcc', 'aAcc') or n.startswith(('IoU.', 'Acc.'))}
-            if self._losses[k]:
-                m['loss'] = sum(self._losses[k]) / len(self._losses[k])
-            m.update(lr=float(lrs[k]), iter=iteration, **cost, eval_time=time.time())
-            with open(osp.join(self.work_dirs[k], self.out_file), 'a') as f:
-                f.write(json.dumps(m) + '\n')
-            metrics[k] = m
+            metrics[k] = metrics_record(scores, self._losses[k], lrs[k], iteration, cost)
+            append_record(osp.join(self.work_dirs[k], self.out_file), metrics[k])
         runner.logger.info('grouped evaluation at iteration %d: %d images on %d rank(s) %s: %s',
                            iteration, len(per_image), len(shares),
                            tuple(len(share) for share in shares),
@@ -135,21 +140,17 @@ class MultiHeadEvalHook(Hook):
 @HOOKS.register_module()
 class HeadControlHook(Hook):
 
-    def __init__(self, should_stop=None, callbacks=None):
-        self.should_stop = should_stop  # per head: a callable or None
-        self.callbacks = callbacks
-
     def after_train_iter(self, runner):
         segmentor = getattr(runner.model, 'module', runner.model)
         for k, loss in sorted(segmentor.diverged.items()):
             reason = f'diverged: training loss is {loss} at iteration {runner.iter + 1}'
             runner.logger.warning(f'head {k}: {reason}; the other heads go on')
-            if self.callbacks and self.callbacks[k] is not None:
-                self.callbacks[k]({'failed': reason})
+            listener = run_context.on_metrics(k)
+            if listener is not None:
+                listener({'failed': reason})
         segmentor.diverged.clear()
         n = len(segmentor.heads)
-        asked = [1.0 if (self.should_stop and self.should_stop[k] and self.should_stop[k]())
-                 else 0.0 for k in range(n)]
+        asked = [1.0 if run_context.should_stop(k) else 0.0 for k in range(n)]
         for k, stop in enumerate(all_reduce_values(asked, dist.ReduceOp.MAX)):
             if stop and segmentor.active[k]:
                 segmentor.active[k] = False

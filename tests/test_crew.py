@@ -1,5 +1,6 @@
-"""Warm worker groups on a real local Ray cluster: a reused group trains a second trial exactly as
-a fresh one would, a stop request ends all ranks early, and a failed group is rebuilt."""
+"""Crews (a trial slot's warm workers) on a real local Ray cluster: a reused crew trains a second
+trial exactly as a fresh one would, a stop request ends all ranks early, a failed crew is
+rebuilt."""
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def pool(ray_address):
     import ray
 
-    from orchestrator.worker_group import WorkerPool
+    from orchestrator.crew import WorkerPool
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     pool = WorkerPool.remote(1, 2, {'CPU': 1.0})
     yield pool
@@ -34,10 +35,10 @@ def _job(tiny_cfg, out, trial_id, **overrides):
 
 def _run(pool, job):
     import ray
-    gid, workers = ray.get(pool.acquire.remote(job['trial_id']))
+    cid, workers = ray.get(pool.acquire.remote(job['trial_id']))
     address = ray.get(workers[0].rendezvous.remote(len(workers)))
     runs = [w.run.remote(job, rank, len(workers), address) for rank, w in enumerate(workers)]
-    pool.release_when_done.remote(gid, runs)
+    pool.release_when_done.remote(cid, runs)
     return workers, runs
 
 
@@ -48,7 +49,7 @@ def _eventually(predicate, timeout=60):
     return predicate()
 
 
-def test_warm_group_reproduces_a_trial_exactly(pool, tiny_cfg, tmp_path):
+def test_warm_crew_reproduces_a_trial_exactly(pool, tiny_cfg, tmp_path):
     import ray
     pids = []
     results = []
@@ -85,10 +86,10 @@ def test_stop_request_ends_every_rank_early(pool, tiny_cfg, tmp_path):
     final = ray.get(runs, timeout=60)
     assert final[0] == final[1] and 10 <= final[0]['iter'] < 4000
     assert not (tmp_path / 'mmseg' / 'rank_sync.json').exists()  # ended before the end
-    assert _eventually(lambda: ray.get(pool.stats.remote())['free'] == 1)  # group released
+    assert _eventually(lambda: ray.get(pool.stats.remote())['free'] == 1)  # crew released
 
 
-def test_a_killed_worker_fails_the_run_and_the_group_is_rebuilt(pool, tiny_cfg, tmp_path):
+def test_a_killed_worker_fails_the_run_and_the_crew_is_rebuilt(pool, tiny_cfg, tmp_path):
     import ray
     job = _job(tiny_cfg, tmp_path / 'k', 'killed', **{'runner.max_iters': 4000})
     workers, runs = _run(pool, job)
@@ -117,14 +118,14 @@ def test_the_rendezvous_listens_on_the_nodes_ip_only(pool):
     import ipaddress
 
     import ray
-    gid, workers = ray.get(pool.acquire.remote('rendezvous'))
+    cid, workers = ray.get(pool.acquire.remote('rendezvous'))
     try:
         address = ray.get(workers[0].rendezvous.remote(2))
         host, port = address.rsplit(':', 1)
         ip = ipaddress.ip_address(host)
         assert _listening(int(port)) == {ip.packed[::-1].hex().upper()}  # not 00000000
     finally:
-        ray.get(pool.release_broken.remote(gid, 'test'))
+        ray.get(pool.release_broken.remote(cid, 'test'))
 
 
 
@@ -155,7 +156,7 @@ def test_a_trials_workers_see_their_nodes_gpus_and_pick_their_own(gpu_node):
     NVLink between them) and each trains on its own, by its node-local index."""
     import ray
 
-    from orchestrator.worker_group import WorkerPool
+    from orchestrator.crew import WorkerPool
     gpu_pool = WorkerPool.remote(1, 2, {'CPU': 1.0, 'GPU': 1.0})
     try:
         _, workers = ray.get(gpu_pool.acquire.remote('gpus'), timeout=120)

@@ -1,17 +1,21 @@
-"""Warm worker groups: the Ray actors that train a sweep's trials, started once per sweep.
+"""Crews: the warm Ray actors that train a sweep's trials, started once per sweep.
+
+Words: a *crew* is one trial slot's N warm ``TrainWorker`` actors (in one Ray placement group);
+a *trial group* is heads that share one frozen-backbone pass (grouping.py) and train on one crew;
+torch's process group is what the crew's ranks join for one run.
 
 Why not a Ray Train ``TorchTrainer`` per trial: on 2 cores Ray Train V2 spent ~20 s of every trial
 starting its ~9 controller/worker actor processes, plus ~6 s importing torch/mmcv/mmseg in fresh
-workers (issue 3's notes). Here each concurrent trial slot owns one group of N ``TrainWorker``
-actors in a placement group (all of the group's CPUs/GPUs reserved together); a worker imports
-mmseg once and trains one trial after another, joining a fresh ``torch.distributed`` group
-(gloo on CPU, nccl on GPU) per trial.
+workers (issue 3's notes). Here each concurrent trial slot owns one crew of N ``TrainWorker``
+actors in a placement group (all of the crew's CPUs/GPUs reserved together); a worker imports
+mmseg once and trains one trial after another, joining a fresh ``torch.distributed`` process
+group (gloo on CPU, nccl on GPU) per trial.
 
-``WorkerPool`` (one named actor per sweep) leases groups to trials: ``acquire`` waits for a free
-group, ``release_when_done`` frees it when the trial's workers return, so a trial process that
-dies never strands a group. Trials of a trial group (orchestrator/grouping.py) ``join`` instead:
-the last member to arrive leases one worker group for all of them (``TrainWorker.run_group``).
-A group whose run failed is rebuilt from fresh processes. The pool watches each trial's process
+``WorkerPool`` (one named actor per sweep) leases crews to trials: ``acquire`` waits for a free
+crew, ``release_when_done`` frees it when the trial's workers return, so a trial process that
+dies never strands a crew. Trials of a trial group (orchestrator/grouping.py) ``join`` instead:
+the last member to arrive leases one crew for all of them (``TrainWorker.run_trial_group``).
+A crew whose run failed is rebuilt from fresh processes. The pool watches each trial's process
 and stops its run (its head, in a trial group) when it dies; as a fallback, a rank 0 that nobody
 has polled for ABANDONED_AFTER_S stops training by itself.
 """
@@ -34,7 +38,7 @@ WATCH_S = 2.0  # how often the pool checks that a trial's process is alive
 ABANDONED_AFTER_S = 120.0
 RENDEZVOUS_S = 300.0  # how long ranks wait for each other when a run starts
 CALL_S = 120.0  # a worker's or the pool's answer to a short call (where, rendezvous, drain)
-JOIN_WAIT_S = 300.0  # a group's members start one after another; one later than this is lost
+JOIN_WAIT_S = 300.0  # a trial group's members start one after another; one later is lost
 
 
 @ray.remote(max_concurrency=4)  # `run` in one thread; `drain`/`request_stop` answered alongside
@@ -116,14 +120,14 @@ class TrainWorker:
 
     @contextlib.contextmanager
     def _process_group(self, rank, world_size, address):
-        """A fresh torch.distributed group for one run (gloo on CPU, nccl on GPU) over the
+        """A fresh torch.distributed process group for one run (gloo on CPU, nccl on GPU) over the
         rendezvous rank 0 opened at ``address``, torn down after it whatever happens."""
         from datetime import timedelta
 
         import torch
         import torch.distributed as dist
         # mmseg's train_segmentor reads LOCAL_RANK for DDP's device ids: the node-local index
-        # of this worker's GPU (every GPU of the node is visible: see _start_group)
+        # of this worker's GPU (every GPU of the node is visible: see _start_crew)
         device = local_device()
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size),
                           LOCAL_RANK=str(device or 0))
@@ -160,7 +164,7 @@ class TrainWorker:
             except (TrainingDiverged, ConfigError, BackboneChanged) as e:  # the reason itself
                 raise TrialFailed(str(e)) from None
 
-    def run_group(self, jobs, rank, world_size, init_method, group_dir):
+    def run_trial_group(self, jobs, rank, world_size, init_method, group_dir):
         """Train a trial group (``jobs``: its trials, head-side values apart) as ``rank``: one
         frozen-backbone pass per batch; each trial's reports and stop requests are its own."""
         from orchestrator import worker
@@ -180,7 +184,7 @@ async def _settled(ref):
 
 def local_device():
     """The CUDA index of this worker's (first) Ray GPU among the devices the process sees, or
-    None without a GPU. Workers see every GPU of their node (_start_group), as Ray Train's
+    None without a GPU. Workers see every GPU of their node (_start_crew), as Ray Train's
     workers see their node's share of the trial, so NCCL can use NVLink between the ranks."""
     ids = [str(g) for g in ray.get_gpu_ids()]
     if not ids:
@@ -198,7 +202,7 @@ def local_device():
 _SEE_NODE_GPUS = {'env_vars': {'RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES': '1'}}
 
 
-def _start_group(n_workers, bundle, strategy):
+def _start_crew(n_workers, bundle, strategy):
     pg = placement_group([dict(bundle) for _ in range(n_workers)], strategy=strategy)
     gpu = bundle.get('GPU', 0)
     workers = [TrainWorker.options(
@@ -211,13 +215,13 @@ def _start_group(n_workers, bundle, strategy):
 
 @ray.remote(num_cpus=0)
 class WorkerPool:
-    """Leases warm worker groups to trials (an async actor: waiting trials do not block it)."""
+    """Leases crews to trials (an async actor: waiting trials do not block it)."""
 
-    def __init__(self, n_groups, n_workers, bundle, strategy='PACK', trial_groups=None,
+    def __init__(self, n_crews, n_workers, bundle, strategy='PACK', trial_groups=None,
                  join_wait_s=JOIN_WAIT_S):
         self.n_workers, self.bundle, self.strategy = n_workers, dict(bundle), strategy
-        self.groups = [_start_group(n_workers, self.bundle, strategy) for _ in range(n_groups)]
-        self.free = list(range(n_groups))
+        self.crews = [_start_crew(n_workers, self.bundle, strategy) for _ in range(n_crews)]
+        self.free = list(range(n_crews))
         self.holder = {}
         self.rebuilt = 0
         self._changed = None
@@ -236,13 +240,13 @@ class WorkerPool:
     async def acquire(self, trial_id):
         async with self._cond():
             await self._cond().wait_for(lambda: self.free)
-            gid = self.free.pop(0)
-            self.holder[gid] = trial_id
-        return gid, self.groups[gid][1]
+            cid = self.free.pop(0)
+            self.holder[cid] = trial_id
+        return cid, self.crews[cid][1]
 
     async def join(self, trial_id, key, job, holder):
         """Join trial group ``key``: wait until its chunk is complete, then (the last member to
-        arrive) lease a worker group and start the grouped run. Returns (gid, workers, runs,
+        arrive) lease a crew and start the trial group's run. Returns (cid, workers, runs,
         group dir, size) to every member; None when ``key`` has no group (the trial then runs
         alone)."""
         if key not in self.trial_groups:
@@ -279,10 +283,10 @@ class WorkerPool:
         await self._launch(chunk)
 
     async def _launch(self, chunk):
-        """Lease a worker group and start the trial group's run on it. If the group cannot start
-        (a worker died while idle), the members get ``('lost', reason)`` at once (each then
-        trains alone) and the worker group is rebuilt: nobody waits forever."""
-        gid, workers = await self.acquire('+'.join(m[0] for m in chunk['members']))
+        """Lease a crew and start the trial group's run on it. If the crew cannot start it (a
+        worker died while idle), the members get ``('lost', reason)`` at once (each then trains
+        alone) and the crew is rebuilt: nobody waits forever."""
+        cid, workers = await self.acquire('+'.join(m[0] for m in chunk['members']))
         jobs = [m[1] for m in chunk['members']]
         first = jobs[0]['trial_dir']
         group_dir = os.path.join(os.path.dirname(os.path.dirname(first)), 'groups',
@@ -290,20 +294,20 @@ class WorkerPool:
         try:
             init = await asyncio.wait_for(workers[0].rendezvous.remote(len(workers)), CALL_S)
         except Exception as e:  # a dead or unresponsive worker
-            await self.release_broken(gid, type(e).__name__)
+            await self.release_broken(cid, type(e).__name__)
             chunk['result'] = ('lost', f'{type(e).__name__}: {str(e).splitlines()[0][:200]}')
             chunk['ready'].set()
             return
-        runs = [w.run_group.remote(jobs, rank, len(workers), init, group_dir)
+        runs = [w.run_trial_group.remote(jobs, rank, len(workers), init, group_dir)
                 for rank, w in enumerate(workers)]
         holders = {m[0]: m[2] for m in chunk['members']}
-        asyncio.ensure_future(self.release_when_done(gid, runs, holders=holders))
+        asyncio.ensure_future(self.release_when_done(cid, runs, holders=holders))
         self.launched += 1
-        chunk['result'] = (gid, workers, runs, group_dir, len(jobs))
+        chunk['result'] = (cid, workers, runs, group_dir, len(jobs))
         chunk['ready'].set()
 
     async def _watch(self, holder, workers, trial_id):
-        """Stop the group's run as soon as the trial process driving it dies (Tune killed it
+        """Stop the crew's run as soon as the trial process driving it dies (Tune killed it
         after an early stop, or its node went away); an idle or busy one answers or queues."""
         while True:
             try:
@@ -315,48 +319,48 @@ class WorkerPool:
             workers[0].heartbeat.remote(trial_id)  # alive, even if blocked in tune.report
             await asyncio.sleep(WATCH_S)
 
-    def _rebuild(self, gid, why):
-        print(f'worker group {gid}: {why}; rebuilding it', flush=True)
-        pg, workers = self.groups[gid]
+    def _rebuild(self, cid, why):
+        print(f'crew {cid}: {why}; rebuilding it', flush=True)
+        pg, workers = self.crews[cid]
         for w in workers:
             ray.kill(w)
         remove_placement_group(pg)
-        self.groups[gid] = _start_group(self.n_workers, self.bundle, self.strategy)
+        self.crews[cid] = _start_crew(self.n_workers, self.bundle, self.strategy)
         self.rebuilt += 1
 
-    async def _free(self, gid):
+    async def _free(self, cid):
         async with self._cond():
-            self.holder.pop(gid, None)
-            self.free.append(gid)
+            self.holder.pop(cid, None)
+            self.free.append(cid)
             self._cond().notify_all()
 
-    async def release_broken(self, gid, why=''):
-        """The group could not start a run (a worker died while idle, or did not answer): it is
+    async def release_broken(self, cid, why=''):
+        """The crew could not start a run (a worker died while idle, or did not answer): it is
         rebuilt from fresh processes and freed, never left leased."""
-        self._rebuild(gid, f'could not start a run ({why})')
-        await self._free(gid)
+        self._rebuild(cid, f'could not start a run ({why})')
+        await self._free(cid)
 
-    async def release_when_done(self, gid, refs, holder=None, trial_id=None, holders=None):
-        """Free group ``gid`` once the runs ``refs`` have returned; rebuild it if any failed.
+    async def release_when_done(self, cid, refs, holder=None, trial_id=None, holders=None):
+        """Free crew ``cid`` once the runs ``refs`` have returned; rebuild it if any failed.
         ``holder``: the trial's actor (``holders``: trial id -> actor, for a trial group),
         watched so that a dead trial does not keep training (its head alone, in a group)."""
         holders = dict(holders or {})
         if holder is not None:
             holders[trial_id] = holder
-        watches = [asyncio.ensure_future(self._watch(h, self.groups[gid][1], tid))
+        watches = [asyncio.ensure_future(self._watch(h, self.crews[cid][1], tid))
                    for tid, h in holders.items() if h is not None]
         try:
             await asyncio.gather(*refs)
-        except Exception as e:  # the trial reports the error itself; here only the group matters
+        except Exception as e:  # the trial reports the error itself; here only the crew matters
             # The other ranks get a moment to fail on their own (so the trial can tell a dead
             # process from an exception), then go: they may be blocked in a collective.
             await asyncio.wait([asyncio.ensure_future(_settled(r)) for r in refs],
                                timeout=GRACE_S)
-            self._rebuild(gid, f'run failed ({type(e).__name__}: {e})')
+            self._rebuild(cid, f'run failed ({type(e).__name__}: {e})')
         for watch in watches:
             watch.cancel()
-        await self._free(gid)
+        await self._free(cid)
 
     def stats(self):
-        return dict(groups=len(self.groups), free=len(self.free), rebuilt=self.rebuilt,
+        return dict(crews=len(self.crews), free=len(self.free), rebuilt=self.rebuilt,
                     holders=dict(self.holder), trial_groups_launched=self.launched)
