@@ -9,7 +9,7 @@ import shutil
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator import cluster, grouping
 from orchestrator import plan as planning
@@ -184,9 +184,10 @@ class _Sweep:
     groups: object = None  # grouping.GroupPlan
     pool_name: str = None
     started: bool = False  # the parent run is RUNNING: an interruption marks it KILLED
+    base: dict = field(init=False)  # the base config as plain data, for Tune and Ray
 
     def __post_init__(self):
-        self.base = planning.plain(self.base_cfg)  # the config as plain data, for Tune and Ray
+        self.base = planning.plain(self.base_cfg)
 
 
 def _print_dry_run(spec, base_cfg, address, seconds_per_iteration, out):
@@ -202,7 +203,7 @@ def _print_dry_run(spec, base_cfg, address, seconds_per_iteration, out):
 
 
 def _abandoned_after_s():
-    """worker_group.ABANDONED_AFTER_S, or ORCHESTRATOR_ABANDONED_AFTER_S (seconds)."""
+    """crew.ABANDONED_AFTER_S, or ORCHESTRATOR_ABANDONED_AFTER_S (seconds)."""
     value = os.environ.get('ORCHESTRATOR_ABANDONED_AFTER_S')
     return float(value) if value else None
 

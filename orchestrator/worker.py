@@ -251,8 +251,10 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
         dict(type='DivergenceHook', priority='VERY_HIGH'),  # before any step or save
         dict(type='FrozenBackboneCheckpointHook'),  # probes: no copies of a frozen backbone
         dict(type='StopRequestHook', priority='LOWEST')])
+    palette = None if model.PALETTE is None else [[int(c) for c in color]
+                                                  for color in model.PALETTE]  # plain: dumps
     cfg.checkpoint_config = dict(cfg.get('checkpoint_config') or {},
-                                 meta=dict(CLASSES=model.CLASSES, PALETTE=model.PALETTE))
+                                 meta=dict(CLASSES=model.CLASSES, PALETTE=palette))
     if run.rank == 0:  # the config as it runs (plain values: it reloads; run_context.py)
         cfg.dump(osp.join(cfg.work_dir, 'config.py'))
     try:
