@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+DATA_FLAGS = ('num_classes', 'num_train', 'num_val', 'size', 'seed')  # make-data's, as
+# mmseg_custom.datasets.synthetic.generate_ade_layout names them
+
 
 def _parser():
     p = argparse.ArgumentParser(prog='orchestrator', description=(
@@ -20,11 +23,8 @@ def _parser():
 
     d = sub.add_parser('make-data', help='generate ADE20K-layout data with a learnable signal')
     d.add_argument('root')
-    d.add_argument('--num-classes', type=int, default=4)
-    d.add_argument('--num-train', type=int, default=48)
-    d.add_argument('--num-val', type=int, default=16)
-    d.add_argument('--size', type=int, default=64)
-    d.add_argument('--seed', type=int, default=0)
+    for flag in DATA_FLAGS:  # defaults: the generator's own
+        d.add_argument('--' + flag.replace('_', '-'), type=int, dest=flag)
 
     s = sub.add_parser('sweep', help='run a Ray Tune sweep from a search-space YAML')
     s.add_argument('space', help='search-space file, e.g. search_spaces/demo.yaml')
@@ -168,8 +168,8 @@ def main(argv=None):
         return run_training(args.config, args.work_dir, args.workers, args.cfg_options)
     from mmseg_custom.datasets.synthetic import generate_ade_layout
     if args.command == 'make-data':
-        print(generate_ade_layout(args.root, args.num_classes, args.num_train, args.num_val,
-                                  args.size, args.seed))
+        given = {k: getattr(args, k) for k in DATA_FLAGS if getattr(args, k) is not None}
+        print(generate_ade_layout(args.root, **given))
         return 0
     return 2
 

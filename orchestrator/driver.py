@@ -338,7 +338,9 @@ def _tracking_callback(sweep):
     values and what they derive (iterations, warmup, channels)."""
     from orchestrator.tracking import MLflowTrialCallback
     from orchestrator.trial import trial_dir
+    # Tune pickles its callbacks with the experiment: the functions capture plain values only
     spec, base, keys = sweep.spec, sweep.base, planning.searched_keys(sweep.spec)
+    sweep_dir = sweep.sweep_dir
 
     def params_of(config):
         config = grouping.flat_config(config)
@@ -347,7 +349,7 @@ def _tracking_callback(sweep):
         return {**sampled, **derived}
 
     return MLflowTrialCallback(
-        sweep.journal, spec.name, params_of, lambda tid: trial_dir(sweep.sweep_dir, tid),
+        sweep.journal, spec.name, params_of, lambda tid: trial_dir(sweep_dir, tid),
         data_name=osp.basename(osp.normpath(spec.data_root or 'train')))
 
 
