@@ -183,6 +183,7 @@ class _Sweep:
     plan_lines: list = None
     groups: object = None  # grouping.GroupPlan
     pool_name: str = None
+    pool: object = None  # the WorkerPool's handle: the actor lives as long as it is held
     started: bool = False  # the parent run is RUNNING: an interruption marks it KILLED
     base: dict = field(init=False)  # the base config as plain data, for Tune and Ray
 
@@ -308,7 +309,7 @@ def _start_crews(sweep):
               'result)', file=sweep.out)
         sweep.groups = grouping.GroupPlan(reason='off for --resume')
     sweep.pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
-    WorkerPool.options(name=sweep.pool_name).remote(  # lives with the driver
+    sweep.pool = WorkerPool.options(name=sweep.pool_name).remote(
         sweep.max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec),
         trial_groups=sweep.groups.chunks)
 
