@@ -25,6 +25,8 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -39,6 +41,28 @@ ABANDONED_AFTER_S = 120.0
 RENDEZVOUS_S = 300.0  # how long ranks wait for each other when a run starts
 CALL_S = 120.0  # a worker's or the pool's answer to a short call (where, rendezvous, drain)
 JOIN_WAIT_S = 300.0  # a trial group's members start one after another; one later is lost
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """One trial as a crew trains it (sent to every rank): the base config and the trial's
+    overrides (merged on the worker, which has mmcv), where its files go, how it is named."""
+    trial_id: str
+    trial_dir: str
+    base: dict  # the base config as plain data
+    overrides: dict  # dotted key -> value (plan.resolve, plus the split file and work dir)
+    base_filename: str  # the base config's file (mmcv resolves its relative imports from it)
+    source: str  # the space file, for error messages
+    abandoned_after_s: float = ABANDONED_AFTER_S
+
+
+class GroupRun(NamedTuple):
+    """A trial group's run, as every member learns it from ``WorkerPool.join``."""
+    cid: int  # the crew it runs on
+    workers: list
+    runs: list  # one object ref per rank
+    group_dir: str
+    size: int
 
 
 @ray.remote(max_concurrency=4)  # `run` in one thread; `drain`/`request_stop` answered alongside
@@ -101,21 +125,21 @@ class TrainWorker:
         report / should_stop functions, bound to the trial's own state."""
         from orchestrator.plan import merged_config
         with self._lock:
-            state = self._state(job['trial_id'])
+            state = self._state(job.trial_id)
 
         def report(metrics):
             with self._lock:
                 state['reports'].append(metrics)
 
-        window = job.get('abandoned_after_s', ABANDONED_AFTER_S)
+        window = job.abandoned_after_s
 
         def should_stop():  # rank 0's answer reaches every rank (the stop hooks all-reduce)
             abandoned = rank == 0 and time.time() - state['polled'] > window
             return state['stop'] or abandoned
 
-        cfg = merged_config(job['base'], job['overrides'], job['base_filename'])
+        cfg = merged_config(job.base, job.overrides, job.base_filename)
         if rank == 0:
-            cfg.dump(os.path.join(job['trial_dir'], 'resolved_config.py'))
+            cfg.dump(os.path.join(job.trial_dir, 'resolved_config.py'))
         return cfg, (report if rank == 0 else None), should_stop
 
     @contextlib.contextmanager
@@ -159,7 +183,7 @@ class TrainWorker:
         cfg, report, should_stop = self._prepare(job, rank)
         with self._process_group(rank, world_size, init_method):
             try:
-                return worker.train(cfg, cfg.work_dir, callback=report, source=job['source'],
+                return worker.train(cfg, cfg.work_dir, callback=report, source=job.source,
                                     should_stop=should_stop)
             except (TrainingDiverged, ConfigError, BackboneChanged) as e:  # the reason itself
                 raise TrialFailed(str(e)) from None
@@ -172,7 +196,7 @@ class TrainWorker:
         with self._process_group(rank, world_size, init_method):
             return worker.train_group(list(cfgs), [c.work_dir for c in cfgs], group_dir,
                                       callbacks=list(reports), should_stops=list(stops),
-                                      source=jobs[0]['source'])
+                                      source=jobs[0].source)
 
 
 async def _settled(ref):
@@ -246,8 +270,8 @@ class WorkerPool:
 
     async def join(self, trial_id, key, job, holder):
         """Join trial group ``key``: wait until its chunk is complete, then (the last member to
-        arrive) lease a crew and start the trial group's run. Returns (cid, workers, runs,
-        group dir, size) to every member; None when ``key`` has no group (the trial then runs
+        arrive) lease a crew and start the trial group's run. Returns its GroupRun to every
+        member, ``('lost', reason)`` when the crew could not start it, None when ``key`` has no group (the trial then runs
         alone)."""
         if key not in self.trial_groups:
             return None
@@ -288,7 +312,7 @@ class WorkerPool:
         alone) and the crew is rebuilt: nobody waits forever."""
         cid, workers = await self.acquire('+'.join(m[0] for m in chunk['members']))
         jobs = [m[1] for m in chunk['members']]
-        first = jobs[0]['trial_dir']
+        first = jobs[0].trial_dir
         group_dir = os.path.join(os.path.dirname(os.path.dirname(first)), 'groups',
                                  os.path.basename(first))
         try:
@@ -303,7 +327,7 @@ class WorkerPool:
         holders = {m[0]: m[2] for m in chunk['members']}
         asyncio.ensure_future(self.release_when_done(cid, runs, holders=holders))
         self.launched += 1
-        chunk['result'] = (cid, workers, runs, group_dir, len(jobs))
+        chunk['result'] = GroupRun(cid, workers, runs, group_dir, len(jobs))
         chunk['ready'].set()
 
     async def _watch(self, holder, workers, trial_id):

@@ -18,7 +18,7 @@ from orchestrator.fewshot import write_split_file
 from orchestrator.grouping import flat_config, group_key
 from orchestrator.plan import resolve
 from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
-from orchestrator.crew import CALL_S, GRACE_S
+from orchestrator.crew import CALL_S, GRACE_S, TrialJob
 
 POLL_S = 1.0
 PLACEMENT = 'placement.json'
@@ -104,21 +104,21 @@ def _poll(runs, workers, trial_id, forward):
 def _train_in_trial_group(pool, job, key, forward):
     """One attempt inside the trial's trial group (grouping.py), on the crew its last member
     leased; False when the pool has no trial group for it (the trial then trains alone)."""
-    trial_id = job['trial_id']
+    trial_id = job.trial_id
     joined = ray.get(pool.join.remote(trial_id, key, job,
                                       ray.get_runtime_context().current_actor))
     if joined is None:
         return False
     if joined[0] == 'lost':  # the crew could not start it: this trial goes alone
         raise WorkersLost(f'trial group could not start: {joined[1]}')
-    _, workers, runs, group_dir, size = joined
+    workers, runs, group_dir = joined.workers, joined.runs, joined.group_dir
     try:
         where = ray.get([w.where.remote() for w in workers], timeout=CALL_S)
     except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
         where = []  # the run itself reports what happened to its workers
     if where:
-        _write_placement(job['trial_dir'], where, group=dict(id=osp.basename(group_dir),
-                                                             size=size))
+        _write_placement(job.trial_dir, where, group=dict(id=osp.basename(group_dir),
+                                                          size=joined.size))
     try:
         _poll(runs, workers, trial_id, forward)
     finally:  # finished, failed, or stopped by Tune (ASHA): this head stops, the others go on
@@ -130,7 +130,7 @@ def _train_in_trial_group(pool, job, key, forward):
 def _train_alone(pool, job, forward):
     """One attempt: lease a crew, run the job on it, forward rank 0's reports; raises the
     attempt's failure (WorkersLost or the worker's own exception)."""
-    trial_id = job['trial_id']
+    trial_id = job.trial_id
     cid, workers = ray.get(pool.acquire.remote(trial_id))
     n = len(workers)
     try:  # until the release is arranged, any failure must hand the crew back (rebuilt)
@@ -142,7 +142,7 @@ def _train_alone(pool, job, forward):
                           f'{type(e).__name__}: {str(e).splitlines()[0][:200]}') from None
     runs = [w.run.remote(job, rank, n, address) for rank, w in enumerate(workers)]
     pool.release_when_done.remote(cid, runs, ray.get_runtime_context().current_actor, trial_id)
-    _write_placement(job['trial_dir'], where)
+    _write_placement(job.trial_dir, where)
     try:
         _poll(runs, workers, trial_id, forward)
     finally:  # finished, failed, or stopped by Tune (ASHA): no worker keeps training it
@@ -192,10 +192,9 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
     config = flat_config(config)
     overrides = trial_overrides(spec, base, config, out_dir)
     overrides['auto_resume'] = True
-    job = dict(base=base, overrides=overrides, base_filename=base_filename, trial_dir=out_dir,
-               source=spec.source, trial_id=trial_id)
-    if abandoned_after_s:
-        job['abandoned_after_s'] = abandoned_after_s
+    job = TrialJob(trial_id=trial_id, trial_dir=out_dir, base=base, overrides=overrides,
+                   base_filename=base_filename, source=spec.source,
+                   **({'abandoned_after_s': abandoned_after_s} if abandoned_after_s else {}))
     pool = ray.get_actor(pool_name)
     restarts = 0
 

@@ -25,17 +25,18 @@ def pool(ray_address):
 
 
 def _job(tiny_cfg, out, trial_id, **overrides):
+    from orchestrator.crew import TrialJob
     from orchestrator.plan import plain
     out.mkdir(parents=True, exist_ok=True)
     overrides = {'work_dir': str(out / 'mmseg'), 'runner.max_iters': 40,
                  'evaluation.interval': 20, 'checkpoint_config.interval': 20, **overrides}
-    return dict(base=plain(tiny_cfg), overrides=overrides, base_filename=tiny_cfg.filename,
-                trial_dir=str(out), source='test', trial_id=trial_id)
+    return TrialJob(base=plain(tiny_cfg), overrides=overrides, base_filename=tiny_cfg.filename,
+                    trial_dir=str(out), source='test', trial_id=trial_id)
 
 
 def _run(pool, job):
     import ray
-    cid, workers = ray.get(pool.acquire.remote(job['trial_id']))
+    cid, workers = ray.get(pool.acquire.remote(job.trial_id))
     address = ray.get(workers[0].rendezvous.remote(len(workers)))
     runs = [w.run.remote(job, rank, len(workers), address) for rank, w in enumerate(workers)]
     pool.release_when_done.remote(cid, runs)

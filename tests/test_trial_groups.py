@@ -231,12 +231,12 @@ def test_a_group_whose_member_never_comes_starts_without_it(ray_address, synthet
     the group trains with the members present; a member later than that trains alone."""
     import ray
 
+    from orchestrator.crew import TrialJob, WorkerPool
     from orchestrator.plan import plain
-    from orchestrator.crew import WorkerPool
     cfg = _cfg(synthetic_root, **copy.deepcopy(VARIANTS[0]))
-    job = dict(base=plain(cfg), overrides={'work_dir': str(tmp_path / 't0' / 'mmseg')},
-               base_filename=cfg.filename, trial_dir=str(tmp_path / 't0'), source='test',
-               trial_id='t0')
+    job = TrialJob(base=plain(cfg), overrides={'work_dir': str(tmp_path / 't0' / 'mmseg')},
+                   base_filename=cfg.filename, trial_dir=str(tmp_path / 't0'), source='test',
+                   trial_id='t0')
     (tmp_path / 't0').mkdir()
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     try:
@@ -315,20 +315,20 @@ def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root,
     from mmseg.models import build_segmentor
 
     from orchestrator.plan import plain
-    from orchestrator.crew import WorkerPool
+    from orchestrator.crew import TrialJob, WorkerPool
     cfgs, jobs = [], []
     for k, variant in enumerate(VARIANTS[:2]):
         cfg = _cfg(synthetic_root, **copy.deepcopy(variant))
         (tmp_path / 'trials' / f't{k}').mkdir(parents=True)
         cfgs.append(cfg)
         trial = tmp_path / 'trials' / f't{k}'  # the group's directory: tmp_path / 'groups'
-        jobs.append(dict(base=plain(cfg), overrides={'work_dir': str(trial / 'mmseg')},
-                         base_filename=cfg.filename, trial_dir=str(trial), source='test',
-                         trial_id=f't{k}'))
+        jobs.append(TrialJob(base=plain(cfg), overrides={'work_dir': str(trial / 'mmseg')},
+                             base_filename=cfg.filename, trial_dir=str(trial), source='test',
+                             trial_id=f't{k}'))
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
     try:
         pool = WorkerPool.remote(1, 2, {'CPU': 1.0}, trial_groups={'k': [2]})
-        joined = [pool.join.remote(j['trial_id'], 'k', j, None) for j in jobs]
+        joined = [pool.join.remote(j.trial_id, 'k', j, None) for j in jobs]
         cid, workers, runs, group_dir, size = ray.get(joined[0], timeout=120)
         assert size == 2
         ray.get(runs, timeout=300)
