@@ -1,6 +1,7 @@
-"""Run a sweep: validate, plan, start or attach Ray, start the warm worker pool, open the parent
-MLflow run (through the sweep's journal), let Ray Tune run the trials (search algorithm, ASHA,
-concurrency cap) or resume them, print the ranked result; and ``sync`` for journaled writes."""
+"""Run a sweep, as ``run_sweep`` (last in this file) reads: prepare the sweep directory, open
+its MLflow journal, start the crews, open the parent run, build the Tuner (search algorithm,
+ASHA, concurrency cap; or restore it), fit, print the outcome. Also ``sync`` for journaled
+writes."""
 import json
 import logging
 import os
@@ -14,11 +15,11 @@ from dataclasses import dataclass, field
 from orchestrator import cluster, grouping
 from orchestrator import plan as planning
 from orchestrator.errors import ConfigError
-
-EXIT_TRACKING_PENDING = 3  # every trial ran, but some MLflow writes wait in the journal
-from orchestrator.tables import format_table, ranked_results
 from orchestrator.preflight import check_data_paths, check_weights_path
 from orchestrator.spec import check_sweep_name, load_spec
+from orchestrator.tables import format_table, ranked_results
+
+EXIT_TRACKING_PENDING = 3  # every trial ran, but some MLflow writes wait in the journal
 
 
 def _search_alg(spec):

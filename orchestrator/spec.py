@@ -38,7 +38,7 @@ class SweepSpec:
     generate_data: typing.Optional[dict]
     channels_follow_in_channels: bool
     iterations_at_full_data: typing.Optional[int]
-    iterations_min: int
+    iterations_min: typing.Optional[int]
     warmup_ratio: typing.Optional[float]
     warmup_max: typing.Optional[int]
     evaluations: int
@@ -240,11 +240,11 @@ def load_spec(path):
         generate_data=file.generate_data and file.generate_data.model_dump(exclude_none=True),
         channels_follow_in_channels=derived.channels_follow_in_channels,
         iterations_at_full_data=derived.iterations and derived.iterations.at_full_data,
-        iterations_min=derived.iterations.min if derived.iterations else 1,
+        iterations_min=derived.iterations and derived.iterations.min,
         warmup_ratio=derived.warmup and derived.warmup.ratio,
         warmup_max=derived.warmup and derived.warmup.max,
         evaluations=derived.evaluations, repeats=file.repeats,
-        fewshot_seeds=tuple(fewshot.seeds or [0 if fewshot.seed is None else fewshot.seed]),
+        fewshot_seeds=tuple(fewshot.seeds or [fewshot.seed]),
         overrides=_parse_overrides(source, file.overrides, base_dict),
         references=_parse_references(source, file.references, params),
         algorithm=search.algorithm, num_samples=search.num_samples, metric=search.metric,
@@ -264,7 +264,7 @@ def load_spec(path):
 def _check_rules(spec, file):
     """What one section cannot say alone."""
     source = spec.source
-    if file.fewshot.seed is not None and file.fewshot.seeds is not None:
+    if 'seed' in file.fewshot.model_fields_set and file.fewshot.seeds is not None:
         raise _err(source, 'fewshot.seeds', file.fewshot.seeds, 'give seed or seeds, not both')
     continuous = [p.key for p in spec.params if p.kind not in ('grid', 'choice')]
     if spec.algorithm == 'grid' and continuous:

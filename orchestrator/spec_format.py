@@ -191,7 +191,7 @@ class Derived(Section):
 
 class Fewshot(Section):
     """The few-shot subsets: one seed, or a list (each configuration on each seed's subset)."""
-    seed: Optional[Integer] = None
+    seed: Integer = 0
     seeds: Optional[Seeds] = None
 
 

@@ -12,13 +12,13 @@ import time
 import ray
 from ray import tune
 
-from orchestrator.errors import TrialFailed
-from orchestrator.files import read_jsonl, write_json_atomic
-from orchestrator.fewshot import write_split_file
-from orchestrator.grouping import flat_config, group_key
-from orchestrator.plan import resolve
-from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
 from orchestrator.crew import CALL_S, GRACE_S, TrialJob
+from orchestrator.errors import TrialFailed
+from orchestrator.fewshot import write_split_file
+from orchestrator.files import read_jsonl, write_json_atomic
+from orchestrator.grouping import flat_config, group_key
+from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
+from orchestrator.plan import resolve
 
 POLL_S = 1.0
 PLACEMENT = 'placement.json'
