@@ -9,6 +9,9 @@ Behaviour follows InternVL's ``InternViT6B`` wherever results depend on it:
 - ``pos_embed`` is sized for ``img_size`` when built; a weight file's grid (224 px pretraining,
   504 px segmentation checkpoints) is resized to it at load (internvit_weights.py), and only an
   input of another size interpolates at run time (InternVL would fail there);
+- with a weight file (``pretrained``) the ViT is not initialised at random first (every parameter
+  comes from the file): it is built on the meta device and holds zeros in ``dtype`` until
+  ``init_weights`` loads the file (InternVL draws 5.9 B float32 values and casts them);
 - ``freeze_vit`` freezes the ViT (patch embedding, tokens, blocks) but not the pyramid, which
   head tuning trains; ``unfreeze_pos_embed`` trains the position embedding again.
 
@@ -17,6 +20,8 @@ Attention is torch's ``scaled_dot_product_attention`` (flash kernels on GPU, no 
 load as they are; a file that leaves any ViT parameter unloaded is an error, never a silently
 random backbone.
 """
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -222,15 +227,26 @@ class InternViT(BaseModule):
         self.embed_dim = self.num_features = dim
         self.depth, self.with_cp, self.with_fpn = depth, with_cp, with_fpn
         self.freeze_vit, self.pretrained = freeze_vit, pretrained
-        self.patch_embed = PatchEmbed(patch_size, dim, in_chans)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, dim))
         rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()  # meta builds too
-        self.blocks = nn.ModuleList(Block(
-            dim, shape['num_heads'], shape['mlp_ratio'], shape['qkv_bias'],
-            shape['qk_normalization'], shape['norm_type'], init_values, rates[i],
-            layerscale_force_fp32) for i in range(depth))
-        self._init_params()
+        # With a weight file, every ViT parameter comes from it (init_weights refuses a file that
+        # leaves one out): no random initialisation, no float32 copy. The ViT is built on the
+        # meta device and materialised as zeros in ``dtype`` (untouched pages until the file is
+        # loaded); for InternViT-6B that is 11.8 GB instead of 23.6 GB of float32 drawn from
+        # trunc_normal_ and cast (benchmarks/results/internvit_build.md).
+        lazy = pretrained is not None and torch.get_default_device().type != 'meta'
+        with torch.device('meta') if lazy else contextlib.nullcontext():
+            self.patch_embed = PatchEmbed(patch_size, dim, in_chans)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, dim))
+            self.blocks = nn.ModuleList(Block(
+                dim, shape['num_heads'], shape['mlp_ratio'], shape['qkv_bias'],
+                shape['qk_normalization'], shape['norm_type'], init_values, rates[i],
+                layerscale_force_fp32) for i in range(depth))
+        if lazy:
+            device = torch.get_default_device()
+            self._apply(lambda t: torch.zeros(t.shape, dtype=DTYPES[dtype], device=device))
+        else:
+            self._init_params()
         if freeze_vit:  # before the pyramid exists: head tuning trains it
             self.requires_grad_(False)
         if unfreeze_pos_embed:
