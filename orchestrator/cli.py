@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+SCHEMA_FILE = 'search_spaces/schema.json'  # written by `orchestrator schema`, from the repo root
 DATA_FLAGS = ('num_classes', 'num_train', 'num_val', 'size', 'seed')  # make-data's, as
 # mmseg_custom.datasets.synthetic.generate_ade_layout names them
 
@@ -66,8 +67,7 @@ def _parser():
 
     j = sub.add_parser('schema', help='write the JSON Schema of search-space files (editors use '
                                       'it to complete and check them)')
-    j.add_argument('--out', default='search_spaces/schema.json',
-                   help='file to write (default: search_spaces/schema.json)')
+    j.add_argument('--out', default=SCHEMA_FILE, help=f'file to write (default: {SCHEMA_FILE})')
     j.add_argument('--check', action='store_true',
                    help='write nothing; exit 1 if the file differs from the format in the code')
 

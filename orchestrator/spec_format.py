@@ -16,8 +16,6 @@ from pydantic import (BeforeValidator, BaseModel, ConfigDict, Discriminator, Fie
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-SCHEMA_FILE = 'search_spaces/schema.json'
-
 
 def allowed(text, tp, check=None):
     """A value type whose every failure reads ``text`` (also its JSON-schema description)."""
@@ -119,8 +117,8 @@ def _bounds(kind):
         low, high = v
         return low < high and (kind != 'loguniform' or low > 0)
     text = {'loguniform': 'expected [low, high] numbers with low < high; loguniform needs low > 0',
-            'randint': 'expected [low, high) integers with low < high; randint needs integers '
-                       '[low, high)'}.get(kind, 'expected [low, high] numbers with low < high')
+            'randint': 'expected [low, high) integers with low < high'}.get(
+                kind, 'expected [low, high] numbers with low < high')
     value = tuple[StrictInt, StrictInt] if kind == 'randint' else tuple[Number, Number]
     return allowed(text, value, check)
 
