@@ -145,6 +145,7 @@ def check_trial_group(args, tmp, result):
     import copy
     import torch
     from mmseg_custom.datasets.synthetic import generate_ade_layout
+    from mmseg.models import build_backbone
     from orchestrator import worker
     from shared_backbone import HEADS, config, loop_s_per_iter, unit_costs
     g = SimpleNamespace(**SIZES[args.device]['group'])
@@ -153,12 +154,21 @@ def check_trial_group(args, tmp, result):
     root = generate_ade_layout(Path(tmp) / 'data_c', num_classes=g.classes, size=g.size,
                                num_train=4 * g.batch, num_val=4)
 
+    # As in a sweep, every training loads its backbone from a file (built from one, InternViT
+    # skips its random initialisation: without one, each of the K + 1 trainings drew the 300M
+    # ViT at random on the CPU, which is what stalled this check on the H200's machine)
+    weights = str(Path(tmp) / 'vit_c.pth')
+    torch.save(build_backbone(config(root, g, HEADS[0]).model.backbone).state_dict(), weights)
+
     def cfg_for(head):
         cfg = config(root, g, head)
         cfg.data.samples_per_gpu = g.batch
+        cfg.model.backbone.pretrained = weights
         return cfg
     rows = result['rows'] = []  # filled as each K finishes: a stopped check keeps them
     result['shape'] = vars(g)
+    result['backbone_weights'] = 'one saved file, loaded by every training'
+
     for k in args.ks:
         gc.collect()
         cfgs = [cfg_for(HEADS[i % len(HEADS)]) for i in range(k)]
