@@ -233,7 +233,7 @@ class InternViT(BaseModule):
         # meta device and materialised as zeros in ``dtype`` (untouched pages until the file is
         # loaded); for InternViT-6B that is 11.8 GB instead of 23.6 GB of float32 drawn from
         # trunc_normal_ and cast (benchmarks/results/internvit_build.md).
-        lazy = pretrained is not None and torch.get_default_device().type != 'meta'
+        lazy = bool(pretrained) and torch.get_default_device().type != 'meta'
         with torch.device('meta') if lazy else contextlib.nullcontext():
             self.patch_embed = PatchEmbed(patch_size, dim, in_chans)
             self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
