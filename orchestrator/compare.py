@@ -6,10 +6,10 @@ Importance is Optuna's fANOVA evaluator over the finished trials, told to an in-
 explains, summing to 1. Where fractions are searched it is also computed per fraction, since
 what matters with 1/16 of the data need not be what matters with all of it.
 """
+from orchestrator.keys import FRACTION_KEY as FRACTION
 from orchestrator.results import SweepResults
 
 MIN_TRIALS = 4  # fewer finished trials explain nothing
-FRACTION = 'fewshot.fraction'
 
 
 def _distribution(values):

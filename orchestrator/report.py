@@ -5,6 +5,7 @@ variant, searched values against mIoU, cost, the best trial's per-class IoU, wri
 import os.path as osp
 
 from orchestrator.errors import ConfigError
+from orchestrator.keys import FRACTION_KEY
 from orchestrator.tables import format_table
 
 REPORT_DIR = 'report'
@@ -30,7 +31,7 @@ def fraction_curve(results):
     groups = {}
     for row in results.ranked():
         variant = variant_label(row, keys)
-        groups.setdefault((variant, row.get('fewshot.fraction', 1.0)), []).append(
+        groups.setdefault((variant, row.get(FRACTION_KEY, 1.0)), []).append(
             row[results.metric])
     return [dict(variant=v, fraction=f, mean=float(np.mean(x)), std=float(np.std(x)), n=len(x))
             for (v, f), x in sorted(groups.items())]

@@ -5,6 +5,7 @@ import json
 import os.path as osp
 
 from orchestrator.errors import ConfigError
+from orchestrator.keys import FRACTION_KEY
 
 SCHEDULE = ('runner.max_iters', 'evaluation.interval', 'checkpoint_config.interval')
 HEAD_VARIANT = ('model.decode_head.num_convs', 'model.decode_head.with_norm',
@@ -75,7 +76,7 @@ class SweepResults:
             row = dict(trial_id=c.data.tags.get('trial_id'), run_id=c.info.run_id,
                        status=c.info.status, failure_reason=c.data.tags.get('failure_reason', ''))
             row.update({k: typed(c.data.params[k]) for k in self.searched if k in c.data.params})
-            for k in ('runner.max_iters', 'fewshot.fraction'):
+            for k in ('runner.max_iters', FRACTION_KEY):
                 if k in c.data.params:
                     row[k] = typed(c.data.params[k])
             row.update({k: v for k, v in c.data.metrics.items()
