@@ -249,8 +249,9 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
     cfg.custom_hooks = _with_hooks(cfg, [
         dict(type='EvalMetricsHook', priority=80),
         dict(type='DivergenceHook', priority='VERY_HIGH'),  # before any step or save
-        dict(type='FrozenBackboneCheckpointHook'),  # probes: no copies of a frozen backbone
-        dict(type='StopRequestHook', priority='LOWEST')])
+        dict(type='FrozenBackboneCheckpointHook')])  # probes: no copies of a frozen backbone
+    if should_stop is not None:  # an all-reduce per iteration: only where someone may ask
+        cfg.custom_hooks = _with_hooks(cfg, [dict(type='StopRequestHook', priority='LOWEST')])
     palette = None if model.PALETTE is None else [[int(c) for c in color]
                                                   for color in model.PALETTE]  # plain: dumps
     cfg.checkpoint_config = dict(cfg.get('checkpoint_config') or {},
