@@ -68,8 +68,9 @@ class GroupRun(NamedTuple):
 @ray.remote(max_concurrency=4)  # `run` in one thread; `drain`/`request_stop` answered alongside
 class TrainWorker:
 
-    def __init__(self):
+    def __init__(self, gpu_share=0.0):
         from orchestrator import worker  # noqa: F401  (the ~6 s of imports, paid once per process)
+        self.gpu_share = gpu_share  # of one GPU, as Ray reserved it: what cost.gpu_hours counts
         self._store = None  # the rendezvous of the next run, when this worker is its rank 0
         self._lock = threading.Lock()
         self._runs = {}  # trial id -> its reports, stop request and last poll: calls from a
@@ -184,7 +185,7 @@ class TrainWorker:
         with self._process_group(rank, world_size, init_method):
             try:
                 return worker.train(cfg, cfg.work_dir, callback=report, source=job.source,
-                                    should_stop=should_stop)
+                                    should_stop=should_stop, gpus_per_rank=self.gpu_share)
             except (TrainingDiverged, ConfigError, BackboneChanged) as e:  # the reason itself
                 raise TrialFailed(str(e)) from None
 
@@ -196,7 +197,7 @@ class TrainWorker:
         with self._process_group(rank, world_size, init_method):
             return worker.train_group(list(cfgs), [c.work_dir for c in cfgs], group_dir,
                                       callbacks=list(reports), should_stops=list(stops),
-                                      source=jobs[0].source)
+                                      source=jobs[0].source, gpus_per_rank=self.gpu_share)
 
 
 async def _settled(ref):
@@ -233,7 +234,7 @@ def _start_crew(n_workers, bundle, strategy):
         num_cpus=bundle.get('CPU', 0), num_gpus=gpu,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
         **({'runtime_env': _SEE_NODE_GPUS} if gpu else {}),
-    ).remote() for i in range(n_workers)]
+    ).remote(float(gpu)) for i in range(n_workers)]
     return pg, workers
 
 

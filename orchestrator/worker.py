@@ -223,13 +223,16 @@ def _setup_run(cfg, source, heads_of, check_model=None):
     return _Run(model, datasets, timestamp, logger, distributed, rank, world_size, seed)
 
 
-def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
+def train(cfg, work_dir=None, callback=None, source='config', should_stop=None,
+          gpus_per_rank=None):
     """Train and evaluate ``cfg`` (an mmcv Config); return the final evaluation's metrics.
 
     The dict holds mIoU, mAcc, aAcc, per-class ``IoU.<class>``/``Acc.<class>`` and ``iter``.
     ``callback(metrics)`` is called on every rank after every evaluation, with rank 0's metrics
     (the sweep's reporting path). ``should_stop()``, asked after every iteration on every rank,
     ends the run early when any rank says so; the last evaluation's metrics are returned then.
+    ``gpus_per_rank``: each rank's share of a GPU, what its GPU-hours count (None: a whole GPU
+    each where CUDA is).
     """
     cfg = copy.deepcopy(cfg)
     check_data_paths(cfg, source)
@@ -247,7 +250,7 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
             callback(metrics)
 
     cfg.custom_hooks = _with_hooks(cfg, [
-        dict(type='EvalMetricsHook', priority=80),
+        dict(type='EvalMetricsHook', gpus_per_rank=gpus_per_rank, priority=80),
         dict(type='DivergenceHook', priority='VERY_HIGH'),  # before any step or save
         dict(type='FrozenBackboneCheckpointHook')])  # probes: no copies of a frozen backbone
     if should_stop is not None:  # an all-reduce per iteration: only where someone may ask
@@ -271,7 +274,8 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None):
     return history[-1] if history else None
 
 
-def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, source='config'):
+def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, source='config',
+                gpus_per_rank=None):
     """Train the heads of ``cfgs`` on one frozen backbone pass per batch; head k's evaluations go
     to ``work_dirs[k]/metrics.jsonl`` and ``callbacks[k]``, ``should_stops[k]()`` stops head k
     alone. Returns the heads' last metrics. Each head ends as it would have in its solo run
@@ -308,7 +312,8 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
     gcfg.custom_hooks = _with_hooks(gcfg, [
         dict(type='MultiHeadEvalHook', val=gcfg.data.val, interval=interval,
              work_dirs=list(work_dirs), seed=run.seed,
-             workers_per_gpu=gcfg.data.get('workers_per_gpu', 2), priority=80),
+             workers_per_gpu=gcfg.data.get('workers_per_gpu', 2), gpus_per_rank=gpus_per_rank,
+             priority=80),
         dict(type='HeadControlHook', priority='LOWEST')])
     if run.rank == 0:  # the config as it runs (plain values: it reloads; run_context.py)
         gcfg.dump(osp.join(gcfg.work_dir, 'config.py'))

@@ -95,7 +95,8 @@ def test_a_resume_whose_last_evaluation_was_lost_evaluates_it_first(synthetic_ro
     worker.train(_cfg(synthetic_root, resume_from=str(first / 'iter_20.pth')), str(first),
                  callback=seen.append)
     assert [m['iter'] for m in seen] == [20, 40]
-    assert seen[0]['cost.img_per_s'] == 0 and seen[1]['cost.img_per_s'] > 0
+    # nothing trained between the resume and that evaluation: no throughput to report
+    assert 'cost.img_per_s' not in seen[0] and 'cost.img_per_s' in seen[1]
     lines = [json.loads(line) for line in (first / 'metrics.jsonl').read_text().splitlines()]
     assert [m['iter'] for m in lines] == [20, 40]
 

@@ -32,21 +32,30 @@ def _evaluate(cfg, checkpoint):
 def test_single_process_training_reports_every_evaluation(tiny_cfg, tmp_path):
     tiny_cfg.runner.max_iters = 50
     tiny_cfg.evaluation.interval = 20
-    seen = []
-    metrics = worker.train(tiny_cfg, str(tmp_path / 'wd'), callback=seen.append)
+    seen, rss = [], []
+
+    def record(m):  # the kernel's resident size right after the evaluation's snapshot
+        seen.append(m)
+        rss.append(int(next(line for line in open('/proc/self/status')
+                            if line.startswith('VmRSS:')).split()[1]) * 1024)
+    metrics = worker.train(tiny_cfg, str(tmp_path / 'wd'), callback=record)
     # Evaluations at 20 and 40 from mmseg's EvalHook, one more at 50 for the final weights.
     assert [m['iter'] for m in seen] == [20, 40, 50]
     assert metrics['mIoU'] == pytest.approx(_evaluate(tiny_cfg, tmp_path / 'wd' / 'iter_50.pth'),
                                             abs=1e-6)
     for key in ('mIoU', 'mAcc', 'aAcc', 'IoU.class1', 'IoU.class4', 'Acc.class2'):
         assert 0.0 <= metrics[key] <= 1.0, key
-    # what it cost: growing wall time, its worker-hours (one CPU worker: no GPU-hours), a
-    # throughput and the process's peak memory
+    # what it cost: growing wall time, no GPU-hours on CPU, a throughput, and a peak that is
+    # at least the resident size at that moment and at most the process's lifetime peak
+    import resource
     walls = [m['cost.train_s'] for m in seen]
-    assert walls == sorted(walls) and walls[0] > 0
-    assert metrics['cost.worker_hours'] == pytest.approx(walls[-1] / 3600)
-    assert metrics['cost.gpu_hours'] == 0.0 and metrics['cost.img_per_s'] > 0
-    assert 0.1 < metrics['cost.peak_rss_gb'] < 64
+    assert walls == sorted(walls) and walls[0] < walls[-1]
+    assert metrics['cost.gpu_hours'] == 0.0 and 'cost.img_per_s' in metrics
+    for m, resident in zip(seen, rss):
+        assert m['cost.peak_rss_gb'] * 1e9 >= 0.95 * resident
+    # (the kernel's two counters differ by its per-thread batching of RSS updates: 1 %)
+    assert metrics['cost.peak_rss_gb'] * 1e9 <= \
+        1.01 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     lines = (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()
     assert [json.loads(line)['iter'] for line in lines] == [20, 40, 50]
     assert (tmp_path / 'wd' / 'config.py').exists()

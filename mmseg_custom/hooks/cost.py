@@ -1,12 +1,18 @@
 """What a run has cost so far, as the ``cost.*`` metrics every evaluation carries (solo runs:
-EvalMetricsHook; trial groups: MultiHeadEvalHook, where each head carries its share).
+EvalMetricsHook; trial groups: MultiHeadEvalHook, where each head carries its own part).
 
 ``cost.train_s``: wall time since the run started, plus earlier attempts' (a resumed run);
-``cost.worker_hours`` / ``cost.gpu_hours``: that time x ranks (x ranks on GPUs), times ``share``
-(a head's part of its trial group); ``cost.img_per_s``: training images per second since the
-previous evaluation, all ranks; ``cost.peak_rss_gb`` and, on GPU, ``cost.peak_gpu_mem_gb``: rank
-0's peaks.
+``cost.worker_hours``: the seconds charged to the head x ranks; ``cost.gpu_hours``: that x each
+rank's share of a GPU (0.5 for two workers per GPU; 0 on CPU). A solo run is charged all its
+time; in a trial group every interval between two ticks is split among the heads that trained
+(or were evaluated) in it, so the members' hours add up to what the group cost, and a head that
+ASHA kept pays only for its share of the past while others shared it.
+``cost.img_per_s``: training images per second since the previous evaluation, all ranks,
+evaluation time excluded (absent when no iteration trained since). ``cost.peak_rss_gb`` and, on
+GPU, ``cost.peak_gpu_mem_gb``: rank 0's peaks since this run started (a warm worker's earlier
+trials do not count: the peaks are reset at the start).
 """
+import contextlib
 import resource
 import time
 
@@ -14,34 +20,92 @@ import torch
 import torch.distributed as dist
 
 
+def reset_peak_memory():
+    """Start the peaks of this process anew: Linux's resident high-water mark (writing 5 to
+    /proc/self/clear_refs sets VmHWM to the current RSS) and CUDA's allocator peak."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:  # not Linux (or no permission): the process-lifetime peak stays
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_rss_bytes():
+    """This process's resident high-water mark since the last reset (VmHWM), else since it
+    started (getrusage, kilobytes on Linux)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class RunCost:
+    """``gpus_per_rank``: each rank's share of a GPU (None: one whole GPU where CUDA is, none
+    elsewhere); ``clock``: seconds (time.time; a test passes its own)."""
 
-    def __init__(self):
+    def __init__(self, gpus_per_rank=None, clock=time.time):
+        if gpus_per_rank is None:
+            gpus_per_rank = 1.0 if torch.cuda.is_available() else 0.0
+        self.gpus_per_rank, self.clock = float(gpus_per_rank), clock
         self.spent_s = 0.0  # earlier attempts of a resumed run
-        self.started = self.interval_start = None
-        self.interval_iters = 0
+        self.started = self.last_tick = None
+        self.charged = {}  # head -> seconds charged to it (solo: head 0, all the time)
+        self.interval_iters, self.interval_s, self.eval_s = 0, 0.0, 0.0
 
-    def start(self, spent_s=0.0):
+    def start(self, spent_s=0.0, heads=1):
+        reset_peak_memory()
         self.spent_s = spent_s
-        self.started = self.interval_start = time.time()
-        self.interval_iters = 0
+        self.started = self.last_tick = self.clock()
+        self.charged = {k: 0.0 for k in range(heads)}
+        self.charged[0] = spent_s  # a resumed solo run goes on counting its earlier attempts
+        self.interval_iters, self.interval_s, self.eval_s = 0, 0.0, 0.0
+
+    def tick(self, heads=(0,)):
+        """Charge the time since the previous tick to ``heads`` (the heads that trained or were
+        evaluated in it), in equal parts."""
+        now = self.clock()
+        heads = list(heads)
+        for k in heads:
+            self.charged[k] = self.charged.get(k, 0.0) + (now - self.last_tick) / len(heads)
+        self.interval_s += now - self.last_tick
+        self.last_tick = now
 
     def step(self):
         self.interval_iters += 1
 
-    def snapshot(self, runner, share=1.0):
-        now = time.time()
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Time spent here is not training time (img_per_s leaves it out)."""
+        begun = self.clock()
+        try:
+            yield
+        finally:
+            self.eval_s += self.clock() - begun
+
+    def snapshot(self, runner, head=0):
+        """The cost metrics of ``head`` now (call ``tick`` first: time after the last tick is
+        not charged yet); ends the img_per_s interval."""
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        train_s = self.spent_s + (now - self.started)
         loader = getattr(runner, 'data_loader', None)  # not there yet in before_run (a resume)
         batch = getattr(getattr(loader, '_dataloader', None), 'batch_size', None) or 1
-        hours = train_s * world / 3600 * share
-        cost = {'cost.train_s': train_s, 'cost.worker_hours': hours,
-                'cost.gpu_hours': hours if torch.cuda.is_available() else 0.0,
-                'cost.img_per_s': self.interval_iters * batch * world
-                / max(now - self.interval_start, 1e-9),
-                'cost.peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+        worker_hours = self.charged.get(head, 0.0) * world / 3600
+        cost = {'cost.train_s': self.spent_s + (self.last_tick - self.started),
+                'cost.worker_hours': worker_hours,
+                'cost.gpu_hours': worker_hours * self.gpus_per_rank,
+                'cost.peak_rss_gb': peak_rss_bytes() / 1e9}
+        training_s = self.interval_s - self.eval_s
+        if self.interval_iters and training_s > 0:
+            cost['cost.img_per_s'] = self.interval_iters * batch * world / training_s
         if torch.cuda.is_available():
             cost['cost.peak_gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 1e9
-        self.interval_start, self.interval_iters = time.time(), 0
         return cost
+
+    def end_interval(self):
+        """The next img_per_s counts from here."""
+        self.interval_iters, self.interval_s, self.eval_s = 0, 0.0, 0.0

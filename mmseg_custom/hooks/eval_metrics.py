@@ -27,14 +27,17 @@ from .cost import RunCost
 EVAL_KEYS = ('mIoU', 'mAcc', 'aAcc')
 
 
-def metrics_record(scores, losses, lr, iteration, cost):
+def metrics_record(scores, losses, lr, iteration, cost, max_iters):
     """One evaluation as the sweep reads it: the scores (overall and per class), the mean
-    training loss since the previous one, the lr, the iteration, the cost so far, and when."""
+    training loss since the previous one, the lr, the iteration and the run's planned
+    iterations (``max_iters``: a run that ends before them was stopped early), the cost so far,
+    and when."""
     metrics = {k: float(v) for k, v in scores.items()
                if k in EVAL_KEYS or k.startswith(('IoU.', 'Acc.'))}
     if losses:
         metrics['loss'] = sum(losses) / len(losses)
-    metrics.update(lr=float(lr), iter=iteration, **cost, eval_time=time.time())
+    metrics.update(lr=float(lr), iter=iteration, max_iters=int(max_iters), **cost,
+                   eval_time=time.time())
     return metrics
 
 
@@ -46,10 +49,10 @@ def append_record(path, metrics):
 @HOOKS.register_module()
 class EvalMetricsHook(Hook):
 
-    def __init__(self, out_file='metrics.jsonl'):
+    def __init__(self, out_file='metrics.jsonl', gpus_per_rank=None):
         self.out_file = out_file
         self._losses = []
-        self._cost = RunCost()
+        self._cost = RunCost(gpus_per_rank)
 
     @staticmethod
     def _eval_hook(runner):
@@ -62,10 +65,12 @@ class EvalMetricsHook(Hook):
         if get_dist_info()[0] == 0:
             lr = runner.current_lr()
             lr = next(iter(lr.values())) if isinstance(lr, dict) else lr
+            self._cost.tick()
             metrics = metrics_record(runner.log_buffer.output, self._losses, lr[0], iteration,
-                                     self._cost.snapshot(runner))
+                                     self._cost.snapshot(runner), runner.max_iters)
             append_record(osp.join(runner.work_dir, self.out_file), metrics)
         self._losses = []
+        self._cost.end_interval()
         metrics = from_rank0(metrics)
         listener = run_context.on_metrics()
         if listener is not None:
@@ -85,11 +90,18 @@ class EvalMetricsHook(Hook):
         # the earlier attempts' training time goes on counting
         self._cost.start(next((r['cost.train_s'] for r in reversed(history)
                                if 'cost.train_s' in r), 0.0))
+        hook = self._eval_hook(runner)
+        if hook is not None:  # its evaluations are not training time (cost.img_per_s)
+            evaluate = hook._do_evaluate
+
+            def timed(runner):
+                with self._cost.evaluating():
+                    evaluate(runner)
+            hook._do_evaluate = timed
         if runner.iter == 0:
             if get_dist_info()[0] == 0:
                 open(path, 'w').close()
             return
-        hook = self._eval_hook(runner)
         if hook is None or runner.iter % hook.interval != 0:
             return
         if not from_rank0(any(r.get('iter') == runner.iter for r in history)):

@@ -6,7 +6,8 @@ solo run: at every ``interval`` and at the last iteration it evaluates, every ra
 the validation set (the dataloader's distributed sampler) with rank 0's BN buffers, rank 0
 scoring the gathered per-image results, as mmseg's distributed evaluation does (no rank waits
 in a collective while another evaluates everything), adds the head's mean training loss, its
-learning rate and its share of what the group cost (cost.py), appends the dict to that head's
+learning rate and its part of what the group cost (cost.py: each interval split among the heads
+active in it), appends the dict to that head's
 ``metrics.jsonl`` and hands it to that head's metrics listener (run_context.py), on every rank.
 The backbone runs once per validation input for all heads (the segmentor caches its features).
 Its validation loader is built from the config's ``val`` dataset, as mmseg builds its own.
@@ -38,13 +39,13 @@ class MultiHeadEvalHook(Hook):
     augmentations would differ from a solo run's)."""
 
     def __init__(self, val, interval, work_dirs, seed=0, workers_per_gpu=0,
-                 out_file='metrics.jsonl'):
+                 out_file='metrics.jsonl', gpus_per_rank=None):
         self.val, self.seed, self.workers_per_gpu = val, seed, workers_per_gpu
         self.interval = interval
         self.work_dirs = work_dirs
         self.out_file = out_file
         self._losses = [[] for _ in work_dirs]
-        self._cost = RunCost()
+        self._cost = RunCost(gpus_per_rank)
         self.dataloader = None
 
     def before_run(self, runner):
@@ -54,13 +55,15 @@ class MultiHeadEvalHook(Hook):
             build_dataset(self.val, dict(test_mode=True)), samples_per_gpu=1,
             workers_per_gpu=self.workers_per_gpu, dist=distributed(), shuffle=False,
             seed=self.seed, persistent_workers=self.workers_per_gpu > 0)
-        self._cost.start()
+        self._cost.start(heads=len(self.work_dirs))
         if get_dist_info()[0] == 0:
             for d in self.work_dirs:
                 os.makedirs(d, exist_ok=True)
                 open(osp.join(d, self.out_file), 'w').close()
 
     def after_train_iter(self, runner):
+        segmentor = getattr(runner.model, 'module', runner.model)
+        self._cost.tick(k for k, on in enumerate(segmentor.active) if on)  # they trained in it
         self._cost.step()
         log_vars = (runner.outputs or {}).get('log_vars', {})
         for k in range(len(self.work_dirs)):
@@ -79,7 +82,8 @@ class MultiHeadEvalHook(Hook):
                 if isinstance(m, _BatchNorm) and m.track_running_stats:
                     dist.broadcast(m.running_var, 0)
                     dist.broadcast(m.running_mean, 0)
-        per_image = self._pre_eval(model, segmentor)
+        with self._cost.evaluating():
+            per_image = self._pre_eval(model, segmentor)
         metrics = None
         if distributed():
             shares = [None] * dist.get_world_size()
@@ -89,6 +93,7 @@ class MultiHeadEvalHook(Hook):
         if get_dist_info()[0] == 0:
             metrics = self._metrics(runner, shares, iteration)
         metrics = from_rank0(metrics)
+        self._cost.end_interval()
         for k, m in metrics.items():
             self._losses[k] = []
             listener = run_context.on_metrics(k)
@@ -123,12 +128,14 @@ class MultiHeadEvalHook(Hook):
         heads = sorted({k for r in per_image.values() for k in r})
         results = {k: [per_image[i][k] for i in sorted(per_image)] for k in heads}
         lrs = {g['head']: g['lr'] for g in runner.optimizer.param_groups}
-        # each head's share of what the group cost: the heads still training split it
-        cost = self._cost.snapshot(runner, share=1.0 / max(1, len(results)))
+        with self._cost.evaluating():
+            scores = {k: dataset.evaluate(res, metric='mIoU', logger='silent')
+                      for k, res in results.items()}
+        self._cost.tick(heads)  # the evaluation served the (active) heads it evaluated
         metrics = {}
-        for k, res in results.items():
-            scores = dataset.evaluate(res, metric='mIoU', logger='silent')
-            metrics[k] = metrics_record(scores, self._losses[k], lrs[k], iteration, cost)
+        for k in heads:
+            metrics[k] = metrics_record(scores[k], self._losses[k], lrs[k], iteration,
+                                        self._cost.snapshot(runner, head=k), runner.max_iters)
             append_record(osp.join(self.work_dirs[k], self.out_file), metrics[k])
         runner.logger.info('grouped evaluation at iteration %d: %d images on %d rank(s) %s: %s',
                            iteration, len(per_image), len(shares),
