@@ -4,9 +4,14 @@ between two sweeps (same configurations side by side).
 Importance is Optuna's fANOVA evaluator over the finished trials, told to an in-memory study
 (whatever algorithm ran the sweep): the share of the metric's variance each searched value
 explains, summing to 1. Where fractions are searched it is also computed per fraction, since
-what matters with 1/16 of the data need not be what matters with all of it.
+what matters with 1/16 of the data need not be what matters with all of it. Repeats and subset
+seeds are noise, not factors: their part is the noise floor (``noise_share``).
+
+Only trials that completed their schedule are read: a trial the scheduler stopped early has a
+metric of fewer iterations.
 """
 from orchestrator.keys import FRACTION_KEY as FRACTION
+from orchestrator.keys import NOISE_KEYS
 from orchestrator.results import SweepResults
 
 MIN_TRIALS = 4  # fewer finished trials explain nothing
@@ -39,10 +44,27 @@ def importances(rows, keys, metric):
     return {k: float(v) for k, v in found.items()}
 
 
+def noise_share(rows, keys, metric):
+    """The part of the metric's variance that lies between trials of one configuration (the
+    same ``keys``, other noise keys apart): the within-configuration sum of squares over the
+    total. None when no configuration ran twice or the metric does not vary."""
+    import numpy as np
+    by_config = {}
+    for r in rows:
+        by_config.setdefault(tuple(str(r.get(k)) for k in keys), []).append(float(r[metric]))
+    values = np.asarray([v for vs in by_config.values() for v in vs])
+    total = float(((values - values.mean()) ** 2).sum()) if len(values) else 0.0
+    if total == 0.0 or all(len(vs) < 2 for vs in by_config.values()):
+        return None
+    within = sum(float(((np.asarray(vs) - np.mean(vs)) ** 2).sum()) for vs in by_config.values())
+    return within / total
+
+
 def importance_rows(results):
     """[scope, key, importance] rows: scope 'all trials', then 'fraction F' per searched
-    fraction (over the other keys)."""
-    ranked, keys, metric = results.ranked(), results.searched, results.metric
+    fraction (over the other keys); the noise keys are not factors."""
+    ranked, metric = results.completed(), results.metric
+    keys = [k for k in results.searched if k not in NOISE_KEYS]
     scopes = [('all trials', ranked, keys)]
     if FRACTION in keys:
         others = [k for k in keys if k != FRACTION]
@@ -54,14 +76,15 @@ def importance_rows(results):
 
 
 def compare_rows(a, b):
-    """(header, rows): the configurations both sweeps ran (their common searched keys), each
-    side's mean metric and trial count, and the difference; then those only one ran."""
-    keys = [k for k in a.searched if k in b.searched]
+    """(header, rows): the configurations both sweeps ran (their common searched keys, repeats
+    and subset seeds averaged over), each side's mean metric and count of trials that
+    completed their schedule, and the difference; then those only one ran."""
+    keys = [k for k in a.searched if k in b.searched and k not in NOISE_KEYS]
     metric = a.metric
 
     def by_config(results):
         found = {}
-        for r in results.ranked():
+        for r in results.completed():
             found.setdefault(tuple(r.get(k) for k in keys), []).append(r[metric])
         return found
     left, right = by_config(a), by_config(b)
@@ -84,7 +107,10 @@ def compare(sweep_a, sweep_b):
     a, b = SweepResults(sweep_a), SweepResults(sweep_b)
     header, rows = compare_rows(a, b)
     shared = sum(r[-1] is not None for r in rows)
+    left_out = [len(s.stopped_early()) for s in (a, b)]
     lines = [f'A: {sweep_a}', f'B: {sweep_b}',
+             f'trials stopped early by the scheduler, left out: {left_out[0]} in A, '
+             f'{left_out[1]} in B',
              f'{shared} configuration(s) in both (largest difference first), '
              f'{len(rows) - shared} in one only; keys compared: {", ".join(header[:-5]) or "-"}',
              format_table(header, [['' if v is None else v for v in r] for r in rows])]

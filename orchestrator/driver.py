@@ -29,11 +29,12 @@ def _search_alg(spec):
     return None  # Tune's BasicVariantGenerator: grids crossed, distributions sampled
 
 
-def _scheduler(spec, max_t):
+def _scheduler(spec, full_iters):
+    """ASHA per training schedule (asha.py): trials compete with trials of their own schedule."""
     if not spec.asha:
         return None
-    from ray.tune.schedulers import ASHAScheduler
-    return ASHAScheduler(time_attr='iter', max_t=max_t, **spec.asha)
+    from orchestrator.asha import SchedulePerBracket
+    return SchedulePerBracket(full_iters, **spec.asha)
 
 
 def _check_data(spec, base_cfg):
@@ -197,6 +198,11 @@ def _print_dry_run(spec, base_cfg, address, seconds_per_iteration, out):
     header, rows, budget = planning.dry_run_table(spec, base_cfg, seconds_per_iteration)
     print(format_table(header, rows), file=out)
     print(budget, file=out)
+    if spec.asha:
+        from orchestrator import asha
+        print('\n'.join(asha.dry_run_lines(spec, planning.trial_schedules(spec, base_cfg),
+                                            planning.full_data_iterations(spec, base_cfg))),
+              file=out)
     gpu = cluster.local_gpu_memory() if spec.gpus_per_worker else None
     print('\n'.join(grouping.dry_run_lines(spec, planning.plain(base_cfg),
                                            planning.grid_trials(spec), gpu)), file=out)
@@ -352,7 +358,7 @@ def _tracking_callback(sweep):
 
     return MLflowTrialCallback(
         sweep.journal, spec.name, params_of, lambda tid: trial_dir(sweep_dir, tid),
-        data_name=osp.basename(osp.normpath(spec.data_root or 'train')))
+        data_name=osp.basename(osp.normpath(spec.data_root or 'train')), searched=keys)
 
 
 def _param_space(sweep):
@@ -395,12 +401,12 @@ def _build_tuner(sweep):
     if sweep.resume:
         return tune.Tuner.restore(sweep.experiment_path, trainable,
                                   resume_unfinished=True), live
-    _, full = planning.resolve(spec, sweep.base, {planning.FRACTION_KEY: 1.0})
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-            search_alg=_search_alg(spec), scheduler=_scheduler(spec, full['runner.max_iters']),
+            search_alg=_search_alg(spec), scheduler=_scheduler(
+                spec, planning.full_data_iterations(spec, sweep.base_cfg)),
             max_concurrent_trials=live_trials, reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name,
                                   storage_path=osp.dirname(sweep.experiment_path),

@@ -25,9 +25,17 @@ HEAD_SIDE_KEYS = ('optimizer.lr', 'optimizer.weight_decay')
 # backbone-side keys slowest: a trial group's members are created one after another, so a
 # bounded number of live Tune trials always completes the next group.
 HEAD_NEST, SHARED_NEST = 'head', 'shared'
-BYTES_PER_LOGIT = 4 * 3  # fp32 logits, their gradient, the softmax inside the loss
 DEFAULT_HEADS_GB = 8.0  # memory for a group's heads when no GPU tells us more
 GPU_USABLE = 0.9  # of a GPU's memory: CUDA's context, the allocator's slack, a batch in flight
+# what the dry run also plans for, as nvidia-smi reports these GPUs' memory (MiB)
+REFERENCE_GPUS = {'an 80 GB GPU (A100/H100)': 81559, 'a 141 GB H200': 143771}
+FP32 = 4  # bytes: a head's weights, gradients, activations and logits (FCNHead runs in fp32)
+# optimizer state per parameter, in fp32 values: Adam's two moments, SGD's momentum buffer
+STATE_VALUES = {'Adam': 2, 'AdamW': 2, 'SGD': 1}
+LOSS_BACKWARD_LOGITS = 2  # while one head's loss runs backward: the gradients in and out of
+# its log-softmax, two more label-size tensors (one head at a time: once per group)
+# torch's multi-tensor Adam(W) step holds a temporary the size of its parameter group (one
+# head's parameters: MultiHeadOptimizerConstructor gives each head its own groups)
 
 
 def head_side(key):
@@ -50,6 +58,36 @@ def _frozen(base, row):
     return value('freeze_vit') and not value('with_fpn') and not value('unfreeze_pos_embed')
 
 
+@dataclass(frozen=True)
+class HeadMemory:
+    """What one head of a trial group holds at the training step's peak, in bytes: its
+    weights and optimizer state (``state``, all the time), and either what its backward keeps
+    (``activations`` at feature size, its log-probabilities at label size: ``logits``) or,
+    once its backward has run and released those, its ``gradients``. A group holds all its
+    heads' at once (their losses are summed before one backward), plus LOSS_BACKWARD_LOGITS
+    label-size tensors of the head whose loss runs backward (``group_bytes``). Measured
+    against the CPU allocator's peak in tests/test_memory_plan.py."""
+    params: int
+    state: int
+    gradients: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self):
+        return self.state + max(self.gradients, self.activations + self.logits)
+
+
+@dataclass(frozen=True)
+class FrozenSide:
+    """The shared part of a group (everything but its heads), from the model built on the
+    meta device (no memory, no weights): its bytes, and the shape and dtype of the features a
+    head receives at the training crop size and batch."""
+    model_bytes: int
+    features: tuple
+    feature_dtype: object
+
+
 def _crop(base):
     crop = base.get('crop_size')
     for step in base.get('data', {}).get('train', {}).get('pipeline', []):
@@ -58,12 +96,90 @@ def _crop(base):
     return tuple(crop) if crop else (512, 512)
 
 
-def head_memory_bytes(base):
-    """Per head in a group: its logits at crop size x classes x batch, with gradient and softmax."""
-    h, w = _crop(base)
-    classes = base['model']['decode_head'].get('num_classes', 150)
-    batch = base.get('data', {}).get('samples_per_gpu', 2)
-    return h * w * classes * batch * BYTES_PER_LOGIT
+def _batch(base):
+    return base.get('data', {}).get('samples_per_gpu', 2)
+
+
+def frozen_side(base):
+    """The FrozenSide of ``base``: weights and buffers in their dtypes (frozen: no gradients, no
+    optimizer state), and the head's input from one meta-device backbone pass."""
+    import torch
+    import mmseg_custom  # noqa: F401  (our backbones and heads)
+    from mmseg.models import build_segmentor
+    model_cfg = copy.deepcopy(base['model'])
+    model_cfg.get('backbone', {}).pop('pretrained', None)
+    model_cfg.pop('pretrained', None)
+    with torch.device('meta'):
+        model = build_segmentor(model_cfg)
+        features = model.extract_feat(torch.empty(_batch(base), 3, *_crop(base)))
+    model_bytes = sum(t.numel() * t.element_size()
+                      for name, t in [*model.named_parameters(), *model.named_buffers()]
+                      if not name.startswith(('decode_head.', 'auxiliary_head.')))
+    index = base['model']['decode_head'].get('in_index', -1)
+    chosen = features[index if isinstance(index, int) else index[0]]
+    return FrozenSide(model_bytes, tuple(chosen.shape), chosen.dtype)
+
+
+def frozen_model_bytes(base):
+    """What the shared part of a group holds on the GPU (FrozenSide.model_bytes)."""
+    return frozen_side(base).model_bytes
+
+
+def head_memory(base, head_cfg, side):
+    """The HeadMemory of the decode head ``head_cfg`` (the base's with a trial's values) on
+    the features of ``side``. Parameters are counted from the head built on the meta device;
+    activations follow FCNHead's forward (mmseg's ConvModule: conv, then norm and an in-place
+    ReLU): a float32 copy of bfloat16 features, two tensors per conv with a norm (its output
+    and the norm's), one without; the concatenation for ``conv_cat``; ``with_norm``'s output;
+    dropout's output and mask; the logits at feature size. Another head type: its parameters
+    and logits only."""
+    import torch
+    import mmseg_custom  # noqa: F401
+    from mmseg.models import build_head
+    with torch.device('meta'):
+        head = build_head(copy.deepcopy(head_cfg))
+    params = sum(p.numel() for p in head.parameters())
+    optimizer = base.get('optimizer', {})
+    values = STATE_VALUES.get(optimizer.get('type'), 2)
+    if optimizer.get('type') == 'SGD' and not optimizer.get('momentum'):
+        values = 0
+    state = params * FP32 * (1 + values)  # weight, optimizer state
+    batch, _, h, w = side.features
+    label = batch * _crop(base)[0] * _crop(base)[1]
+    at_feature = batch * h * w  # values per channel at feature size
+    classes = head.num_classes
+    activations = at_feature * classes * FP32  # logits before the resize to label size
+    if type(head).__name__ == 'FCNHead':
+        c_in, c = head.in_channels, head.channels
+        per_conv = (2 if head.norm_cfg else 1) * at_feature * c * FP32
+        activations += head.num_convs * per_conv
+        if side.feature_dtype != torch.float32:
+            activations += at_feature * c_in * FP32
+        if head.concat_input:
+            activations += at_feature * (c_in + c) * FP32 + per_conv
+        if head.with_norm:
+            activations += at_feature * c * FP32
+        if head.dropout is not None:
+            activations += at_feature * c * (FP32 + 1)  # output, and a bool mask
+    return HeadMemory(params, state, params * FP32, activations, label * classes * FP32)
+
+
+def head_memories(spec, base, rows):
+    """(FrozenSide, each row's head variant, {variant: HeadMemory}) for the trials ``rows``:
+    a variant is named by its decode-head values (grid values and the channels they derive;
+    a sampled head value counts as the base config's)."""
+    from orchestrator.plan import HEAD, resolve
+    side = frozen_side(base)
+    sampled = {p.key for p in spec.params if p.kind != 'grid'}
+    names, found = [], {}
+    for row in rows:
+        overrides, _ = resolve(spec, base, {k: v for k, v in row.items() if k not in sampled})
+        values = {k[len(HEAD):]: v for k, v in sorted(overrides.items()) if k.startswith(HEAD)}
+        name = ', '.join(f'{k}={v}' for k, v in values.items()) or 'the base head'
+        if name not in found:
+            found[name] = head_memory(base, {**base['model']['decode_head'], **values}, side)
+        names.append(name)
+    return side, names, found
 
 
 def why_not(spec, base):
@@ -83,57 +199,66 @@ def why_not(spec, base):
     return None
 
 
-def frozen_model_bytes(base):
-    """What the shared part of a group (everything but its heads) holds on the GPU: its weights
-    and buffers in their dtypes, from the model built on the meta device (no memory, no
-    weights). Frozen, it has no gradients or optimizer state."""
-    import torch
-    import mmseg_custom  # noqa: F401  (our backbones and heads)
-    from mmseg.models import build_segmentor
-    model_cfg = copy.deepcopy(base['model'])
-    model_cfg.get('backbone', {}).pop('pretrained', None)
-    model_cfg.pop('pretrained', None)
-    with torch.device('meta'):
-        model = build_segmentor(model_cfg)
-    return sum(t.numel() * t.element_size()
-               for name, t in [*model.named_parameters(), *model.named_buffers()]
-               if not name.startswith(('decode_head.', 'auxiliary_head.')))
-
-
-def heads_per_group(spec, base, gpu_bytes=None):
-    """(the most heads one group may hold, how that was decided): the memory for heads over
-    one head's logits (head_memory_bytes). That memory is ``grouping.memory_gb`` when given,
-    else the GPU's (``gpu_bytes``, as the cluster reported it) less the frozen model, else
+def group_budget(spec, side, gpu_bytes=None):
+    """(bytes a group's heads may hold, how that was decided): ``grouping.memory_gb`` when
+    given; else the worker's share of its GPU (``gpu_bytes`` as the cluster reported it, times
+    ``gpus_per_worker``: half a GPU for 0.5) less the frozen model and its features; else
     DEFAULT_HEADS_GB (a CPU sweep, or a GPU this machine cannot see)."""
     gib = 1024 ** 3
     if spec.grouping_memory_gb is not None:
-        budget = spec.grouping_memory_gb * gib
-        how = f'grouping.memory_gb={spec.grouping_memory_gb:g}'
-    elif gpu_bytes:
-        model = frozen_model_bytes(base)
-        budget = GPU_USABLE * gpu_bytes - model
-        how = (f'{GPU_USABLE:.0%} of the GPU\'s {gpu_bytes / gib:.1f} GiB less the frozen '
-               f'model\'s {model / gib:.2f} GiB')
-    else:
-        budget = DEFAULT_HEADS_GB * gib
-        how = (f'{DEFAULT_HEADS_GB:g} GiB: no GPU memory known here (set grouping.memory_gb, or '
-               'plan on the cluster with --address)' if spec.gpus_per_worker else
-               f'{DEFAULT_HEADS_GB:g} GiB (CPU workers; grouping.memory_gb sets it)')
-    per_head = head_memory_bytes(base)
-    how += f': {per_head / 1024 ** 2:.1f} MiB of logits per head'
-    return max(1, int(budget // per_head)), how
+        return spec.grouping_memory_gb * gib, f'grouping.memory_gb={spec.grouping_memory_gb:g}'
+    if gpu_bytes:
+        share = min(1.0, spec.gpus_per_worker or 1.0)
+        features = math.prod(side.features) * side.feature_dtype.itemsize
+        budget = GPU_USABLE * gpu_bytes * share - side.model_bytes - features
+        return budget, (f'{GPU_USABLE:.0%} of {"the" if share == 1 else f"{share:g} x the"} '
+                        f'GPU\'s {gpu_bytes / gib:.1f} GiB less the frozen model\'s '
+                        f'{side.model_bytes / gib:.2f} GiB and its features\' '
+                        f'{features / gib:.2f} GiB')
+    if spec.gpus_per_worker:
+        return DEFAULT_HEADS_GB * gib, (f'{DEFAULT_HEADS_GB:g} GiB: no GPU memory known here '
+                                        '(set grouping.memory_gb, or plan on the cluster with '
+                                        '--address)')
+    return DEFAULT_HEADS_GB * gib, f'{DEFAULT_HEADS_GB:g} GiB (CPU workers; grouping.memory_gb sets it)'
+
+
+def group_bytes(memories):
+    """The peak of a group of heads (``memories``: their HeadMemory) in one training step, the
+    larger of two phases: the backward (every head's share, and one head's loss backward on
+    top) and the optimizer step (every head's state and gradients, and the step's temporary
+    of one head's parameters, the size of its gradients)."""
+    backward = sum(m.total for m in memories) + LOSS_BACKWARD_LOGITS * max(
+        m.logits for m in memories)
+    step = sum(m.state + m.gradients for m in memories) + max(m.gradients for m in memories)
+    return max(backward, step)
+
+
+def heads_per_group(budget, memories):
+    """The most heads of ``memories`` (the HeadMemory of each member) one group may hold
+    within ``budget``: groups are filled in the order trials arrive, so any members may meet:
+    counted as copies of the member that is largest in every part."""
+    worst = HeadMemory(*(max(getattr(m, f) for m in memories) for f in
+                         ('params', 'state', 'gradients', 'activations', 'logits')))
+    k = 1
+    while k < len(memories) and group_bytes([worst] * (k + 1)) <= budget:
+        k += 1
+    return k
 
 
 @dataclass
 class GroupPlan:
     """The sweep's trial groups: ``chunks`` {group key: sizes of its chunks} for the pool,
-    ``shown`` (key, trial row indices) per chunk for the listing, the cap on heads per group and
-    how it was decided; ``reason`` when the sweep cannot group at all."""
+    ``shown`` (key, trial row indices) per chunk for the listing, the fewest heads per group a
+    key allows (``cap``), how its budget was decided and each head variant's HeadMemory;
+    ``reason`` when the sweep cannot group at all."""
     chunks: dict = field(default_factory=dict)
     shown: list = field(default_factory=list)
     cap: int = 0
     how: str = ''
+    memories: dict = field(default_factory=dict)
     reason: str = None
+    side: FrozenSide = None
+    members: list = field(default_factory=list)  # per group key: its members' HeadMemory
 
 
 def plan(spec, base, rows, gpu_bytes=None):
@@ -144,12 +269,19 @@ def plan(spec, base, rows, gpu_bytes=None):
         return GroupPlan(reason=reason)
     by_key = {}
     for i, row in enumerate(rows):
-        by_key.setdefault(group_key(spec, row), []).append(i)
-    cap, how = heads_per_group(spec, base, gpu_bytes)
-    planned = GroupPlan(cap=cap, how=how)
+        if _frozen(base, row):
+            by_key.setdefault(group_key(spec, row), []).append(i)
+    by_key = {k: members for k, members in by_key.items() if len(members) >= 2}
+    if not by_key:
+        return GroupPlan()
+    side, names, memories = head_memories(spec, base, rows)
+    budget, how = group_budget(spec, side, gpu_bytes)
+    planned = GroupPlan(how=how, memories=memories, side=side)
+    caps = []
     for key, members in by_key.items():
-        if len(members) < 2 or not _frozen(base, rows[members[0]]):
-            continue
+        planned.members.append([memories[names[i]] for i in members])
+        cap = heads_per_group(budget, planned.members[-1])
+        caps.append(cap)
         n = math.ceil(len(members) / cap)
         sizes = [len(members) // n + (1 if i < len(members) % n else 0) for i in range(n)]
         if max(sizes) < 2:  # room for one head only
@@ -159,6 +291,7 @@ def plan(spec, base, rows, gpu_bytes=None):
         for size in sizes:
             planned.shown.append((key, members[start:start + size]))
             start += size
+    planned.cap = min(caps)
     return planned
 
 
@@ -166,6 +299,30 @@ def plan_groups(spec, base, rows, gpu_bytes=None):
     """(chunks, shown) of ``plan``."""
     planned = plan(spec, base, rows, gpu_bytes)
     return planned.chunks, planned.shown
+
+
+def _gb(n):
+    return f'{n / 1e9:.2f} GB' if n >= 1e9 else f'{n / 1e6:.3g} MB'
+
+
+def memory_lines(planned):
+    """Each head variant's planned bytes, as the dry run lists them."""
+    return [f'  head {name}: {m.params / 1e6:.2f} M params; weights + optimizer state '
+            f'{_gb(m.state)}, then activations {_gb(m.activations)} + logits at label size '
+            f'{_gb(m.logits)} or gradients {_gb(m.gradients)}: {_gb(m.total)}'
+            for name, m in planned.memories.items()]
+
+
+def reference_lines(spec, planned):
+    """Heads per group on the REFERENCE_GPUS, for a GPU sweep planned where no GPU is seen."""
+    if not planned.members or not spec.gpus_per_worker or spec.grouping_memory_gb is not None:
+        return []
+    caps = []
+    for name, mib in REFERENCE_GPUS.items():
+        budget, _ = group_budget(spec, planned.side, mib * 1024 ** 2)
+        caps.append(f'{min(heads_per_group(budget, m) for m in planned.members)} on {name}')
+    return [f'  heads per group on other GPUs (at {spec.gpus_per_worker:g} GPU per worker): '
+            + ', '.join(caps)]
 
 
 def dry_run_lines(spec, base, rows, gpu_bytes=None, planned=None):
@@ -178,11 +335,16 @@ def dry_run_lines(spec, base, rows, gpu_bytes=None, planned=None):
         if not any(_frozen(base, row) for row in rows):
             return ['trial groups: none: the backbone is not frozen (model.backbone.freeze_vit; '
                     'InternVL\'s with_fpn pyramid and unfreeze_pos_embed train)']
+        if planned.memories:
+            return [f'trial groups: none: one head at most fits the memory for heads '
+                    f'({planned.how})', *memory_lines(planned),
+                    *reference_lines(spec, planned)]
         return ['trial groups: none (no two trials share a frozen backbone and its inputs)']
     grouped = sum(len(m) for _, m in planned.shown)
     lines = [f'trial groups: {grouped} of {len(rows)} trials in {len(planned.shown)} group(s), '
              f'one frozen backbone pass per batch per group (at most {planned.cap} heads per '
-             f'group: {planned.how})']
+             f'group: {planned.how}; per head, planned:)', *memory_lines(planned),
+             *reference_lines(spec, planned)]
     for i, (key, members) in enumerate(planned.shown):
         values = ', '.join(f'{k}={v}' for k, v in json.loads(key).items()) or 'all'
         lines.append(f'  group {i}: trials {",".join(map(str, members))} ({values})')

@@ -5,7 +5,7 @@ import itertools
 import math
 
 from orchestrator.errors import ConfigError
-from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY, WARMUP_KEY
+from orchestrator.keys import FRACTION_KEY, REPEAT_KEY, SUBSET_SEED_KEY, WARMUP_KEY
 
 HEAD = 'model.decode_head.'
 
@@ -17,8 +17,8 @@ def tune_param_space(spec):
             'uniform': lambda v: tune.uniform(*v), 'loguniform': lambda v: tune.loguniform(*v),
             'randint': lambda v: tune.randint(*v)}
     space = {p.key: make[p.kind](list(p.values)) for p in spec.params}
-    if spec.repeats > 1 and 'seed' not in space:
-        space['seed'] = tune.grid_search(list(range(spec.repeats)))
+    if spec.repeats > 1 and REPEAT_KEY not in space:
+        space[REPEAT_KEY] = tune.grid_search(list(range(spec.repeats)))
     if len(spec.fewshot_seeds) > 1:
         space[SUBSET_SEED_KEY] = tune.grid_search(list(spec.fewshot_seeds))
     return space
@@ -26,8 +26,8 @@ def tune_param_space(spec):
 
 def searched_keys(spec):
     keys = [p.key for p in spec.params]
-    if spec.repeats > 1 and 'seed' not in keys:
-        keys = keys + ['seed']
+    if spec.repeats > 1 and REPEAT_KEY not in keys:
+        keys = keys + [REPEAT_KEY]
     if len(spec.fewshot_seeds) > 1:
         keys = keys + [SUBSET_SEED_KEY]
     return keys
@@ -118,7 +118,8 @@ def grid_trials(spec):
     their distribution (one row per sample)."""
     grid = [(p.key, p.values) for p in spec.params if p.kind == 'grid']
     sampled = {p.key: f'{p.kind}{list(p.values)}' for p in spec.params if p.kind != 'grid'}
-    seeds = list(range(spec.repeats)) if spec.repeats > 1 and 'seed' not in dict(grid) else [None]
+    seeds = (list(range(spec.repeats)) if spec.repeats > 1 and REPEAT_KEY not in dict(grid)
+             else [None])
     if len(spec.fewshot_seeds) > 1:
         grid = grid + [(SUBSET_SEED_KEY, spec.fewshot_seeds)]
     rows = []
@@ -128,9 +129,22 @@ def grid_trials(spec):
                 row = dict(zip([k for k, _ in grid], combo))
                 row.update(sampled)
                 if seed is not None:
-                    row['seed'] = seed
+                    row[REPEAT_KEY] = seed
                 rows.append(row)
     return rows
+
+
+def full_data_iterations(spec, base_cfg):
+    """The iterations of a trial on all the data (what ``grace_period`` counts in)."""
+    return resolve(spec, plain(base_cfg), {FRACTION_KEY: 1.0})[1]['runner.max_iters']
+
+
+def trial_schedules(spec, base_cfg):
+    """Each grid trial's planned iterations, in the dry run's order (sampled values aside)."""
+    sampled = {p.key for p in spec.params if p.kind != 'grid'}
+    base = plain(base_cfg)
+    return [resolve(spec, base, {k: v for k, v in row.items() if k not in sampled})[1]
+            ['runner.max_iters'] for row in grid_trials(spec)]
 
 
 def per_trial_resources(spec):

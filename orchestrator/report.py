@@ -23,18 +23,40 @@ def variant_label(row, keys):
 
 
 def fraction_curve(results):
-    """The table behind the mIoU-vs-fraction plot: per (head variant, fraction), the mean, std
-    (population) and count of the finished trials' final metric; repeats and other searched
-    values are averaged over."""
+    """The table behind the mIoU-vs-fraction plot: per line (head variant and every other
+    searched value but the noise keys) and fraction, the mean, std (population) and count of
+    the final metric of the trials that completed their schedule, averaged over repeats and
+    subset seeds only; ``stopped``: that point's trials the scheduler stopped early (listed
+    apart, never averaged in)."""
     import numpy as np
-    keys = results.variant_keys()
-    groups = {}
+    keys = results.line_keys()
+    groups, stopped = {}, {}
     for row in results.ranked():
-        variant = variant_label(row, keys)
-        groups.setdefault((variant, row.get(FRACTION_KEY, 1.0)), []).append(
-            row[results.metric])
-    return [dict(variant=v, fraction=f, mean=float(np.mean(x)), std=float(np.std(x)), n=len(x))
+        point = (variant_label(row, keys), row.get(FRACTION_KEY, 1.0))
+        groups.setdefault(point, [])
+        if row['complete']:
+            groups[point].append(row[results.metric])
+        else:
+            stopped[point] = stopped.get(point, 0) + 1
+    return [dict(variant=v, fraction=f, mean=float(np.mean(x)) if x else None,
+                 std=float(np.std(x)) if x else None, n=len(x), stopped=stopped.get((v, f), 0))
             for (v, f), x in sorted(groups.items())]
+
+
+def pooled(results):
+    """What each point of the curve averages over, in words."""
+    noise = results.noise_keys()
+    if not noise:
+        return 'one value per completed trial (no repeats or subset seeds searched)'
+    words = {'seed': 'repeats (seed)', 'fewshot.seed': 'subsets (fewshot.seed)'}
+    return 'mean ± std over ' + ' and '.join(words[k] for k in noise)
+
+
+def stopped_rows(results):
+    """The trials the scheduler stopped early, best first: shown, never averaged."""
+    return [[r['trial_id'], r['name'], r[results.metric],
+             f'stopped early at iteration {r["iters"]} of {r["planned"]}']
+            for r in results.stopped_early()]
 
 
 def reference_rows(results, curve):
@@ -44,22 +66,24 @@ def reference_rows(results, curve):
     ref = results.references
     if not ref:
         return []
-    keys = results.variant_keys()
-    variants = {variant_label(r, keys) for r in results.ranked()
+    keys = results.line_keys()
+    variants = {variant_label(r, keys) for r in results.completed()
                 if results.matches(r, ref['where'])}
     rows = []
     for fraction, published in sorted((float(f), v) for f, v in ref['points'].items()):
-        ours = [c for c in curve
-                if c['variant'] in variants and abs(c['fraction'] - fraction) < 1e-9]
+        ours = [c for c in curve if c['n'] and c['variant'] in variants
+                and abs(c['fraction'] - fraction) < 1e-9]
         for c in ours or [dict(variant='(not run)', mean=None, std=None, n=0)]:
             rows.append([fraction, published, c['mean'], c['std'], c['n'], c['variant']])
     return rows
 
 
-def _plot_curve(curve, metric, path, references=(), reference_label='published'):
+def _plot_curve(curve, metric, path, references=(), reference_label='published',
+                pooled_text='mean ± std'):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, FuncFormatter
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    curve = [c for c in curve if c['n']]  # a point whose trials all stopped early: no mean
     for variant in sorted({c['variant'] for c in curve}):
         pts = [c for c in curve if c['variant'] == variant]
         ax.errorbar([c['fraction'] for c in pts], [c['mean'] for c in pts],
@@ -75,7 +99,7 @@ def _plot_curve(curve, metric, path, references=(), reference_label='published')
     ax.xaxis.set_major_formatter(FuncFormatter(
         lambda f, _: '1' if f >= 1 else f'1/{1 / f:.3g}' if (1 / f).is_integer() else f'{f:g}'))
     ax.set_xlabel('training data fraction (log2)')
-    ax.set_ylabel(f'{metric} (mean ± std over repeats and subsets)')
+    ax.set_ylabel(f'{metric} ({pooled_text})', fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -177,15 +201,24 @@ def _reference_section(references, label, metric):
 
 
 def _importance_section(results):
-    from orchestrator.compare import MIN_TRIALS, importance_rows
+    from orchestrator.compare import MIN_TRIALS, importance_rows, noise_share
     rows = importance_rows(results)
     if not rows:
         return []
+    noise = results.noise_keys()
+    configuration = [k for k in results.searched if k not in noise]
+    share = noise_share(results.completed(), configuration, results.metric) if noise else None
+    floor = ([f'Noise floor: {share:.3f} of the {results.metric} variance lies between '
+              f'trials of one configuration ({", ".join(noise)} apart): a searched value '
+              'explaining less than that is not distinguishable from reseeding.', '']
+             if share is not None else [])
     return ['## Which searched value matters', '',
             f'Share of the {results.metric} variance each searched value explains (Optuna\'s '
-            f'fANOVA over the finished trials; a scope needs {MIN_TRIALS}+ of them):', '',
+            f'fANOVA over the trials that completed their schedule; a scope needs '
+            f'{MIN_TRIALS}+ of them; {", ".join(noise) or "no noise keys"} not a factor):', '',
             format_table(['scope', 'searched value', 'importance'],
-                         [[s, k, f'{v:.3f}'] for s, k, v in rows], markdown=True), '']
+                         [[s, k, f'{v:.3f}'] for s, k, v in rows], markdown=True), '',
+            *floor]
 
 
 def write_report(results):
@@ -197,48 +230,61 @@ def write_report(results):
     matplotlib.use('Agg')
     out = os.path.join(results.sweep_dir, REPORT_DIR)
     os.makedirs(out, exist_ok=True)
-    ranked, metric, keys = results.ranked(), results.metric, results.searched
+    metric, keys = results.metric, results.searched
+    everything, ranked = results.ranked(), results.completed()
     if not ranked:
-        raise ConfigError(f'{results.sweep_dir}: no finished trial with metric {metric} to report')
+        raise ConfigError(f'{results.sweep_dir}: no trial completed its schedule with metric '
+                          f'{metric}: nothing to report')
     curve = fraction_curve(results)
     with open(os.path.join(out, CURVE_CSV), 'w', newline='') as f:
-        writer = csv.DictWriter(f, ['variant', 'fraction', 'mean', 'std', 'n'])
+        writer = csv.DictWriter(f, ['variant', 'fraction', 'mean', 'std', 'n', 'stopped'])
         writer.writeheader()
         writer.writerows(curve)
     references = reference_rows(results, curve)
     label = (results.references or {}).get('label', 'published')
-    _plot_curve(curve, metric, os.path.join(out, CURVE_PNG), references, label)
+    _plot_curve(curve, metric, os.path.join(out, CURVE_PNG), references, label, pooled(results))
     _plot_parallel(ranked, keys, metric, os.path.join(out, PARALLEL_PNG))
     axis = cost_axis(ranked)
     if axis:
-        _plot_cost(ranked, results.variant_keys(), metric, axis, os.path.join(out, COST_PNG))
+        _plot_cost(ranked, results.line_keys(), metric, axis, os.path.join(out, COST_PNG))
     best = ranked[0]
     _plot_classes(best, os.path.join(out, CLASSES_PNG))
 
     name = results.parent.data.tags.get('sweep', osp.basename(results.sweep_dir))
     failed = [r for r in results.rows() if r['status'] != 'FINISHED']
+    stopped = stopped_rows(results)
     lines = [
         f'# Sweep `{name}`', '',
-        f'{len(ranked)} finished trial(s), {len(failed)} other(s); MLflow: {results.tracking_uri},'
-        f' parent run `{results.parent.info.run_id}`.', '',
+        f'{len(ranked)} trial(s) completed their schedule, {len(stopped)} stopped early by the '
+        f'scheduler, {len(failed)} other(s); MLflow: {results.tracking_uri}, parent run '
+        f'`{results.parent.info.run_id}`.', '',
         f'Best: trial `{best["trial_id"]}`, {metric} = {best[metric]:.4f} '
         f'({variant_label(best, keys)}).', '',
         f'## {metric} vs training data fraction', '', f'![curve]({CURVE_PNG})', '',
-        format_table(['variant', 'fraction', 'mean', 'std', 'n'],
-                     [[c[k] for k in ('variant', 'fraction', 'mean', 'std', 'n')]
+        f'Each point: {pooled(results)}, over the trials that completed their schedule (n); '
+        'trials stopped early are counted apart and not averaged in.', '',
+        format_table(['line', 'fraction', 'mean', 'std', 'n', 'stopped early'],
+                     [['' if c[k] is None else c[k]
+                       for k in ('variant', 'fraction', 'mean', 'std', 'n', 'stopped')]
                       for c in curve], markdown=True), '',
         *_reference_section(references, label, metric),
         *_importance_section(results),
         '## Searched values against the metric', '', f'![parallel]({PARALLEL_PNG})', '',
-        *(['## What it cost', '', f'{metric} against {axis[1]} per trial (all: '
-           f'{sum(r[axis[0]] for r in ranked):.3g} {axis[1]}).', '', f'![cost]({COST_PNG})', '']
-          if axis else []),
+        *(['## What it cost', '', f'{metric} against {axis[1]} per completed trial (all '
+           f'finished trials, stopped ones included: '
+           f'{sum(r.get(axis[0], 0.0) for r in everything):.3g} {axis[1]}).', '',
+           f'![cost]({COST_PNG})', ''] if axis else []),
         '## Per-class IoU of the best trial', '', f'![classes]({CLASSES_PNG})', '',
         '## All finished trials, best first', '',
-        format_table(['trial', *map(_short, keys), metric],
-                     [[r['trial_id'], *[r.get(k) for k in keys], r[metric]] for r in ranked],
-                     markdown=True),
+        format_table(['trial', 'name', *map(_short, keys), metric, 'schedule'],
+                     [[r['trial_id'], r['name'], *[r.get(k) for k in keys], r[metric],
+                       'complete' if r['complete'] else
+                       f'stopped early at iteration {r["iters"]} of {r["planned"]}']
+                      for r in everything], markdown=True),
     ]
+    if stopped:
+        lines += ['', '## Stopped early (not averaged into the curve)', '', format_table(
+            ['trial', 'name', metric, 'schedule'], stopped, markdown=True)]
     if failed:
         lines += ['', '## Not finished', '', format_table(
             ['trial', 'status', 'reason'],

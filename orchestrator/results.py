@@ -5,11 +5,9 @@ import json
 import os.path as osp
 
 from orchestrator.errors import ConfigError
-from orchestrator.keys import FRACTION_KEY
+from orchestrator.keys import FRACTION_KEY, HEAD_VARIANT, NOISE_KEYS
 
 SCHEDULE = ('runner.max_iters', 'evaluation.interval', 'checkpoint_config.interval')
-HEAD_VARIANT = ('model.decode_head.num_convs', 'model.decode_head.with_norm',
-                'model.decode_head.concat_input')
 
 
 def sweep_dir_of(sweep, output='runs'):
@@ -68,13 +66,29 @@ class SweepResults:
                                     if k not in SCHEDULE and len({o.data.params.get(k)
                                                                   for o in self.children}) > 1})
 
+    def _trained(self, child):
+        """(iterations trained, planned): the tags the sweep writes when a trial finishes
+        (tracking.schedule_tags); for a sweep from before them, the metric's last step."""
+        tags = child.data.tags
+        planned = int(tags.get('iterations_planned', child.data.params.get('runner.max_iters', 0)))
+        if 'iterations_trained' in tags:
+            return int(tags['iterations_trained']), planned
+        history = self.client.get_metric_history(child.info.run_id, self.metric)
+        return max((m.step for m in history), default=0), planned
+
     def rows(self):
-        """One dict per trial: trial_id, run_id, status, searched params (typed), the metric and
-        per-class IoU as MLflow holds them (latest values), failure reason."""
+        """One dict per trial: trial_id, run_id, name, status, searched params (typed), the
+        metric and per-class IoU as MLflow holds them (latest values), failure reason; a
+        finished trial also ``iters`` / ``planned`` and ``complete`` (it trained its whole
+        schedule; False: the scheduler stopped it early)."""
         rows = []
         for c in self.children:
             row = dict(trial_id=c.data.tags.get('trial_id'), run_id=c.info.run_id,
+                       name=c.data.tags.get('mlflow.runName', ''),
                        status=c.info.status, failure_reason=c.data.tags.get('failure_reason', ''))
+            if c.info.status == 'FINISHED':
+                row['iters'], row['planned'] = self._trained(c)
+                row['complete'] = row['iters'] >= row['planned']
             row.update({k: typed(c.data.params[k]) for k in self.searched if k in c.data.params})
             for k in ('runner.max_iters', FRACTION_KEY):
                 if k in c.data.params:
@@ -85,14 +99,25 @@ class SweepResults:
         return rows
 
     def ranked(self):
-        """Finished trials with the metric, best first."""
+        """Finished trials with the metric, best first, those stopped early included (marked:
+        ``complete`` False)."""
         done = [r for r in self.rows() if r['status'] == 'FINISHED' and self.metric in r]
         return sorted(done, key=lambda r: r[self.metric], reverse=self.mode == 'max')
 
+    def completed(self):
+        """The ranked trials that trained their whole schedule: the only ones averaged,
+        compared or ranked against each other (a stopped trial's metric is of fewer
+        iterations)."""
+        return [r for r in self.ranked() if r['complete']]
+
+    def stopped_early(self):
+        return [r for r in self.ranked() if not r['complete']]
+
     def best(self):
-        ranked = self.ranked()
+        ranked = self.completed()
         if not ranked:
-            raise ConfigError(f'{self.sweep_dir}: no finished trial with metric {self.metric} yet')
+            raise ConfigError(f'{self.sweep_dir}: no trial has completed its schedule with '
+                              f'metric {self.metric} yet')
         return ranked[0]
 
     def matches(self, row, where):
@@ -102,3 +127,14 @@ class SweepResults:
     def variant_keys(self):
         """The head-variant keys (num_convs x with_norm x concat_input) the sweep searched."""
         return [k for k in HEAD_VARIANT if k in self.searched]
+
+    def line_keys(self):
+        """What tells one curve of the report from another: every searched value but the
+        fraction (the x axis) and the noise keys (averaged over): head variants first."""
+        rest = [k for k in self.searched
+                if k not in HEAD_VARIANT and k != FRACTION_KEY and k not in NOISE_KEYS]
+        return self.variant_keys() + rest
+
+    def noise_keys(self):
+        """The searched noise keys (repeats, subset seeds): averaged over."""
+        return [k for k in self.searched if k in NOISE_KEYS]

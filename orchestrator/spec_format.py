@@ -203,7 +203,9 @@ class Search(Section):
 
 
 class Asha(Section):
-    """Tune's ASHA scheduler on the metric, by training iteration."""
+    """Tune's ASHA on the metric, one bracket per training schedule (trials compete only with
+    trials of the same planned iterations); grace_period counts iterations of the full-data
+    schedule and is scaled to each (orchestrator/asha.py)."""
     grace_period: IterationCount = 1
     reduction_factor: ReductionFactor = 2
 

@@ -26,8 +26,11 @@ def ranked_results(result_grid, keys, metric='mIoU', mode='max'):
             reason = str(r.error).strip().splitlines()[-1] if r.error else 'no metric reported'
             failed.append([trial_id, *values, reason])
             continue
-        done.append([trial_id, *values, r.metrics[metric], r.metrics.get('iter'),
+        trained, planned = r.metrics.get('iter'), r.metrics.get('max_iters')
+        schedule = ('complete' if trained is None or planned is None or trained >= planned
+                    else f'stopped early ({trained} of {planned})')
+        done.append([trial_id, *values, r.metrics[metric], trained, schedule,
                      r.metrics.get('time_total_s', 0.0)])
     done.sort(key=lambda row: row[len(keys) + 1], reverse=(mode == 'max'))
-    header = ['trial', *keys, metric, 'iters', 'time_s']
+    header = ['trial', *keys, metric, 'iters', 'schedule', 'time_s']
     return header, done, failed

@@ -15,7 +15,7 @@ from importlib import metadata
 
 from ray.tune import Callback
 
-from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
+from orchestrator.keys import FRACTION_KEY, HEAD_VARIANT, NOISE_KEYS, REPEAT_KEY, SUBSET_SEED_KEY
 
 METRIC_PREFIXES = ('mIoU', 'mAcc', 'aAcc', 'IoU.', 'Acc.', 'loss', 'lr', 'restarts', 'cost.')
 PACKAGES = ('torch', 'mmcv-full', 'mmsegmentation', 'ray', 'mlflow')
@@ -68,15 +68,54 @@ def placement_tags(placement):
     return tags
 
 
+def _short(key, value):
+    """One searched value as a run name reads it: ``nc0``, ``norm`` / ``nonorm``, ``f1/16``,
+    ``s1`` (seed), ``sub1`` (subset seed), ``lr0.003``; other keys by their last part."""
+    name = {'model.decode_head.num_convs': 'nc', 'model.decode_head.with_norm': 'norm',
+            'model.decode_head.concat_input': 'cat', REPEAT_KEY: 's', SUBSET_SEED_KEY: 'sub',
+            FRACTION_KEY: 'f'}.get(key, key.rsplit('.', 1)[-1])
+    if isinstance(value, bool):
+        return name if value else f'no{name}'
+    if key == FRACTION_KEY and 0 < value < 1 and (1 / value).is_integer():
+        return f'f1/{int(1 / value)}'
+    if isinstance(value, float):
+        return f'{name}{value:.3g}'
+    return f'{name}{value}'
+
+
+def run_name(values, keys):
+    """A child run's name: its searched values in short (``nc0-norm-f1/16-s1``), so the MLflow
+    UI's run list reads as the study: the head variant, other values, the fraction, then the
+    noise keys (repeats, subset seeds)."""
+    def place(key):
+        if key in HEAD_VARIANT:
+            return 0, HEAD_VARIANT.index(key)
+        return (3 if key in NOISE_KEYS else 2 if key == FRACTION_KEY else 1), 0
+    ordered = sorted(keys, key=place)  # stable: the file's order within each place
+    return '-'.join(_short(k, values[k]) for k in ordered if k in values) or 'trial'
+
+
+def schedule_tags(result, planned):
+    """Whether a finished trial trained its whole schedule: ``iterations_trained``,
+    ``iterations_planned`` and ``stopped_early`` ('true' when the scheduler ended it first), so
+    the report never averages a partly trained trial with completed ones."""
+    trained = int(result.get('iter', 0))
+    planned = int(result.get('max_iters', planned))
+    return {'iterations_trained': str(trained), 'iterations_planned': str(planned),
+            'stopped_early': str(trained < planned).lower()}
+
+
 class MLflowTrialCallback(Callback):
     """Child run per trial: params at start, metrics at every report, artifacts and status at
     the end. Every write goes through the sweep's TrackingJournal (nothing is lost while MLflow
     is unreachable; a resumed sweep continues its trials' runs instead of adding new ones)."""
 
-    def __init__(self, journal, sweep_name, params_of, trial_dir_of, data_name='train'):
+    def __init__(self, journal, sweep_name, params_of, trial_dir_of, data_name='train',
+                 searched=()):
         self.sweep_dir = journal.register().sweep_dir
         self.sweep_name = sweep_name
         self.params_of = params_of        # trial.config -> {param key: value}
+        self.searched = list(searched)    # the searched keys: a child's name
         self.trial_dir_of = trial_dir_of  # trial_id -> directory with the trial's artifacts
         self.data_name = data_name        # the training data's name in dataset inputs
         self._placed = {}  # trial_id -> the placement last recorded (a restart may move it)
@@ -102,9 +141,10 @@ class MLflowTrialCallback(Callback):
                                 tags=placement_tags(json.loads(text)))
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        params = {k: str(v) for k, v in self.params_of(trial.config).items()}
+        values = self.params_of(trial.config)
+        params = {k: str(v) for k, v in values.items()}
         self.journal.record('child', trial_id=trial.trial_id, params=params,
-                            name=f'{self.sweep_name}-{trial.trial_id}',
+                            name=run_name(values, self.searched),
                             tags={'sweep': self.sweep_name, 'trial_id': trial.trial_id,
                                   'role': 'trial'})
         self.journal.record('status', trial_id=trial.trial_id, status='RUNNING')
@@ -150,6 +190,10 @@ class MLflowTrialCallback(Callback):
         self.journal.record('status', trial_id=trial.trial_id, status=status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.last_result and 'iter' in trial.last_result:
+            planned = self.params_of(trial.config).get('runner.max_iters', 0)
+            self.journal.record('tags', trial_id=trial.trial_id,
+                                tags=schedule_tags(trial.last_result, planned))
         self._finish(trial, 'FINISHED')
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -186,6 +186,62 @@ def test_grouped_heads_score_as_their_solo_twins_unless_asha_stopped_them(sweeps
     assert full >= 1  # ASHA keeps its best trials to the end
 
 
+def _stopped_by_history(client, run):
+    """Stopped early, as the run's own mIoU history shows it: its last step is short of the
+    planned iterations."""
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, 'mIoU')]
+    return max(steps) < int(run.data.params['runner.max_iters'])
+
+
+def test_a_finished_child_says_whether_it_trained_its_whole_schedule(sweeps):
+    (_, g_client, grouped), (_, _, alone) = sweeps
+    stopped = [r for r in grouped if _stopped_by_history(g_client, r)]
+    assert 1 <= len(stopped) < len(grouped)  # ASHA stopped some, not all: the test can fail
+    for run in grouped + alone:
+        tags = run.data.tags
+        assert tags['iterations_planned'] == run.data.params['runner.max_iters'] == '40'
+        assert tags['stopped_early'] == ('true' if run in stopped else 'false')
+        if run not in stopped:
+            assert tags['iterations_trained'] == '40'
+
+
+def test_child_runs_are_named_by_their_searched_values(sweeps):
+    (_, _, grouped), _ = sweeps
+    names = {r.data.tags['mlflow.runName'] for r in grouped}
+    assert names == {f'nc{nc}-{norm}-lr{lr}-f1/2' for nc in (0, 1) for norm in ('nonorm', 'norm')
+                     for lr in ('0.003', '1e-06')}
+
+
+def test_the_report_averages_only_trials_that_completed_their_schedule(sweeps):
+    """The ASHA sweep's report: each curve point's n counts the completed trials, its
+    'stopped' count the others, and every stopped trial is listed with its iteration."""
+    import csv
+
+    from orchestrator import cli
+    (_, g_client, grouped), _ = sweeps
+    sweep_dir = Path(g_client.tracking_uri[len('sqlite:///'):]).parent / 'groups'
+    assert cli.main(['report', str(sweep_dir)]) == 0
+    with open(sweep_dir / 'report' / 'miou_vs_fraction.csv') as f:
+        curve = list(csv.DictReader(f))
+    assert len(curve) == 8  # one line per head variant and lr, one fraction
+    for point in curve:
+        run = next(r for r in grouped if point['variant'] == ', '.join(
+            f'{k.rsplit(".", 1)[-1] if k.startswith("model.") else k}={r.data.params[k]}'
+            for k in SEARCHED))
+        stopped = _stopped_by_history(g_client, run)
+        assert (int(point['n']), int(point['stopped'])) == ((0, 1) if stopped else (1, 0))
+        if not stopped:
+            assert float(point['mean']) == pytest.approx(run.data.metrics['mIoU'], abs=1e-9)
+        else:
+            assert point['mean'] == ''
+    text = (sweep_dir / 'report' / 'report.md').read_text()
+    section = text.split('## Stopped early (not averaged into the curve)')[1]
+    for run in grouped:
+        if _stopped_by_history(g_client, run):
+            steps = [m.step for m in g_client.get_metric_history(run.info.run_id, 'mIoU')]
+            assert f'stopped early at iteration {max(steps)} of 40' in section
+
+
 # -- planning: which trials group, and how big a group may be --------------------------------
 
 def _planned(path='search_spaces/demo_grouped.yaml', **changes):
@@ -208,11 +264,15 @@ def test_groups_are_the_trials_sharing_backbone_side_values():
 
 
 def test_a_group_too_big_for_the_memory_budget_is_split():
-    from orchestrator.grouping import head_memory_bytes
-    (_, _, base) = _planned()
-    per_head = head_memory_bytes(base)  # 64 x 64 px x 4 classes x batch 4 x 12 bytes
-    assert per_head == 64 * 64 * 4 * 4 * 12
-    (chunks, shown), lines, _ = _planned(grouping_memory_gb=4.5 * per_head / 1024 ** 3)
+    from orchestrator import grouping, plan
+    from orchestrator.spec import load_spec
+    spec, base_cfg = load_spec('search_spaces/demo_grouped.yaml')
+    base = plan.plain(base_cfg)
+    _, _, memories = grouping.head_memories(spec, base, plan.grid_trials(spec))
+    worst = grouping.HeadMemory(*(max(getattr(m, f) for m in memories.values()) for f in
+                                  ('params', 'state', 'gradients', 'activations', 'logits')))
+    four = grouping.group_bytes([worst] * 4)  # room for 4 of its largest heads, not 5
+    (chunks, shown), lines, _ = _planned(grouping_memory_gb=(four + 1) / 1024 ** 3)
     assert sorted(chunks.values()) == [[3, 3], [3, 3]]  # at most 4 heads: 6 -> 3 + 3
     assert len(shown) == 4 and 'at most 4 heads per group' in lines[0]
 
@@ -276,7 +336,7 @@ def test_tune_creates_a_groups_members_one_after_another():
     assert grouping.live_trial_bound(spec, nested, chunks, 2) == (12, 6)
     assert grouping.live_trial_bound(spec, space, chunks, 1) == (11, 6)
     spec, base_cfg = load_spec('search_spaces/linear_probe.yaml')  # 180 trials, 15 groups of 12
-    spec.grouping_memory_gb = 16
+    spec.grouping_memory_gb = 80  # 12 of its largest heads need 67.4 GiB
     chunks, _ = grouping.plan_groups(spec, plan.plain(base_cfg), plan.grid_trials(spec))
     nested = grouping.nest_for_groups(plan.tune_param_space(spec))
     assert grouping.live_trial_bound(spec, nested, chunks, 2) == (24, 12)
@@ -359,28 +419,35 @@ def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root,
             pytest.approx(reported['mIoU'], abs=1e-6)
 
 
-def test_heads_per_group_come_from_the_gpu_memory_left_beside_the_frozen_model():
-    """InternViT-6B's linear probe, 12 heads per (fraction, subset): an H200's memory less the
-    frozen backbone's holds all 12 (15 groups); without a GPU to ask, the 8 GiB default splits
-    each into 6 + 6; an explicit grouping.memory_gb wins."""
+def test_heads_per_group_come_from_what_each_head_holds_and_the_gpu_left_beside_the_model():
+    """InternViT-6B's linear probe, 12 heads per (fraction, subset). Its largest head (two
+    3x3 convs 3200 -> 3200 and conv_cat 6400 -> 3200, with norms) has 369 M parameters: with
+    AdamW in fp32 that is 16 bytes each, 5.9 GB, before its logits. An H200 holds the 12 in
+    one group (15 groups); 80 GB GPUs 10 (so 6 + 6); half an H200 9 (6 + 6); 8 GiB none."""
     from orchestrator import grouping, plan
     from orchestrator.spec import load_spec
     spec, base_cfg = load_spec('search_spaces/linear_probe.yaml')
     base, rows = plan.plain(base_cfg), plan.grid_trials(spec)
-    model = grouping.frozen_model_bytes(base)
-    assert 11.5e9 < model < 12.0e9  # 5.9 B bf16 parameters, nothing of the head
-    gpu = 143771 * 1024 ** 2  # what an H200 reports
-    cap, how = grouping.heads_per_group(spec, base, gpu)
-    assert cap == int((0.9 * gpu - model) // grouping.head_memory_bytes(base)) > 12
-    chunks, _ = grouping.plan_groups(spec, base, rows, gpu)
-    assert list(chunks.values()) == [[12]] * 15
-    line = grouping.dry_run_lines(spec, base, rows, gpu)[0]
+    side, names, memories = grouping.head_memories(spec, base, rows)
+    assert 11.5e9 < side.model_bytes < 12.0e9  # 5.9 B bf16 parameters, nothing of the head
+    largest = memories['channels=3200, concat_input=True, num_convs=2, with_norm=True']
+    conv, norm = 3200 * 3200 * 9, 2 * 3200  # a ConvModule's weight (no bias) and its BN
+    assert largest.params == 2 * (conv + norm) + (2 * conv + norm) + 3200 * 150 + 150 + norm
+    assert largest.state + largest.gradients == 16 * largest.params  # fp32 w, grad, 2 moments
+    assert largest.logits == 2 * 150 * 504 * 504 * 4  # batch 2, 150 classes at 504 px, fp32
+    h200, h100 = 143771 * 1024 ** 2, 81559 * 1024 ** 2  # what nvidia-smi reports
+    assert list(grouping.plan_groups(spec, base, rows, h200)[0].values()) == [[12]] * 15
+    line = grouping.dry_run_lines(spec, base, rows, h200)[0]
     assert 'in 15 group(s)' in line and "less the frozen model's 11." in line
-    chunks, _ = grouping.plan_groups(spec, base, rows)
-    assert list(chunks.values()) == [[6, 6]] * 15
-    assert 'no GPU memory known here' in grouping.dry_run_lines(spec, base, rows)[0]
-    spec.grouping_memory_gb = 4.0
-    assert grouping.heads_per_group(spec, base, gpu)[0] == 4
+    assert list(grouping.plan_groups(spec, base, rows, h100)[0].values()) == [[6, 6]] * 15
+    assert 'at most 10 heads per group' in grouping.dry_run_lines(spec, base, rows, h100)[0]
+    spec.gpus_per_worker = 0.5  # two workers share each GPU: each plans with half of it
+    assert 'at most 9 heads per group' in grouping.dry_run_lines(spec, base, rows, h200)[0]
+    spec.gpus_per_worker = 1
+    assert grouping.plan_groups(spec, base, rows)[0] == {}  # 8 GiB: two heads do not fit
+    lines = grouping.dry_run_lines(spec, base, rows)
+    assert 'no GPU memory known here' in lines[0]
+    assert lines[-1].endswith('10 on an 80 GB GPU (A100/H100), 12 on a 141 GB H200')
 
 
 def test_compare_puts_the_same_configurations_of_two_sweeps_side_by_side(sweeps, capsys):
@@ -392,7 +459,12 @@ def test_compare_puts_the_same_configurations_of_two_sweeps_side_by_side(sweeps,
                                                                                 a_client)]
     assert cli.main(['compare', *map(str, dirs)]) == 0
     out = capsys.readouterr().out
-    assert '8 configuration(s) in both' in out and '0 in one only' in out
+    # A's trials that ASHA stopped are left out: their configurations are B's only
+    stopped = {_config(r) for r in grouped if _stopped_by_history(g_client, r)}
+    assert 0 < len(stopped) < 8
+    assert (f'{8 - len(stopped)} configuration(s) in both' in out
+            and f'{len(stopped)} in one only' in out)
+    assert f'left out: {len(stopped)} in A, 0 in B' in out
     runs = {('A', _config(r)): r for r in grouped} | {('B', _config(r)): r for r in alone}
     table = [[c.strip() for c in line.strip('|').split('|')] for line in out.splitlines()
              if line.startswith('|')]
@@ -401,5 +473,8 @@ def test_compare_puts_the_same_configurations_of_two_sweeps_side_by_side(sweeps,
     for cells in lines:  # the searched values as MLflow's params spell them
         config = tuple(cells[header.index(k)] for k in SEARCHED)
         a, b = runs[('A', config)], runs[('B', config)]
-        assert float(cells[-5]) == pytest.approx(a.data.metrics['mIoU'], abs=1e-4)
+        if config in stopped:
+            assert cells[-5] == '' and cells[-4] == '0'
+        else:
+            assert float(cells[-5]) == pytest.approx(a.data.metrics['mIoU'], abs=1e-4)
         assert float(cells[-3]) == pytest.approx(b.data.metrics['mIoU'], abs=1e-4)
