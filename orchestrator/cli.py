@@ -32,7 +32,14 @@ def _parser():
     s.add_argument('--dry-run', action='store_true', help='print the trial plan, start nothing')
     s.add_argument('--seconds-per-iteration', type=float, metavar='S',
                    help='with --dry-run: estimate the GPU-hours from S seconds per training '
-                        'iteration (a finished trial\'s cost.train_s / its iterations)')
+                        'iteration of one trial alone (a finished trial\'s cost.train_s / its '
+                        'iterations)')
+    s.add_argument('--backbone-seconds', type=float, metavar='B',
+                   help='with --seconds-per-iteration: the backbone pass\'s part of S (a trial '
+                        'group pays it once per iteration, and S - B per head)')
+    s.add_argument('--gpu-memory-gib', type=float, metavar='G',
+                   help='with --dry-run: plan the trial groups for GPUs of G GiB (as nvidia-smi '
+                        'reports them: 79.6 for 80 GB, 140.4 for an H200)')
     s.add_argument('--name', help='sweep name (default: the file\'s name key)')
     s.add_argument('--output', help='output root (default: the file\'s output key, or runs/)')
     s.add_argument('--tracking-uri', help='MLflow URI (default: sqlite under the output root)')
@@ -154,7 +161,10 @@ def main(argv=None):
                                  tracking_uri=args.tracking_uri, address=args.address,
                                  dry_run=args.dry_run, resume=args.resume,
                                  no_grouping=args.no_grouping,
-                                 seconds_per_iteration=args.seconds_per_iteration)
+                                 **({} if not args.dry_run else dict(
+                                     seconds_per_iteration=args.seconds_per_iteration,
+                                     backbone_seconds=args.backbone_seconds,
+                                     gpu_memory_gib=args.gpu_memory_gib)))
             if args.command == 'sync':
                 from orchestrator.driver import sync
                 return sync(args.sweep_dir)

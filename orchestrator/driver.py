@@ -193,19 +193,28 @@ class _Sweep:
         self.base = planning.plain(self.base_cfg)
 
 
-def _print_dry_run(spec, base_cfg, address, seconds_per_iteration, out):
-    """The trials, their derived values, the trial groups and the packing; nothing started."""
-    header, rows, budget = planning.dry_run_table(spec, base_cfg, seconds_per_iteration)
+def _print_dry_run(spec, base_cfg, address, out, seconds_per_iteration=None,
+                   backbone_seconds=None, gpu_memory_gib=None):
+    """The trials, their derived values, early stopping, the trial groups (for this machine's
+    GPU, or one of ``gpu_memory_gib``), the estimate and the packing; nothing started."""
+    header, rows, budget = planning.dry_run_table(spec, base_cfg)
     print(format_table(header, rows), file=out)
     print(budget, file=out)
+    schedules = planning.trial_schedules(spec, base_cfg)
     if spec.asha:
         from orchestrator import asha
-        print('\n'.join(asha.dry_run_lines(spec, planning.trial_schedules(spec, base_cfg),
+        print('\n'.join(asha.dry_run_lines(spec, schedules,
                                             planning.full_data_iterations(spec, base_cfg))),
               file=out)
-    gpu = cluster.local_gpu_memory() if spec.gpus_per_worker else None
-    print('\n'.join(grouping.dry_run_lines(spec, planning.plain(base_cfg),
-                                           planning.grid_trials(spec), gpu)), file=out)
+    gpu = (gpu_memory_gib * 1024 ** 3 if gpu_memory_gib else
+           cluster.local_gpu_memory() if spec.gpus_per_worker else None)
+    base, trials = planning.plain(base_cfg), planning.grid_trials(spec)
+    groups = grouping.plan(spec, base, trials, gpu)
+    print('\n'.join(grouping.dry_run_lines(spec, base, trials, planned=groups)), file=out)
+    if seconds_per_iteration:
+        print('\n'.join(planning.estimate_lines(
+            spec, schedules, [members for _, members in groups.shown], seconds_per_iteration,
+            backbone_seconds)), file=out)
     print('\n'.join(_dry_run_plan(spec, address)), file=out)
     return 0
 
@@ -455,9 +464,9 @@ def _print_outcome(sweep, header, rows, failed):
 
 
 def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=None,
-              dry_run=False, resume=False, out=None, no_grouping=False,
-              seconds_per_iteration=None):
-    """``orchestrator sweep``: the steps below, in this order."""
+              dry_run=False, resume=False, out=None, no_grouping=False, **dry_run_options):
+    """``orchestrator sweep``: the steps below, in this order (``dry_run_options``: the dry
+    run's estimate and GPU, _print_dry_run)."""
     out = out or sys.stdout
     spec, base_cfg = load_spec(space_file)
     spec.grouping = spec.grouping and not no_grouping
@@ -465,7 +474,7 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     spec.output = output or spec.output
     address = address or os.environ.get('RAY_ADDRESS')
     if dry_run:
-        return _print_dry_run(spec, base_cfg, address, seconds_per_iteration, out)
+        return _print_dry_run(spec, base_cfg, address, out, **dry_run_options)
     from orchestrator.journal import WriterLock
     with WriterLock() as writer:  # released however the sweep ends
         sweep = _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer)

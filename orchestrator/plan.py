@@ -207,10 +207,8 @@ def resource_plan(spec, nodes):
     return trials, lines
 
 
-def dry_run_table(spec, base_cfg, seconds_per_iteration=None):
-    """Rows of (trial, resolved values...) and the total budget line; with
-    ``seconds_per_iteration`` (one training iteration of one trial, measured or guessed) the
-    line also estimates the sweep's GPU-hours (worker-hours on CPU), trial groups not counted."""
+def dry_run_table(spec, base_cfg):
+    """Rows of (trial, resolved values...) and the total budget line."""
     rows = grid_trials(spec)
     keys = searched_keys(spec)
     shown = keys + [k for k in ('model.decode_head.channels', 'runner.max_iters', WARMUP_KEY)
@@ -231,10 +229,40 @@ def dry_run_table(spec, base_cfg, seconds_per_iteration=None):
               f'{total_iters} iterations in all = {total_iters * spec.workers_per_trial} '
               f'worker-iterations'
               + (f' = {total_iters * need["GPU"]:,.0f} GPU-iterations' if need['GPU'] else ''))
-    if seconds_per_iteration:
-        hours = total_iters * seconds_per_iteration / 3600
-        unit, per_trial = (('GPU-hours', need['GPU']) if need['GPU'] else
-                           ('worker-hours', spec.workers_per_trial))
-        budget += (f'\nestimate at {seconds_per_iteration:g} s per iteration: {hours:,.1f} '
-                   f'trial-hours = {hours * per_trial:,.1f} {unit}')
     return header, table, budget
+
+
+def estimate_lines(spec, schedules, groups, seconds_per_iteration, backbone_seconds=None):
+    """The sweep's cost, ungrouped and as its trial groups run: ``schedules`` is each grid
+    trial's planned iterations, ``groups`` the trial groups (lists of trial indices),
+    ``seconds_per_iteration`` one training iteration of one trial alone (measured or guessed),
+    ``backbone_seconds`` the backbone's part of it. A group's iteration is one backbone pass
+    and each member's head: backbone + k x (seconds_per_iteration - backbone)."""
+    need = per_trial_resources(spec)
+    unit, per_trial = (('GPU-hours', need['GPU']) if need['GPU'] else
+                       ('worker-hours', spec.workers_per_trial))
+    s = seconds_per_iteration
+    alone = sum(schedules) * s / 3600
+    lines = [f'estimate at {s:g} s per iteration: {alone:,.1f} trial-hours = '
+             f'{alone * per_trial:,.1f} {unit} (every trial alone)']
+    if not groups:
+        return lines
+    if backbone_seconds is None:
+        return lines + [f'  its {len(groups)} trial group(s) not counted: --backbone-seconds B '
+                        '(the backbone pass\'s part of S) estimates them']
+    if not 0 <= backbone_seconds <= s:
+        raise ConfigError(f'--backbone-seconds {backbone_seconds:g}: must be within 0 and '
+                          f'--seconds-per-iteration {s:g} (the backbone\'s part of it)')
+    head = s - backbone_seconds
+    grouped = set()
+    seconds = 0.0
+    for members in groups:
+        grouped.update(members)
+        seconds += schedules[members[0]] * (backbone_seconds + len(members) * head)
+    seconds += sum(it for i, it in enumerate(schedules) if i not in grouped) * s
+    hours = seconds / 3600
+    return lines + [
+        f'estimate with trial groups: {hours:,.1f} trial-hours = {hours * per_trial:,.1f} {unit} '
+        f'({len(groups)} group(s) of {len(grouped)} trials: one backbone pass of '
+        f'{backbone_seconds:g} s + {head:g} s per head per iteration; '
+        f'{len(schedules) - len(grouped)} trial(s) alone); {alone / hours:.2f}x fewer']

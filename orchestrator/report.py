@@ -47,7 +47,7 @@ def pooled(results):
     """What each point of the curve averages over, in words."""
     noise = results.noise_keys()
     if not noise:
-        return 'one value per completed trial (no repeats or subset seeds searched)'
+        return 'one trial per point: no repeats or subset seeds searched'
     words = {'seed': 'repeats (seed)', 'fewshot.seed': 'subsets (fewshot.seed)'}
     return 'mean ± std over ' + ' and '.join(words[k] for k in noise)
 
@@ -215,7 +215,8 @@ def _importance_section(results):
     return ['## Which searched value matters', '',
             f'Share of the {results.metric} variance each searched value explains (Optuna\'s '
             f'fANOVA over the trials that completed their schedule; a scope needs '
-            f'{MIN_TRIALS}+ of them; {", ".join(noise) or "no noise keys"} not a factor):', '',
+            f'{MIN_TRIALS}+ of them' + (f'; {", ".join(noise)}: noise, not a factor' if noise
+                                         else '') + '):', '',
             format_table(['scope', 'searched value', 'importance'],
                          [[s, k, f'{v:.3f}'] for s, k, v in rows], markdown=True), '',
             *floor]

@@ -233,7 +233,27 @@ def test_dry_run_estimates_gpu_hours_from_seconds_per_iteration(capsys):
     out = capsys.readouterr().out
     # 5k + 10k + 20k + 40k + 80k iterations x 12 heads = 1.86 M iterations of 8-GPU trials
     assert code == 0 and 'estimate at 0.5 s per iteration: 258.3 trial-hours' in out
-    assert '= 2,066.7 GPU-hours' in out
+    assert '= 2,066.7 GPU-hours (every trial alone)' in out
+    assert 'estimate with trial groups' not in out  # fine-tuned: no groups
+
+
+def test_the_dry_run_estimate_counts_trial_groups(capsys):
+    """linear_probe.yaml planned for H200s: 15 groups of 12 heads. Each subset seed trains
+    5k + 10k + 20k + 40k + 80k = 155k iterations per head, 465k over the 3 seeds: alone, the
+    12 heads' 5.58 M iterations x 0.5 s = 775 trial-hours, x 8 GPUs = 6,200 GPU-hours; as
+    groups, 465k group iterations x (0.4 s + 12 x 0.1 s) = 206.7 trial-hours = 1,653.3."""
+    code = cli.main(['sweep', 'search_spaces/linear_probe.yaml', '--dry-run',
+                     '--seconds-per-iteration', '0.5', '--backbone-seconds', '0.4',
+                     '--gpu-memory-gib', '140.4'])
+    out = capsys.readouterr().out
+    assert code == 0 and 'in 15 group(s)' in out
+    assert 'estimate at 0.5 s per iteration: 775.0 trial-hours = 6,200.0 GPU-hours' in out
+    assert 'estimate with trial groups: 206.7 trial-hours = 1,653.3 GPU-hours' in out
+    code = cli.main(['sweep', 'search_spaces/linear_probe.yaml', '--dry-run',
+                     '--seconds-per-iteration', '0.5', '--backbone-seconds', '0.7',
+                     '--gpu-memory-gib', '140.4'])
+    err = capsys.readouterr().err
+    assert code == 2 and '--backbone-seconds 0.7: must be within 0 and' in err
 
 
 def test_linear_probe_space_dry_run_plans_subsets_and_trial_groups(capsys):
