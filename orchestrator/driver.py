@@ -194,11 +194,14 @@ class _Sweep:
 
 
 def _print_dry_run(spec, base_cfg, address, out, seconds_per_iteration=None,
-                   backbone_seconds=None, gpu_memory_gib=None):
-    """The trials, their derived values, early stopping, the trial groups (for this machine's
-    GPU, or one of ``gpu_memory_gib``), the estimate and the packing; nothing started."""
+                   backbone_seconds=None, gpu_memory_gib=None, said=None):
+    """The trials, their derived values (``said``: where the fraction came from), early
+    stopping, the trial groups (for this machine's GPU, or one of ``gpu_memory_gib``), the
+    estimate and the packing; nothing started."""
     header, rows, budget = planning.dry_run_table(spec, base_cfg)
     print(format_table(header, rows), file=out)
+    if said:
+        print(said, file=out)
     print(budget, file=out)
     schedules = planning.trial_schedules(spec, base_cfg)
     if spec.asha:
@@ -242,6 +245,9 @@ def _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer):
     if spec.generate_data:
         from mmseg_custom.datasets.synthetic import generate_ade_layout
         generate_ade_layout(spec.data_root, **spec.generate_data)
+    said = planning.settle_base_fraction(spec, planning.plain(base_cfg))
+    if said:
+        print(said, file=out)
     _check_data(spec, base_cfg)
     if not address:  # fail fast before starting Ray
         planning.resource_plan(spec, cluster.local_nodes())
@@ -474,7 +480,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     spec.output = output or spec.output
     address = address or os.environ.get('RAY_ADDRESS')
     if dry_run:
-        return _print_dry_run(spec, base_cfg, address, out, **dry_run_options)
+        said = planning.settle_base_fraction(spec, planning.plain(base_cfg))
+        return _print_dry_run(spec, base_cfg, address, out, said=said, **dry_run_options)
     from orchestrator.journal import WriterLock
     with WriterLock() as writer:  # released however the sweep ends
         sweep = _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer)

@@ -3,8 +3,10 @@ values included), the resource plan, and the dry-run table. Pure functions: no R
 import copy
 import itertools
 import math
+import os.path as osp
 
 from orchestrator.errors import ConfigError
+from orchestrator.fewshot import list_images
 from orchestrator.keys import FRACTION_KEY, REPEAT_KEY, SUBSET_SEED_KEY, WARMUP_KEY
 
 HEAD = 'model.decode_head.'
@@ -49,6 +51,35 @@ def warmup_for(spec, iters):
     return min(warmup, spec.warmup_max) if spec.warmup_max else warmup
 
 
+def train_image_dir(spec, base):
+    """The training images' directory, as the trial's data root makes it."""
+    train = base['data']['train']
+    root = (spec.data_root or (spec.overrides or {}).get('data.train.data_root')
+            or train.get('data_root') or '')
+    return train['img_dir'] if osp.isabs(train['img_dir']) else osp.join(root, train['img_dir'])
+
+
+def settle_base_fraction(spec, base):
+    """A base config that keeps ``data.train.max_image_num`` images (InternVL's few-shot
+    configs) with no fraction searched trains that fraction of the training images: set it as
+    ``spec.base_fraction`` (so the recorded fraction, the derived iterations and warmup and the
+    dataset input are those of the subset trained). Returns a line for the user, or None; where
+    the images are not here (a dry run elsewhere) it says the fraction is not known."""
+    train = base['data'].get('train', {})
+    kept = (spec.overrides or {}).get('data.train.max_image_num', train.get('max_image_num')
+                                      if isinstance(train, dict) else None)
+    if kept is None or any(p.key == FRACTION_KEY for p in spec.params):
+        return None
+    img_dir = train_image_dir(spec, base)
+    names = list_images(img_dir, train.get('img_suffix', '.jpg')) if osp.isdir(img_dir) else []
+    if not names:
+        return (f'fewshot.fraction: the base config keeps max_image_num={kept} training images; '
+                f'{img_dir} is not here to count them, so the values above assume all of them')
+    spec.base_fraction = min(1.0, kept / len(names))
+    return (f'fewshot.fraction: {spec.base_fraction:.6g} (the base config\'s max_image_num='
+            f'{min(kept, len(names))} of {len(names)} training images)')
+
+
 def resolve(spec, base, params):
     """A trial's sampled values -> (mmseg overrides, derived values), all by dotted key.
 
@@ -68,7 +99,7 @@ def resolve(spec, base, params):
         derived[HEAD + 'channels'] = overrides.get(HEAD + 'in_channels', head['in_channels'])
     else:
         derived[HEAD + 'channels'] = overrides.get(HEAD + 'channels', head['channels'])
-    fraction = params.get(FRACTION_KEY, 1.0)
+    fraction = params.get(FRACTION_KEY, spec.base_fraction or 1.0)
     base_iters = overrides.get('runner.max_iters', base['runner']['max_iters'])
     iters = iterations_for(spec, fraction, base_iters)
     derived['runner.max_iters'] = iters
@@ -78,7 +109,12 @@ def resolve(spec, base, params):
     derived['evaluation.interval'] = max(1, math.ceil(iters / spec.evaluations))
     derived['checkpoint_config.interval'] = derived['evaluation.interval']
     derived[FRACTION_KEY] = fraction
-    derived[SUBSET_SEED_KEY] = params.get(SUBSET_SEED_KEY, spec.fewshot_seeds[0])
+    if spec.base_fraction is not None and not spec.fewshot_seed_given:
+        # InternVL's max_image_num subset follows the run's seed (as `orchestrator train` does)
+        subset_seed = overrides.get(REPEAT_KEY, base.get(REPEAT_KEY) or 0)
+    else:
+        subset_seed = spec.fewshot_seeds[0]
+    derived[SUBSET_SEED_KEY] = params.get(SUBSET_SEED_KEY, subset_seed)
     if spec.data_root:
         for split in ('train', 'val', 'test'):
             if split in base['data']:
@@ -87,7 +123,8 @@ def resolve(spec, base, params):
     if isinstance(train, dict) and 'max_image_num' in train:
         # InternVL's own subset option: the sweep's fraction replaces it when searched
         derived['data.train.subset_seed'] = derived[SUBSET_SEED_KEY]
-        if FRACTION_KEY in params:
+        if FRACTION_KEY in params or spec.base_fraction is not None:
+            # the trial's split file keeps the images (for max_image_num: the same ones)
             derived['data.train.max_image_num'] = None
     overrides.update({k: v for k, v in derived.items()
                       if k not in (FRACTION_KEY, SUBSET_SEED_KEY)})

@@ -44,6 +44,10 @@ class SweepSpec:
     evaluations: int
     repeats: int
     fewshot_seeds: tuple
+    fewshot_seed_given: bool  # the file names the subset seed(s); else a max_image_num base
+    # config's subset follows the run's seed, as InternVL's (plan.resolve)
+    base_fraction: typing.Optional[float]  # the fraction a base config's max_image_num keeps,
+    # with no fraction searched (plan.settle_base_fraction; None: none, or not known yet)
     overrides: dict
     references: typing.Optional[dict]
     algorithm: str
@@ -245,6 +249,8 @@ def load_spec(path):
         warmup_max=derived.warmup and derived.warmup.max,
         evaluations=derived.evaluations, repeats=file.repeats,
         fewshot_seeds=tuple(fewshot.seeds or [fewshot.seed]),
+        fewshot_seed_given=bool({'seed', 'seeds'} & fewshot.model_fields_set),
+        base_fraction=None,
         overrides=_parse_overrides(source, file.overrides, base_dict),
         references=_parse_references(source, file.references, params),
         algorithm=search.algorithm, num_samples=search.num_samples, metric=search.metric,

@@ -18,7 +18,7 @@ from orchestrator.fewshot import write_split_file
 from orchestrator.files import read_jsonl, write_json_atomic
 from orchestrator.grouping import flat_config, group_key
 from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
-from orchestrator.plan import resolve
+from orchestrator.plan import resolve, train_image_dir
 
 POLL_S = 1.0
 PLACEMENT = 'placement.json'
@@ -33,8 +33,7 @@ def trial_overrides(spec, base, params, out_dir):
     overrides, derived = resolve(spec, base, params)
     os.makedirs(out_dir, exist_ok=True)
     train = base['data']['train']
-    root = overrides.get('data.train.data_root', train.get('data_root')) or ''
-    img_dir = train['img_dir'] if osp.isabs(train['img_dir']) else osp.join(root, train['img_dir'])
+    img_dir = train_image_dir(spec, base)
     split = osp.join(out_dir, 'fewshot_subset.txt')
     write_split_file(img_dir, derived[FRACTION_KEY], split, seed=derived[SUBSET_SEED_KEY],
                      img_suffix=train.get('img_suffix', '.jpg'))

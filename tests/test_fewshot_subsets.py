@@ -54,6 +54,20 @@ def test_max_image_num_keeps_the_images_a_fraction_keeps():
                 fewshot_subset(NAMES, keep / len(NAMES), seed)
 
 
+def test_max_image_num_sorts_the_names_a_split_file_holds():
+    """With their suffix, 'x-1.jpg' sorts before 'x.jpg'; without, 'x' before 'x-1': the
+    dataset must permute the names the sweeps' subsets permute, or the two keep other images."""
+    from mmseg_custom.datasets.max_image_num import MaxImageNumMixin
+    names = ['x', 'x-1', 'x0', 'y', 'y-2', 'y_3', 'z', 'z,4']
+    for seed in range(4):
+        dataset = MaxImageNumMixin()
+        dataset.img_suffix = '.jpg'
+        dataset.img_infos = [dict(filename=n + '.jpg') for n in names]
+        dataset._keep(3, seed)
+        assert [i['filename'][:-4] for i in dataset.img_infos] == \
+            fewshot_subset(names, 3 / len(names), seed)
+
+
 def test_mmseg_custom_loads_without_the_orchestrator():
     """A best.py config's custom_imports need mmseg_custom alone."""
     import subprocess

@@ -301,11 +301,15 @@ def test_max_image_num_subset_follows_the_runs_seed_as_internvls(ade150):
 
     from orchestrator import worker
 
+    from orchestrator.fewshot import fewshot_subset, list_images
+
     def kept(seed):
         cfg = _family('few_shot_1of4', ade150, seed=seed)
         worker._start_run(cfg)
-        return [i['filename'] for i in build_dataset(cfg.data.train).img_infos]
-    assert kept(1) == kept(1) and len(kept(1)) == 6
+        return [i['filename'][:-len('.jpg')] for i in build_dataset(cfg.data.train).img_infos]
+    images = list_images(str(ade150 / 'images' / 'training'))
+    for seed in (1, 2):  # the seeded rule every rank and run applies (orchestrator/fewshot.py)
+        assert kept(seed) == fewshot_subset(images, 6 / 24, seed)
     assert kept(1) != kept(2)
 
 
@@ -328,9 +332,45 @@ def test_a_searched_fraction_replaces_internvls_max_image_num(tmp_path):
     searched = overrides({'fewshot.fraction': {'grid': [0.25]}})
     assert searched['data.train.max_image_num'] is None  # the fraction's subset instead
     assert searched['data.train.subset_seed'] == 3 and searched['lr_config.warmup_iters'] == 400
-    kept = overrides({'model.decode_head.with_norm': {'grid': [True]}})
-    assert 'data.train.max_image_num' not in kept and kept['data.train.subset_seed'] == 3
-    assert kept['runner.max_iters'] == 80000 and kept['lr_config.warmup_iters'] == 1500
+
+
+def test_a_max_image_num_config_records_and_schedules_the_fraction_it_trains(ade150, tmp_path):
+    """InternVL's few-shot family keeps max_image_num = 24 // 4 = 6 of the 24 generated
+    images and no fraction is searched: the sweep records fraction 0.25, derives a quarter of
+    the full-data iterations (800 -> 200) and warmup (2 % of 200 = 4), and its split file
+    holds the very images `orchestrator train` keeps for that config and seed (the run's
+    seed, as InternVL's); where the images are not here, the dry run says so."""
+    import yaml
+    from mmseg.datasets import build_dataset
+
+    from orchestrator import worker
+    from orchestrator.plan import resolve, settle_base_fraction
+    from orchestrator.spec import load_spec
+    from orchestrator.trial import trial_overrides
+
+    def space(data_root):
+        path = tmp_path / 'space.yaml'
+        path.write_text(yaml.safe_dump(dict(
+            base_config=str(FAMILIES / 'few_shot_1of4.py'), data_root=str(data_root),
+            parameters={'model.decode_head.with_norm': {'grid': [True]}}, repeats=2,
+            derived={'iterations': {'at_full_data': 800}, 'warmup': {'ratio': 0.02}})))
+        spec, base_cfg = load_spec(path)
+        return spec, base_cfg._cfg_dict.to_dict()
+    spec, base = space(tmp_path / 'elsewhere')
+    assert 'is not here to count them' in settle_base_fraction(spec, base)
+    spec, base = space(ade150)
+    assert settle_base_fraction(spec, base).endswith('max_image_num=6 of 24 training images)')
+    for seed in (0, 1):
+        params = {'model.decode_head.with_norm': True, 'seed': seed}
+        overrides, derived = resolve(spec, base, params)
+        assert derived['fewshot.fraction'] == 0.25 and derived['fewshot.seed'] == seed
+        assert overrides['runner.max_iters'] == 200 and overrides['lr_config.warmup_iters'] == 4
+        split = trial_overrides(spec, base, params, str(tmp_path / f'trial{seed}'))
+        swept = Path(split['data.train.split']).read_text().split()
+        cfg = _family('few_shot_1of4', ade150, seed=seed)  # as `orchestrator train` runs it
+        worker._start_run(cfg)
+        trained = [i['filename'][:-len('.jpg')] for i in build_dataset(cfg.data.train).img_infos]
+        assert len(swept) == 6 and sorted(swept) == sorted(trained)
 
 
 def test_a_sweep_runs_on_an_internvl_config_with_its_checkpoint(ade150, tmp_path, ray_address,

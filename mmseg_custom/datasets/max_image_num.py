@@ -29,7 +29,12 @@ class MaxImageNumMixin:
             return
         if not isinstance(max_image_num, int) or max_image_num < 1:
             raise ValueError(f'max_image_num must be a positive integer, got {max_image_num!r}')
-        by_name = {info['filename']: info for info in self.img_infos}
+        # by the names a split file holds (no suffix), sorted as the sweeps' subsets sort them:
+        # with the suffix, 'x-1.jpg' < 'x.jpg' but 'x' < 'x-1', another permutation
+        suffix = getattr(self, 'img_suffix', '')
+        by_name = {info['filename'][:len(info['filename']) - len(suffix)]
+                   if suffix and info['filename'].endswith(suffix) else info['filename']: info
+                   for info in self.img_infos}
         self.img_infos = [by_name[n] for n in seeded_prefix(list(by_name), max_image_num, seed)]
 
 
