@@ -8,12 +8,15 @@ keeps what came before; its path is the last line printed):
      loss, an mIoU;
   b. backbone_forward: a frozen InternViT-6B-shaped backbone (random weights, bf16 on GPU) at
      504 px: ms per image, TFLOP/s, and % of the matmul peak measured in the same run;
-  c. trial_group: K = 1, 4, 8 heads trained as one trial group against K solo trainings:
-     the loop speedup (mmseg's seconds per iteration) against the ideal K(b+h)/(b+Kh);
+  c. trial_group: K = 1, 4, 8, 12 heads trained as one trial group against K solo trainings
+     of the same work, after one untimed warm-up training, the side that runs first
+     alternating from K to K: the loop speedup (mmseg's seconds per iteration) against the
+     ideal K(b+h)/(b+Kh), and the group's measured peak beside its planned bytes (grouping.py);
   d. finetune_step: steps of the unfrozen bf16 InternViT-6B-shaped few-shot model under DDP
      (torchrun): seconds per step, peak memory, finite loss, the backbone changed;
   e. checkpoint_size: the InternViT-6B linear probe's checkpoint with and without its frozen
-     backbone (from shapes), and a real checkpoint of check c's frozen solo run on disk.
+     backbone (computed from the shapes on the meta device), and a real checkpoint of check
+     c's frozen solo run on disk.
 
     make gpu-check                        # GPU machine: sets up from wheels, then --device cuda
     .venv/bin/python benchmarks/gpu_check.py --device cpu --out /tmp/gpu_check.json
@@ -141,6 +144,17 @@ def check_backbone_forward(args, tmp):
     return result
 
 
+def planned_group_gb(cfgs):
+    """What the sweep's plan says the group of ``cfgs`` holds (grouping.py): the frozen model,
+    its features, and the heads' group_bytes."""
+    from orchestrator import grouping, plan
+    base = plan.plain(cfgs[0])
+    side = grouping.frozen_side(base)
+    heads = [grouping.head_memory(base, c.model.decode_head, side) for c in cfgs]
+    features = math.prod(side.features) * side.feature_dtype.itemsize
+    return (side.model_bytes + features + grouping.group_bytes(heads)) / 1e9
+
+
 def check_trial_group(args, tmp, result):
     import copy
     import torch
@@ -168,26 +182,41 @@ def check_trial_group(args, tmp, result):
     rows = result['rows'] = []  # filled as each K finishes: a stopped check keeps them
     result['shape'] = vars(g)
     result['backbone_weights'] = 'one saved file, loaded by every training'
+    worker.train(cfg_for(HEADS[0]), f'{tmp}/warmup')  # untimed: neither side gets the cold start
+    result['warmup'] = 'one untimed solo training before the first K'
 
-    for k in args.ks:
-        gc.collect()
-        cfgs = [cfg_for(HEADS[i % len(HEADS)]) for i in range(k)]
-        b, h = unit_costs(cfgs, reps=5, size=g.size, device=args.device)
+    def peak_reset():
         if args.device == 'cuda':
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+
+    def peak():
+        return torch.cuda.max_memory_allocated() / 1e9 if args.device == 'cuda' else None
+
+    def run_solo(cfgs, k):
+        peak_reset()
         start = time.perf_counter()
         for i, cfg in enumerate(cfgs):
             worker.train(copy.deepcopy(cfg), f'{tmp}/k{k}/solo{i}')
-        separate = time.perf_counter() - start
-        solo_peak = torch.cuda.max_memory_allocated() / 1e9 if args.device == 'cuda' else None
-        if args.device == 'cuda':
-            torch.cuda.reset_peak_memory_stats()
+        return time.perf_counter() - start, peak()
+
+    def run_group(cfgs, k):
+        peak_reset()
         start = time.perf_counter()
         worker.train_group([copy.deepcopy(c) for c in cfgs],
                            [f'{tmp}/k{k}/grouped{i}' for i in range(k)], f'{tmp}/k{k}/group')
-        grouped = time.perf_counter() - start
-        group_peak = torch.cuda.max_memory_allocated() / 1e9 if args.device == 'cuda' else None
+        return time.perf_counter() - start, peak()
+
+    for n, k in enumerate(args.ks):
+        gc.collect()
+        cfgs = [cfg_for(HEADS[i % len(HEADS)]) for i in range(k)]
+        b, h = unit_costs(cfgs, reps=5, size=g.size, device=args.device)
+        solo_first = n % 2 == 0
+        if solo_first:
+            (separate, solo_peak), (grouped, group_peak) = run_solo(cfgs, k), run_group(cfgs, k)
+        else:
+            (grouped, group_peak), (separate, solo_peak) = run_group(cfgs, k), run_solo(cfgs, k)
+        planned = planned_group_gb(cfgs)
         solo = [f'{tmp}/k{k}/solo{i}' for i in range(k)]
         loop_solo = sum(loop_s_per_iter(d) for d in solo)
         loop_group = loop_s_per_iter(f'{tmp}/k{k}/group')
@@ -201,7 +230,9 @@ def check_trial_group(args, tmp, result):
                          loop_of_ideal=loop_solo / loop_group / ideal,
                          compute_speedup=compute_solo / compute_group,
                          compute_of_ideal=compute_solo / compute_group / ideal,
-                         peak_gpu_mem_gb_solo=solo_peak, peak_gpu_mem_gb_group=group_peak))
+                         peak_gpu_mem_gb_solo=solo_peak, peak_gpu_mem_gb_group=group_peak,
+                         planned_gpu_mem_gb_group=planned,
+                         first='solo' if solo_first else 'grouped'))
         result.setdefault('solo_work_dir', f'{tmp}/k{k}/solo0')
         print(f'[gpu-check] c. K={k}: loop x{rows[-1]["loop_speedup"]:.2f} of ideal '
               f'x{ideal:.2f}', flush=True)
@@ -286,7 +317,8 @@ def check_checkpoint_size(args, tmp, solo_work_dir=None):
     from checkpoint_size import sizes
     with_backbone, without, params = sizes(str(ROOT / 'configs' /
                                                'vit6b_fcn_linear_probe_ade20k_504.py'))
-    result = dict(vit6b_linear_probe_gb_with_backbone=with_backbone / 1e9,
+    result = dict(how='computed from the model\'s shapes on the meta device (nothing of the 6B '
+                  'written)', vit6b_linear_probe_gb_with_backbone=with_backbone / 1e9,
                   vit6b_linear_probe_mb_without=without / 1e6, vit6b_backbone_params_b=params / 1e9)
     ckpts = sorted(Path(solo_work_dir).glob('iter_*.pth')) if solo_work_dir else []
     if ckpts:
@@ -301,7 +333,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--device', choices=['cuda', 'cpu'], default='cuda')
     p.add_argument('--out', help='JSON file (default: work_dirs/gpu_check/<device>.json)')
-    p.add_argument('--ks', type=int, nargs='+', default=[1, 4, 8], help='trial group sizes')
+    p.add_argument('--ks', type=int, nargs='+', default=[1, 4, 8, 12],
+                   help='trial group sizes')
     p.add_argument('--iters', type=int, help='training iterations per run of check c')
     p.add_argument('--only', nargs='+', help='run these checks only (a b c d e)')
     p.add_argument('--finetune-step', metavar='OUT', help=argparse.SUPPRESS)

@@ -222,6 +222,23 @@ def _importance_section(results):
             *floor]
 
 
+def _updates_section(rows):
+    """Fine-tuned backbones: how much of each trial's backbone its last interval changed
+    (mmseg_custom/hooks/backbone_updates.py)."""
+    key = 'backbone.changed_fraction'
+    rows = [r for r in rows if key in r]
+    if not rows:
+        return []
+    return ['## How much of the backbone training changed', '',
+            'The fraction of the backbone\'s trainable weights that changed in each trial\'s '
+            'last evaluation interval (MLflow metric `backbone.changed_fraction`, every '
+            'evaluation): bfloat16 weights without float32 master copies round updates below '
+            'half a bfloat16 step away.', '',
+            format_table(['trial', 'name', 'changed in the last interval'],
+                         [[r['trial_id'], r['name'], f'{r[key]:.2%}'] for r in rows],
+                         markdown=True), '']
+
+
 def write_report(results):
     """Write ``<sweep>/report/`` (report.md, PNGs, the CSV behind the curve) and attach it to
     the sweep's parent MLflow run under ``report/``. Returns the report's path."""
@@ -275,6 +292,7 @@ def write_report(results):
            f'finished trials, stopped ones included: '
            f'{sum(r.get(axis[0], 0.0) for r in everything):.3g} {axis[1]}).', '',
            f'![cost]({COST_PNG})', ''] if axis else []),
+        *_updates_section(everything),
         '## Per-class IoU of the best trial', '', f'![classes]({CLASSES_PNG})', '',
         '## All finished trials, best first', '',
         format_table(['trial', 'name', *map(_short, keys), metric, 'schedule'],

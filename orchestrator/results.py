@@ -94,7 +94,7 @@ class SweepResults:
                 if k in c.data.params:
                     row[k] = typed(c.data.params[k])
             row.update({k: v for k, v in c.data.metrics.items()
-                        if k == self.metric or k.startswith(('IoU.', 'cost.'))})
+                        if k == self.metric or k.startswith(('IoU.', 'cost.', 'backbone.'))})
             rows.append(row)
         return rows
 

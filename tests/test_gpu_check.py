@@ -36,6 +36,8 @@ def test_gpu_check_cpu_mode_writes_every_number(tmp_path):
     assert [row['k'] for row in rows] == [1, 2]
     assert rows[0]['ideal'] == 1.0 and rows[1]['ideal'] > 1.0
     assert all(row['loop_speedup'] > 0 and row['loop_group_ms'] > 0 for row in rows)
+    assert [row['first'] for row in rows] == ['solo', 'grouped']  # alternating
+    assert r['trial_group']['warmup'] and 'computed' in r['checkpoint_size']['how']
 
     d = r['finetune_step']
     assert d['backend'] == 'gloo' and d['world_size'] == 1

@@ -407,3 +407,32 @@ def test_a_sweep_runs_on_an_internvl_config_with_its_checkpoint(ade150, tmp_path
             child.data.metrics['cost.train_s'] / 3600 / 2)
     logs = '\n'.join(p.read_text() for p in (tmp_path / 'out' / 'internvl').rglob('*.log'))
     assert f'InternViT weights {tmp_path / "intern_vit_tiny_224px.pth"} (internvl layout)' in logs
+
+
+@pytest.mark.parametrize('lr', [1e-9, 1e-3])
+def test_a_fine_tuned_bf16_backbone_says_how_much_of_it_changed(lr, ade150, tmp_path):
+    """InternVL's few-shot protocol trains the backbone in bfloat16 with AdamW and no float32
+    master weights. Every evaluation carries the fraction of the backbone's trainable weights
+    that changed since the previous one (in this small model the sample is every weight):
+    checked here against the weights themselves, from the file and from the checkpoint; at
+    lr 1e-9 the updates round away and the run warns."""
+    from orchestrator import worker
+    weights = _tiny_vit_file(tmp_path / 'vit.pth', depth=4)
+    cfg = _family('few_shot_1of4', ade150, **{'model.backbone.pretrained': str(weights),
+                                              'optimizer.lr': lr})
+    seen = []
+    with pytest.warns(UserWarning, match='DeepSpeed'):
+        worker.train(cfg, str(tmp_path / 'work'), callback=seen.append)
+    assert [m['iter'] for m in seen] == [2]  # one evaluation: its interval is the whole run
+    model = worker.build_model(cfg)  # the file loaded (its pos_embed resized), as trained
+    before = {n: p.detach().bfloat16() for n, p in model.backbone.named_parameters()
+              if p.requires_grad}
+    after = torch.load(tmp_path / 'work' / 'iter_2.pth', map_location='cpu',
+                       weights_only=False)['state_dict']
+    changed = sum(int((after[f'backbone.{n}'] != v).sum()) for n, v in before.items())
+    total = sum(v.numel() for v in before.values())
+    assert seen[0]['backbone.changed_fraction'] == changed / total
+    log = next((tmp_path / 'work').glob('*.log')).read_text()
+    warned = 'of the backbone\'s trainable weights changed' in log
+    assert warned == (changed / total < 0.01)
+    assert warned == (lr == 1e-9)  # the two runs tell the cases apart

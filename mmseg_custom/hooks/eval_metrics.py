@@ -11,7 +11,8 @@ process died between mmcv's checkpoint and its evaluation), evaluates that itera
 Each dict carries ``eval_time`` (when it was computed): replaying an evaluation from the file
 gives MLflow the identical record, which it stores once.
 
-What the run cost so far rides along as ``cost.*`` (cost.py).
+What the run cost so far rides along as ``cost.*`` (cost.py), and, where the backbone trains,
+the fraction of its weights that changed since the previous evaluation (backbone_updates.py).
 """
 import json
 import os.path as osp
@@ -22,6 +23,7 @@ from mmcv.runner.dist_utils import get_dist_info
 
 from ..ranks import from_rank0
 from . import run_context
+from .backbone_updates import BackboneUpdates
 from .cost import RunCost
 
 EVAL_KEYS = ('mIoU', 'mAcc', 'aAcc')
@@ -53,6 +55,7 @@ class EvalMetricsHook(Hook):
         self.out_file = out_file
         self._losses = []
         self._cost = RunCost(gpus_per_rank)
+        self._updates = BackboneUpdates()
 
     @staticmethod
     def _eval_hook(runner):
@@ -68,6 +71,12 @@ class EvalMetricsHook(Hook):
             self._cost.tick()
             metrics = metrics_record(runner.log_buffer.output, self._losses, lr[0], iteration,
                                      self._cost.snapshot(runner), runner.max_iters)
+            changed = self._updates.changed_fraction(runner.model)
+            if changed is not None:  # a fine-tuned backbone (backbone_updates.py)
+                metrics['backbone.changed_fraction'] = changed
+                warning = self._updates.warning(changed, iteration, runner.model)
+                if warning:
+                    runner.logger.warning(warning)
             append_record(osp.join(runner.work_dir, self.out_file), metrics)
         self._losses = []
         self._cost.end_interval()
@@ -87,6 +96,7 @@ class EvalMetricsHook(Hook):
                         history.append(json.loads(line))
                     except json.JSONDecodeError:  # a line the killed attempt left half-written
                         pass
+        self._updates.start(runner.model)  # after ToBFloat16Hook (49): the weights as trained
         # the earlier attempts' training time goes on counting
         self._cost.start(next((r['cost.train_s'] for r in reversed(history)
                                if 'cost.train_s' in r), 0.0))
