@@ -110,8 +110,9 @@ def test_local_weights_round_trip_reproduces_outputs(tmp_path, suffix):
 
 def test_with_a_weight_file_the_vit_is_not_drawn_at_random_first(tmp_path):
     """The file gives every ViT parameter: the build skips the random initialisation (and its
-    float32 copy; benchmarks/internvit_build.py: 18-34x faster), draws nothing from torch's
-    random stream, holds zeros in bfloat16 until the file is loaded, then exactly the file."""
+    float32 copy; benchmarks/internvit_build.py: 2.9-5.1x faster, the load included), draws
+    nothing from torch's random stream, holds zeros in bfloat16 until the file is loaded, then
+    exactly the file."""
     source = build_backbone(dict(TINY))
     torch.save(source.state_dict(), tmp_path / 'vit.pth')
     rng = torch.get_rng_state()
