@@ -155,6 +155,12 @@ def main(argv=None):
     if args.command in ('sweep', 'sync', 'report', 'status', 'best', 'compare'):
         from orchestrator.errors import ConfigError
         try:
+            if args.command == 'sweep' and not args.dry_run:
+                given = [f for f, v in (('--seconds-per-iteration', args.seconds_per_iteration),
+                                        ('--backbone-seconds', args.backbone_seconds),
+                                        ('--gpu-memory-gib', args.gpu_memory_gib)) if v]
+                if given:
+                    raise ConfigError(f'{args.space}: {", ".join(given)}: only with --dry-run')
             if args.command == 'sweep':
                 from orchestrator.driver import run_sweep
                 return run_sweep(args.space, name=args.name, output=args.output,

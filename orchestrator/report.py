@@ -208,9 +208,10 @@ def _importance_section(results):
     noise = results.noise_keys()
     configuration = [k for k in results.searched if k not in noise]
     share = noise_share(results.completed(), configuration, results.metric) if noise else None
-    floor = ([f'Noise floor: {share:.3f} of the {results.metric} variance lies between '
-              f'trials of one configuration ({", ".join(noise)} apart): a searched value '
-              'explaining less than that is not distinguishable from reseeding.', '']
+    floor = ([f'Noise floor: {share:.3f} of the {results.metric} variance (over all trials) '
+              f'lies between trials of one configuration ({", ".join(noise)} apart). The '
+              f'importances above share the rest among the searched values: a value\'s part '
+              f'of all the variance is its importance x {1 - share:.3f}.', '']
              if share is not None else [])
     return ['## Which searched value matters', '',
             f'Share of the {results.metric} variance each searched value explains (Optuna\'s '

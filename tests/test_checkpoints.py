@@ -83,20 +83,25 @@ def test_a_changed_weight_file_is_refused_on_resume(synthetic_root, tmp_path):
         worker.train(again, str(first))
 
 
-def test_a_resume_whose_last_evaluation_was_lost_evaluates_it_first(synthetic_root, tmp_path):
+@pytest.mark.parametrize('name', ['tiny_vit_frozen_fcn_synthetic.py', 'tiny_fcn_synthetic.py'])
+def test_a_resume_whose_last_evaluation_was_lost_evaluates_it_first(synthetic_root, tmp_path,
+                                                                    name):
     """A worker killed between mmcv's checkpoint and its evaluation: the resumed run evaluates
     that iteration before training on (found by CI: the cost metrics read the training loader
-    before it existed)."""
+    before it existed); a frozen backbone and one that trains (TinyCNN)."""
     import json
     first = tmp_path / 'first'
-    worker.train(_cfg(synthetic_root, **{'runner.max_iters': 20}), str(first))
+    worker.train(_cfg(synthetic_root, name, **{'runner.max_iters': 20}), str(first))
     (first / 'metrics.jsonl').write_text('')  # the evaluation at 20 never reached the file
     seen = []
-    worker.train(_cfg(synthetic_root, resume_from=str(first / 'iter_20.pth')), str(first),
+    worker.train(_cfg(synthetic_root, name, resume_from=str(first / 'iter_20.pth')), str(first),
                  callback=seen.append)
     assert [m['iter'] for m in seen] == [20, 40]
     # nothing trained between the resume and that evaluation: no throughput to report
     assert 'cost.img_per_s' not in seen[0] and 'cost.img_per_s' in seen[1]
+    # nor, for a backbone that trains, one that 'did not change': nothing to count yet
+    assert 'backbone.changed_fraction' not in seen[0]
+    assert ('backbone.changed_fraction' in seen[1]) == (name == 'tiny_fcn_synthetic.py')
     lines = [json.loads(line) for line in (first / 'metrics.jsonl').read_text().splitlines()]
     assert [m['iter'] for m in lines] == [20, 40]
 

@@ -107,12 +107,13 @@ def test_stopping_one_head_stops_only_that_head(synthetic_root, solo, tmp_path):
     _assert_same_head(_head(tmp_path / 'h0'), _head(solo / 'h0'))
     _assert_same_head(_head(tmp_path / 'h2'), _head(solo / 'h2'))
     # the members' worker-hours add up to the group's wall time (one process), no more: the
-    # stopped head paid for its first half only
+    # stopped head shared every interval it trained in three ways
     last = [json.loads((tmp_path / f'h{k}' / 'metrics.jsonl').read_text().splitlines()[-1])
             for k in range(3)]
     assert sum(m['cost.worker_hours'] for m in last) == pytest.approx(
         max(m['cost.train_s'] for m in last) / 3600, rel=1e-9)
-    assert last[1]['cost.worker_hours'] < last[0]['cost.worker_hours'] / 2
+    assert last[1]['cost.worker_hours'] == pytest.approx(last[1]['cost.train_s'] / 3600 / 3,
+                                                         rel=1e-9)
 
 
 # -- the same through `orchestrator sweep`: grouped and not, on the session's Ray cluster ------

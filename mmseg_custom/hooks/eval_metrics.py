@@ -71,7 +71,9 @@ class EvalMetricsHook(Hook):
             self._cost.tick()
             metrics = metrics_record(runner.log_buffer.output, self._losses, lr[0], iteration,
                                      self._cost.snapshot(runner), runner.max_iters)
-            changed = self._updates.changed_fraction(runner.model)
+            # nothing trained since (a resume's first evaluation): nothing to count
+            changed = (self._updates.changed_fraction(runner.model)
+                       if self._cost.interval_iters else None)
             if changed is not None:  # a fine-tuned backbone (backbone_updates.py)
                 metrics['backbone.changed_fraction'] = changed
                 warning = self._updates.warning(changed, iteration, runner.model)
