@@ -120,11 +120,6 @@ def frozen_side(base):
     return FrozenSide(model_bytes, tuple(chosen.shape), chosen.dtype)
 
 
-def frozen_model_bytes(base):
-    """What the shared part of a group holds on the GPU (FrozenSide.model_bytes)."""
-    return frozen_side(base).model_bytes
-
-
 def head_memory(base, head_cfg, side):
     """The HeadMemory of the decode head ``head_cfg`` (the base's with a trial's values) on
     the features of ``side``. Parameters are counted from the head built on the meta device;
