@@ -12,7 +12,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from orchestrator import cluster, grouping
+from orchestrator import cluster, fine_tuning, grouping
 from orchestrator import plan as planning
 from orchestrator.errors import ConfigError
 from orchestrator.preflight import check_data_paths, check_weights_path
@@ -214,6 +214,8 @@ def _print_dry_run(spec, base_cfg, address, out, seconds_per_iteration=None,
     base, trials = planning.plain(base_cfg), planning.grid_trials(spec)
     groups = grouping.plan(spec, base, trials, gpu)
     print('\n'.join(grouping.dry_run_lines(spec, base, trials, planned=groups)), file=out)
+    for line in fine_tuning.memory_lines(spec, base, trials):
+        print(line, file=out)
     if seconds_per_iteration:
         print('\n'.join(planning.estimate_lines(
             spec, schedules, [members for _, members in groups.shown], seconds_per_iteration,

@@ -13,10 +13,11 @@ of a group is the JSON of its trial's backbone-side values, computed the same wa
 (planning) and by each trial (joining its group). Groups larger than the memory estimate allows
 are split.
 """
-import copy
 import json
 import math
 from dataclasses import dataclass, field
+
+from orchestrator.fine_tuning import frozen_backbone, state_values
 
 HEAD_SIDE_PREFIXES = ('model.decode_head.',)
 HEAD_SIDE_KEYS = ('optimizer.lr', 'optimizer.weight_decay')
@@ -30,8 +31,6 @@ GPU_USABLE = 0.9  # of a GPU's memory: CUDA's context, the allocator's slack, a 
 # what the dry run also plans for, as nvidia-smi reports these GPUs' memory (MiB)
 REFERENCE_GPUS = {'an 80 GB GPU (A100/H100)': 81559, 'a 141 GB H200': 143771}
 FP32 = 4  # bytes: a head's weights, gradients, activations and logits (FCNHead runs in fp32)
-# optimizer state per parameter, in fp32 values: Adam's two moments, SGD's momentum buffer
-STATE_VALUES = {'Adam': 2, 'AdamW': 2, 'SGD': 1}
 LOSS_BACKWARD_LOGITS = 2  # while one head's loss runs backward: the gradients in and out of
 # its log-softmax, two more label-size tensors (one head at a time: once per group)
 # torch's multi-tensor Adam(W) step holds a temporary the size of its parameter group (one
@@ -46,16 +45,6 @@ def group_key(spec, params):
     """The backbone-side values of a trial's sampled params, as a string (the group's name)."""
     backbone = {k: params[k] for k in sorted(params) if not head_side(k)}
     return json.dumps(backbone, sort_keys=True, default=str)
-
-
-def _frozen(base, row):
-    """The whole backbone is frozen: ``freeze_vit`` without InternVL's trainable parts (the
-    ``with_fpn`` pyramid, ``unfreeze_pos_embed``)."""
-    backbone = base['model'].get('backbone', {})
-
-    def value(key):
-        return bool(row.get(f'model.backbone.{key}', backbone.get(key, False)))
-    return value('freeze_vit') and not value('with_fpn') and not value('unfreeze_pos_embed')
 
 
 @dataclass(frozen=True)
@@ -104,13 +93,9 @@ def frozen_side(base):
     """The FrozenSide of ``base``: weights and buffers in their dtypes (frozen: no gradients, no
     optimizer state), and the head's input from one meta-device backbone pass."""
     import torch
-    import mmseg_custom  # noqa: F401  (our backbones and heads)
-    from mmseg.models import build_segmentor
-    model_cfg = copy.deepcopy(base['model'])
-    model_cfg.get('backbone', {}).pop('pretrained', None)
-    model_cfg.pop('pretrained', None)
+    from orchestrator import meta_model
+    model = meta_model.segmentor(base['model'])
     with torch.device('meta'):
-        model = build_segmentor(model_cfg)
         features = model.extract_feat(torch.empty(_batch(base), 3, *_crop(base)))
     model_bytes = sum(t.numel() * t.element_size()
                       for name, t in [*model.named_parameters(), *model.named_buffers()]
@@ -129,15 +114,11 @@ def head_memory(base, head_cfg, side):
     dropout's output and mask; the logits at feature size. Another head type: its parameters
     and logits only."""
     import torch
-    import mmseg_custom  # noqa: F401
-    from mmseg.models import build_head
-    with torch.device('meta'):
-        head = build_head(copy.deepcopy(head_cfg))
+    from orchestrator import meta_model
+    head = meta_model.head(head_cfg)
     params = sum(p.numel() for p in head.parameters())
     optimizer = base.get('optimizer', {})
-    values = STATE_VALUES.get(optimizer.get('type'), 2)
-    if optimizer.get('type') == 'SGD' and not optimizer.get('momentum'):
-        values = 0
+    values = state_values(optimizer)
     state = params * FP32 * (1 + values)  # weight, optimizer state
     batch, _, h, w = side.features
     label = batch * _crop(base)[0] * _crop(base)[1]
@@ -264,7 +245,7 @@ def plan(spec, base, rows, gpu_bytes=None):
         return GroupPlan(reason=reason)
     by_key = {}
     for i, row in enumerate(rows):
-        if _frozen(base, row):
+        if frozen_backbone(base, row):
             by_key.setdefault(group_key(spec, row), []).append(i)
     by_key = {k: members for k, members in by_key.items() if len(members) >= 2}
     if not by_key:
@@ -327,7 +308,7 @@ def dry_run_lines(spec, base, rows, gpu_bytes=None, planned=None):
     if planned.reason:
         return [f'trial groups: {planned.reason}']
     if not planned.shown:
-        if not any(_frozen(base, row) for row in rows):
+        if not any(frozen_backbone(base, row) for row in rows):
             return ['trial groups: none: the backbone is not frozen (model.backbone.freeze_vit; '
                     'InternVL\'s with_fpn pyramid and unfreeze_pos_embed train)']
         if planned.memories:

@@ -2,6 +2,7 @@
 plan, the trial, the tracking callback and the workers' checks)."""
 FRACTION_KEY = 'fewshot.fraction'  # not an mmseg key: selects the few-shot training subset
 SUBSET_SEED_KEY = 'fewshot.seed'  # not an mmseg key: the permutation the subset is cut from
+MASTER_WEIGHTS_KEY = 'fine_tuning.float32_master_weights'  # not an mmseg key: recorded opt-in
 WARMUP_KEY = 'lr_config.warmup_iters'
 WEIGHTS_KEY = 'model.backbone.pretrained'
 REPEAT_KEY = 'seed'  # a sweep's repeats (search.repeats): the run's seed

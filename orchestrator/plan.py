@@ -7,7 +7,9 @@ import os.path as osp
 
 from orchestrator.errors import ConfigError
 from orchestrator.fewshot import list_images
-from orchestrator.keys import FRACTION_KEY, REPEAT_KEY, SUBSET_SEED_KEY, WARMUP_KEY
+from orchestrator import fine_tuning
+from orchestrator.keys import (FRACTION_KEY, MASTER_WEIGHTS_KEY, REPEAT_KEY, SUBSET_SEED_KEY,
+                               WARMUP_KEY)
 
 HEAD = 'model.decode_head.'
 
@@ -119,6 +121,9 @@ def resolve(spec, base, params):
         for split in ('train', 'val', 'test'):
             if split in base['data']:
                 derived[f'data.{split}.data_root'] = spec.data_root
+    if spec.float32_master_weights:
+        overrides.update(fine_tuning.overrides(spec, base))
+        derived[MASTER_WEIGHTS_KEY] = True
     train = base['data'].get('train', {})
     if isinstance(train, dict) and 'max_image_num' in train:
         # InternVL's own subset option: the sweep's fraction replaces it when searched
@@ -127,7 +132,7 @@ def resolve(spec, base, params):
             # the trial's split file keeps the images (for max_image_num: the same ones)
             derived['data.train.max_image_num'] = None
     overrides.update({k: v for k, v in derived.items()
-                      if k not in (FRACTION_KEY, SUBSET_SEED_KEY)})
+                      if k not in (FRACTION_KEY, SUBSET_SEED_KEY, MASTER_WEIGHTS_KEY)})
     return overrides, derived
 
 

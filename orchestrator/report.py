@@ -234,7 +234,8 @@ def _updates_section(rows):
             'The fraction of the backbone\'s trainable weights that changed in each trial\'s '
             'last evaluation interval (MLflow metric `backbone.changed_fraction`, every '
             'evaluation): bfloat16 weights without float32 master copies round updates below '
-            'half a bfloat16 step away.', '',
+            'half a bfloat16 step away (`fine_tuning.float32_master_weights: true` keeps them).',
+            '',
             format_table(['trial', 'name', 'changed in the last interval'],
                          [[r['trial_id'], r['name'], f'{r[key]:.2%}'] for r in rows],
                          markdown=True), '']

@@ -228,6 +228,13 @@ class FaultTolerance(Section):
     worker_retries: Count = 2
 
 
+class FineTuning(Section):
+    """A trainable backbone in bfloat16: InternVL's protocol keeps no float32 master weights, so
+    updates below half a bfloat16 step round away; true trains through float32 copies in the
+    optimizer (more memory per rank: the dry run shows how much)."""
+    float32_master_weights: Flag = False
+
+
 class Grouping(Section):
     """Trial groups: heads sharing one frozen-backbone pass."""
     enabled: Flag = True
@@ -280,6 +287,7 @@ class SpaceFile(Section):
     early_stopping: Optional[EarlyStopping] = None
     resources: Resources = _section(Resources)
     fault_tolerance: FaultTolerance = _section(FaultTolerance)
+    fine_tuning: FineTuning = _section(FineTuning)
     grouping: Grouping = _section(Grouping)
     tracking: Tracking = _section(Tracking)
     output: Optional[OutputPath] = None

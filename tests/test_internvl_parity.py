@@ -287,11 +287,11 @@ def test_a_missing_backbone_key_is_a_one_line_error_naming_file_and_keys(tmp_pat
 def test_only_a_wholly_frozen_backbone_groups():
     """Head tuning freezes the ViT but trains InternVL's pyramid: its trials cannot share one
     backbone pass."""
-    from orchestrator.grouping import _frozen
+    from orchestrator.fine_tuning import frozen_backbone
     probe = Config.fromfile(str(FAMILIES / 'linear_probing.py'))._cfg_dict.to_dict()
     heads = Config.fromfile(str(FAMILIES / 'head_tuning.py'))._cfg_dict.to_dict()
-    assert _frozen(probe, {}) and not _frozen(heads, {})
-    assert not _frozen(probe, {'model.backbone.unfreeze_pos_embed': True})
+    assert frozen_backbone(probe, {}) and not frozen_backbone(heads, {})
+    assert not frozen_backbone(probe, {'model.backbone.unfreeze_pos_embed': True})
 
 
 def test_max_image_num_subset_follows_the_runs_seed_as_internvls(ade150):
@@ -436,3 +436,37 @@ def test_a_fine_tuned_bf16_backbone_says_how_much_of_it_changed(lr, ade150, tmp_
     warned = 'of the backbone\'s trainable weights changed' in log
     assert warned == (changed / total < 0.01)
     assert warned == (lr == 1e-9)  # the two runs tell the cases apart
+
+
+def test_float32_master_weights_from_the_space_file_reach_the_fine_tuned_backbone(ade150,
+                                                                                 tmp_path):
+    """``fine_tuning.float32_master_weights: true`` in a space file over InternVL's few-shot
+    config: the trial's config trains with its layer-decay groups kept, and the checkpoint
+    holds a float32 master per trainable bfloat16 weight, each rounding to the weight saved."""
+    import yaml
+
+    from orchestrator import worker
+    from orchestrator.plan import resolved_config
+    from orchestrator.spec import load_spec
+    weights = _tiny_vit_file(tmp_path / 'vit.pth', depth=4)
+    (tmp_path / 'space.yaml').write_text(yaml.safe_dump(dict(
+        name='masters', base_config=str(FAMILIES / 'few_shot_1of4.py'), data_root=str(ade150),
+        overrides={'model.backbone.pretrained': str(weights)},
+        parameters={'optimizer.lr': {'grid': [4e-5]}},
+        fine_tuning={'float32_master_weights': True})))
+    spec, base_cfg = load_spec(tmp_path / 'space.yaml')
+    cfg, derived = resolved_config(spec, base_cfg, {'optimizer.lr': 4e-5})
+    assert derived['fine_tuning.float32_master_weights'] is True  # recorded on the child run
+    with pytest.warns(UserWarning, match='DeepSpeed'):
+        worker.train(cfg, str(tmp_path / 'work'))
+    saved = torch.load(tmp_path / 'work' / 'iter_2.pth', map_location='cpu', weights_only=False)
+    state, optimizer = saved['state_dict'], saved['optimizer']
+    names = [g['name'] for g in optimizer['param_groups']]
+    # layer decay (num_layers=4) still scales the groups: the embedding, 4 blocks, the head
+    assert len({g['lr_scale'] for g in optimizer['param_groups']}) == 6
+    low = [n for n in names if state[n].dtype == torch.bfloat16]
+    masters = optimizer['float32_master']
+    assert len(masters) == len(low) and all(m.dtype == torch.float32 for m in masters)
+    for name, master in zip(low, masters):
+        assert torch.equal(master.bfloat16(), state[name]), name
+    assert any(not torch.equal(m, state[n].float()) for n, m in zip(low, masters))

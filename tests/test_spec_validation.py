@@ -140,6 +140,10 @@ CASES = [
      ['references.where.model.decode_head.with_norm', 'not a searched key']),
     ('reference fraction out of range', _set('references', {'points': {2: 50}}), None,
      ['references.points', '{2: 50}']),
+    ('master weights on a frozen backbone', lambda d: d.update(
+        base_config=str(ROOT / 'configs' / 'tiny_vit_frozen_fcn_synthetic.py'),
+        fine_tuning={'float32_master_weights': True}), None,
+     ['fine_tuning.float32_master_weights', 'True', 'frozen in every trial']),
     ('missing backbone weights', lambda d: d.update(
         base_config=str(ROOT / 'configs' / 'tiny_vit_frozen_fcn_synthetic.py'),
         overrides={'model.backbone.pretrained': '/nonexistent/intern_vit_6b_224px.pth'}), None,
@@ -216,6 +220,7 @@ def test_fewshot_space_dry_run_prints_internvls_protocol(capsys):
     assert code == 0
     assert '60 trials' in out and '8 GPU per trial' in out
     assert 'trial groups: none: the backbone is not frozen' in out  # fine-tuned
+    assert 'no float32 master weights (InternVL\'s protocol' in out
     rows = _plan_rows(out, 'lr_config.warmup_iters')
     assert len(rows) == 60
     schedule = {(r['fewshot.fraction'], r['runner.max_iters'], r['lr_config.warmup_iters'])

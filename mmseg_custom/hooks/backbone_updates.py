@@ -76,5 +76,7 @@ class BackboneUpdates:
         return (f'only {fraction:.2%} of the backbone\'s trainable weights changed in the '
                 f'evaluation interval ending at iteration {iteration} ({dtype} weights'
                 + (': updates below half a bfloat16 step round away; a larger learning rate, '
-                   'or float32 master weights, would keep them)' if dtype == torch.bfloat16
+                   'or float32 master weights (fine_tuning.float32_master_weights in a space '
+                   'file, the Float32MasterWeights optimizer constructor in a config), would '
+                   'keep them)' if dtype == torch.bfloat16
                    else ')'))
