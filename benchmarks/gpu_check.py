@@ -285,7 +285,8 @@ def finetune_step(device, out_file):
     metas = [dict(img_shape=(img, img, 3), ori_shape=(img, img, 3), pad_shape=(img, img, 3),
                   flip=False)] * batch
     probe = model.backbone.blocks[0].mlp.fc1.weight
-    before = probe.detach().float().clone()
+    weights = [p for p in model.backbone.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in weights]  # in their own dtype: what a step must move
     losses, times = [], []
     model.train()
     for _ in range(steps):
@@ -304,7 +305,8 @@ def finetune_step(device, out_file):
                   backbone_dtype=str(probe.dtype), trainable_backbone_params_b=trainable / 1e9,
                   depth=s['depth'], img=img, batch=batch, losses=losses,
                   loss_finite=all(math.isfinite(v) for v in losses),
-                  backbone_changed=bool((probe.detach().float() - before).abs().max() > 0),
+                  backbone_changed_fraction=sum(int((p.detach() != b).sum()) for p, b in
+                                                zip(weights, before)) / trainable,
                   step_s=times, step_s_after_first=min(times[1:] or times))
     if device == 'cuda':
         result['peak_gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 1e9

@@ -28,22 +28,28 @@ def test_gpu_check_cpu_mode_writes_every_number(tmp_path):
     assert 0.0 < a['mIoU'] <= 1.0
     assert a['sync_batchnorm_layers'] == 0  # CPU: reverted to BatchNorm2d (kept on GPU)
 
-    b = r['backbone_forward']
-    assert b['ms_per_image'] > 0 and b['matmul_peak_tflops'] > 0 and b['pct_of_peak'] > 0
+    b = r['backbone_forward']  # timings: what the run measured, consistent with each other
     assert math.isclose(b['tflops'], b['tflop_per_image'] * 1e3 / b['ms_per_image'], rel_tol=1e-6)
+    assert math.isclose(b['pct_of_peak'], 100 * b['tflops'] / b['matmul_peak_tflops'],
+                        rel_tol=1e-6)
 
     rows = r['trial_group']['rows']
     assert [row['k'] for row in rows] == [1, 2]
     assert rows[0]['ideal'] == 1.0 and rows[1]['ideal'] > 1.0
-    assert all(row['loop_speedup'] > 0 and row['loop_group_ms'] > 0 for row in rows)
+    for row in rows:
+        assert math.isclose(row['loop_speedup'], row['loop_solo_ms'] / row['loop_group_ms'],
+                            rel_tol=1e-6)
     assert [row['first'] for row in rows] == ['solo', 'grouped']  # alternating
     assert r['trial_group']['warmup'] and 'computed' in r['checkpoint_size']['how']
 
     d = r['finetune_step']
     assert d['backend'] == 'gloo' and d['world_size'] == 1
-    assert d['loss_finite'] and d['backbone_changed'] and d['trainable_backbone_params_b'] > 0
+    # on CPU the backbone is float32: AdamW's first step moves every trainable weight (a
+    # bfloat16 one would keep those whose update is below half its step)
+    assert d['loss_finite'] and d['backbone_dtype'] == 'torch.float32'
+    assert d['backbone_changed_fraction'] == 1.0
 
     e = r['checkpoint_size']
     assert e['vit6b_backbone_params_b'] > 5.8
     assert e['vit6b_linear_probe_gb_with_backbone'] > 11 > e['vit6b_linear_probe_mb_without'] / 1e3
-    assert e['backbone_tensors_in_it'] == 0 and e['trial_group_solo_checkpoint_bytes'] > 0
+    assert e['backbone_tensors_in_it'] == 0 and 'trial_group_solo_checkpoint_bytes' in e

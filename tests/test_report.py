@@ -183,11 +183,19 @@ def test_report_plots_exist_decode_and_show_something(study, parent_id, capsys):
     from PIL import Image
     assert cli.main(['report', 'study', '--output', str(study['tmp'] / 'out')]) == 0
     report = study['sweep_dir'] / 'report'
-    for name in ('miou_vs_fraction.png', 'parallel_coordinates.png', 'per_class_iou_best.png',
-                 'miou_vs_cost.png'):
+    # what each plot draws, read from its pixels: a series per head variant (num_convs 0, 1)
+    # in matplotlib's first two cycle colours and no third; the per-class bars; the viridis
+    # colour bar's two ends
+    cycle = ['#1f77b4', '#ff7f0e', '#2ca02c']
+    drawn = {'miou_vs_fraction.png': (cycle[:2], cycle[2:]),
+             'miou_vs_cost.png': (cycle[:2], cycle[2:]),
+             'per_class_iou_best.png': (['#1f77b4'], cycle[1:]),
+             'parallel_coordinates.png': (['#440154', '#fde725'], [])}
+    for name, (present, absent) in drawn.items():
         img = np.asarray(Image.open(report / name).convert('RGB'))
-        assert img.shape[0] > 300 and img.shape[1] > 400, (name, img.shape)
-        assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50, name  # lines, text, colours
+        colours = {'#%02x%02x%02x' % tuple(c) for c in np.unique(img.reshape(-1, 3), axis=0)}
+        assert [c for c in present if c not in colours] == [], name
+        assert [c for c in absent if c in colours] == [], name
     text = (report / 'report.md').read_text()
     assert '![curve](miou_vs_fraction.png)' in text and text.count('\n| ') >= TRIALS
     assert '![cost](miou_vs_cost.png)' in text and 'against worker-hours per completed trial' in text

@@ -174,17 +174,18 @@ def test_grouped_sweep_has_the_mlflow_structure_of_an_ungrouped_one(sweeps):
 def test_grouped_heads_score_as_their_solo_twins_unless_asha_stopped_them(sweeps):
     (_, g_client, grouped), (_, a_client, alone) = sweeps
     twins = {_config(r): r for r in alone}
-    full = 0
     for run in grouped:
         twin = twins[_config(run)]
         steps = [m.step for m in g_client.get_metric_history(run.info.run_id, 'mIoU')]
         twin_steps = [m.step for m in a_client.get_metric_history(twin.info.run_id, 'mIoU')]
         assert steps == twin_steps[:len(steps)] and steps  # the same evaluation iterations
-        if len(steps) == len(twin_steps):  # not stopped by ASHA: the very same head
-            full += 1
+        # the run says what ASHA did, as its metric history shows it
+        full = len(steps) == len(twin_steps)
+        assert run.data.tags['stopped_early'] == str(not full).lower()
+        assert run.data.tags['iterations_trained'] == str(steps[-1])
+        if full:  # not stopped by ASHA: the very same head
             assert run.data.metrics['mIoU'] == pytest.approx(twin.data.metrics['mIoU'],
                                                              abs=1e-6)
-    assert full >= 1  # ASHA keeps its best trials to the end
 
 
 def _stopped_by_history(client, run):
