@@ -18,6 +18,7 @@ import os.path as osp
 import socket
 import time
 
+from orchestrator.checkpoints import SKIPPED
 from orchestrator.files import read_jsonl, write_json_atomic
 from orchestrator.journal import JOURNAL
 
@@ -153,6 +154,8 @@ def sweep_status(sweep_dir, journal=None):
     for t in trials.values():
         path = osp.join(sweep_dir, 'trials', t['trial'], RESTARTS)
         t['restarts'] = read_jsonl(path) if osp.isfile(path) else []
+        path = osp.join(sweep_dir, 'trials', t['trial'], 'mmseg', SKIPPED)
+        t['skipped_checkpoints'] = read_jsonl(path) if osp.isfile(path) else []
     if sweep_state == 'RUNNING' and _driver_gone(plan):
         sweep_state = 'INTERRUPTED'  # driver killed: `orchestrator sweep SPACE --resume`
     if sweep_state in ('INTERRUPTED', 'KILLED'):

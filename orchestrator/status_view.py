@@ -38,7 +38,15 @@ def format_status(trials, summary):
 
 
 def restart_lines(trials):
-    """One line per restart of a trial whose worker was lost (trial.py records them)."""
-    return [f'trial {t["trial"]}: worker lost at iteration {r["lost_at"]}; restart '
-            f'{r["restart"]} of {r["of"]} from iteration {r["resume_from"]}'
-            for t in sorted(trials, key=lambda t: t['trial']) for r in t.get('restarts', [])]
+    """One line per restart of a trial whose worker was lost (trial.py records them) and per
+    checkpoint a resume could not read (orchestrator/checkpoints.py)."""
+    lines = []
+    for t in sorted(trials, key=lambda t: t['trial']):
+        lines += [f'trial {t["trial"]}: worker lost at iteration {r["lost_at"]}; restart '
+                  f'{r["restart"]} of {r["of"]} from iteration {r["resume_from"]}'
+                  for r in t.get('restarts', [])]
+        lines += [f'trial {t["trial"]}: checkpoint {r["file"]} could not be read ({r["why"]}); '
+                  f'resumed from the newest readable one before it, or the start (kept as '
+                  f'{r["file"]}.unreadable)'
+                  for r in t.get('skipped_checkpoints', [])]
+    return lines

@@ -12,6 +12,7 @@ import time
 import ray
 from ray import tune
 
+from orchestrator.checkpoints import readable_latest
 from orchestrator.crew import CALL_S, GRACE_S, TrialJob
 from orchestrator.errors import TrialFailed
 from orchestrator.fewshot import write_split_file
@@ -155,11 +156,10 @@ def _record_restart(output_dir, trial_id, work_dir, restart, retries, error):
     one in the training log; training resumes after the latest checkpoint (0: from the start)."""
     from orchestrator.status import RESTARTS, log_dir, train_progress
     lost_at = train_progress(log_dir(output_dir, trial_id))[0]
-    saved = [int(m.group(1)) for m in (re.fullmatch(r'iter_(\d+)\.pth', f) for f in
-                                       (os.listdir(work_dir) if osp.isdir(work_dir) else []))
-             if m]
+    path, _ = readable_latest(work_dir, set_aside=False)  # what the worker will resume
+    resume_from = int(re.fullmatch(r'iter_(\d+)\.pth', osp.basename(path)).group(1)) if path else 0
     rec = dict(at=round(time.time(), 3), restart=restart, of=retries, lost_at=lost_at,
-               resume_from=max(saved, default=0), reason=str(error))
+               resume_from=resume_from, reason=str(error))
     with open(osp.join(trial_dir(output_dir, trial_id), RESTARTS), 'a') as f:
         f.write(json.dumps(rec) + '\n')
     return (f'worker lost at iteration {lost_at}; restart {restart} of {retries} from '

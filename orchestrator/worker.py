@@ -38,6 +38,7 @@ from mmseg_custom.hooks.frozen_backbone import tensors_sha256
 from mmseg_custom.models.backbones.internvit_weights import BackboneWeightsError
 from mmseg_custom.models.head_rng import isolate_head_rng, reinit_head
 
+from orchestrator.checkpoints import readable_latest
 from orchestrator.errors import ConfigError
 from orchestrator.preflight import check_data_paths
 
@@ -204,6 +205,20 @@ class _Run:
     seed: int
 
 
+def _pick_resume(cfg, rank, logger):
+    """With ``auto_resume``, resume from the newest checkpoint that can be read, rather than
+    mmseg's newest (which fails on a truncated one); rank 0 sets the unreadable ones aside."""
+    if not cfg.get('auto_resume') or cfg.get('resume_from'):
+        return
+    path, skipped = readable_latest(cfg.work_dir, set_aside=rank == 0)
+    for name, why in skipped:
+        logger.warning(f'checkpoint {name} cannot be read ({why}); kept as {name}.unreadable, '
+                       + (f'resuming from {osp.basename(path)}' if path else
+                          'starting from iteration 0'))
+    cfg.resume_from = path
+    cfg.auto_resume = False  # decided here: mmseg's own search would find the skipped ones
+
+
 def _setup_run(cfg, source, heads_of, check_model=None):
     """What a solo and a grouped run do alike before training: join the process group, build the
     model (before anything is written: a config the model rejects fails here, in one line), open
@@ -242,6 +257,7 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None,
     model, logger = run.model, run.logger
     logger.info(f'rank {run.rank}/{run.world_size}, device {cfg.device}, '
                 f'backend {dist.get_backend() if run.distributed else "none"}')
+    _pick_resume(cfg, run.rank, logger)
     history = []
 
     def on_eval(metrics):

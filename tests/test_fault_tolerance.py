@@ -111,6 +111,37 @@ def test_killed_driver_resumes_without_rerunning_or_doubling(tmp_path, synthetic
     print(f'resume: killed -> finished in {time.time() - killed_at:.1f} s')
 
 
+def test_a_torn_checkpoint_of_an_interrupted_trial_is_skipped_on_resume(
+        tmp_path, synthetic_root, ray_address, cli_env):
+    """The driver killed, the newest checkpoint of a trial it interrupted cut in half (what a
+    crash in mid-copy leaves): --resume finishes that trial from the checkpoint before, and
+    `orchestrator status` says which file it set aside."""
+    path = _space(tmp_path, synthetic_root, 'torn', {'model.decode_head.num_convs': {'grid': [1]}},
+                  iters=240, evaluations=4)
+    work = tmp_path / 'out' / 'torn' / 'trials'
+    driver = _sweep(path, ray_address, cli_env)
+    _wait_for(lambda: len(list(work.glob('*/mmseg/iter_120.pth'))) == 1, driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    mmseg = next(work.glob('*/mmseg'))
+    newest = max(mmseg.glob('iter_*.pth'), key=lambda p: int(p.stem.split('_')[1]))
+    whole = newest.read_bytes()
+    newest.write_bytes(whole[:len(whole) // 2])
+    resumed = _sweep(path, ray_address, cli_env, '--resume')
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    client, _, (child,) = _runs(tmp_path, 'torn')
+    # an evaluation after the checkpoint it resumed from is computed again (the torn one's
+    # step: its first record is kept beside the new one)
+    steps = _steps(client, child)
+    assert child.info.status == 'FINISHED' and sorted(set(steps)) == [60, 120, 180, 240]
+    assert all(steps.count(s) == 1 for s in steps if s > int(newest.stem.split('_')[1]))
+    status = subprocess.run([ORCHESTRATOR, 'status', str(tmp_path / 'out' / 'torn')],
+                            env=cli_env, capture_output=True, text=True, timeout=60)
+    assert f'checkpoint {newest.name} could not be read' in status.stdout, status.stdout
+    assert (mmseg / f'{newest.name}.unreadable').is_file()
+
+
 @pytest.mark.parametrize('config', ['tiny_fcn_synthetic.py', 'tiny_vit_frozen_fcn_synthetic.py'])
 def test_killed_worker_restarts_the_trial_from_its_checkpoint(config, tmp_path, synthetic_root,
                                                                ray_address, ray_processes, cli_env):

@@ -44,10 +44,11 @@ def test_gpu_check_cpu_mode_writes_every_number(tmp_path):
 
     d = r['finetune_step']
     assert d['backend'] == 'gloo' and d['world_size'] == 1
-    # on CPU the backbone is float32: AdamW's first step moves every trainable weight (a
-    # bfloat16 one would keep those whose update is below half its step)
+    # on CPU the backbone is float32: AdamW moves every trainable weight whose gradient is not
+    # exactly zero (measured: all but ~2e-5 of them; a bfloat16 one keeps those whose update
+    # is below half its step)
     assert d['loss_finite'] and d['backbone_dtype'] == 'torch.float32'
-    assert d['backbone_changed_fraction'] == 1.0
+    assert 0.999 < d['backbone_changed_fraction'] <= 1.0
 
     e = r['checkpoint_size']
     assert e['vit6b_backbone_params_b'] > 5.8

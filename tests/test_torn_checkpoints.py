@@ -1,0 +1,84 @@
+"""A checkpoint is whole or absent: mmcv's writes go through a temporary name (a full disk
+leaves the previous file as it was), and a resume skips a checkpoint cut short by anything else
+for the newest one it can read, saying so."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from mmcv import Config
+
+from orchestrator import worker
+from orchestrator.checkpoints import SKIPPED
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(synthetic_root, **options):
+    cfg = Config.fromfile(str(ROOT / 'configs' / 'tiny_vit_frozen_fcn_synthetic.py'))
+    for split in ('train', 'val', 'test'):
+        cfg.data[split].data_root = str(synthetic_root)
+    cfg.merge_from_dict({'runner.max_iters': 40, 'evaluation.interval': 20,
+                         'checkpoint_config.interval': 20, **options})
+    return cfg
+
+
+def test_a_resume_skips_a_truncated_checkpoint_for_the_one_before(synthetic_root, tmp_path):
+    work = tmp_path / 'w'
+    worker.train(_cfg(synthetic_root), str(work))
+    newest = work / 'iter_40.pth'
+    whole = newest.read_bytes()
+    newest.write_bytes(whole[:len(whole) // 2])  # what a crash in mid-copy leaves
+    metrics = worker.train(_cfg(synthetic_root, **{'runner.max_iters': 60, 'auto_resume': True}),
+                           str(work))
+    assert metrics['iter'] == 60
+    log = '\n'.join(p.read_text() for p in sorted(work.glob('*.log')))
+    assert 'iter_40.pth cannot be read' in log and 'resuming from iter_20.pth' in log
+    assert 'continuing after iteration 20' in log  # what mmcv's resume itself says
+    assert (work / 'iter_40.pth.unreadable').read_bytes() == whole[:len(whole) // 2]  # kept
+    (record,) = [json.loads(line) for line in (work / SKIPPED).read_text().splitlines()]
+    assert record['file'] == 'iter_40.pth'
+    assert 'state_dict' in torch.load(work / 'iter_40.pth', weights_only=False)  # trained again
+
+
+def test_no_readable_checkpoint_starts_over(synthetic_root, tmp_path):
+    work = tmp_path / 'w'
+    worker.train(_cfg(synthetic_root, **{'runner.max_iters': 20}), str(work))
+    (work / 'iter_20.pth').write_bytes(b'PK\x03\x04 torn')
+    metrics = worker.train(_cfg(synthetic_root, **{'runner.max_iters': 20, 'auto_resume': True}),
+                           str(work))
+    assert metrics['iter'] == 20
+    log = '\n'.join(p.read_text() for p in sorted(work.glob('*.log')))
+    assert 'iter_20.pth cannot be read' in log and 'starting from iteration 0' in log
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only; CI runs as root), unmounted after the test."""
+    mount = tmp_path / 'disk'
+    mount.mkdir()
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f'cannot mount a tmpfs here: {done.stderr.strip()}')
+    try:
+        yield mount
+    finally:
+        subprocess.run(['umount', str(mount)], check=True)
+
+
+def test_a_checkpoint_that_fills_the_disk_leaves_the_previous_one_whole(small_disk):
+    import errno
+
+    import mmseg_custom  # noqa: F401  (mmcv's disk backend, replaced)
+    from mmcv.runner import save_checkpoint
+    path = small_disk / 'iter_20.pth'
+    save_checkpoint(torch.nn.Linear(8, 8), str(path))
+    before = path.read_bytes()
+    with pytest.raises(OSError) as raised:
+        save_checkpoint(torch.nn.Linear(1024, 1024), str(path))  # 4 MiB of weights
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    assert os.listdir(small_disk) == ['iter_20.pth']  # no temporary file left behind
