@@ -9,12 +9,39 @@ when a trial cannot find its files.
 """
 import os
 import os.path as osp
+import socket
 import uuid
 
 from orchestrator.errors import ConfigError
 
 STORAGE_CHECK_TIMEOUT_S = 120  # one small task per node; a fresh worker process on each
 GPU_QUERY_TIMEOUT_S = 120  # one task holding a GPU: a fresh worker process importing torch
+REACH_TIMEOUT_S = 10  # a head node's GCS port answering; ray.init itself retries for minutes
+AUTH_HINT = ('a token-auth cluster needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or '
+             'RAY_AUTH_TOKEN_PATH) here too; a cluster of another Ray version refuses this one')
+
+
+def check_reachable(address):
+    """A head node answers at ``address`` (host:port), or one line saying what to check, before
+    ray.init retries for minutes printing Ray's C++ warnings."""
+    if address in ('auto', 'local') or '://' in address:
+        return
+    host, _, port = address.rpartition(':')
+    if not port.isdigit():
+        raise ConfigError(f'--address {address}: expected host:port (the head node\'s GCS, as '
+                          '`ray start --head` prints it)')
+    try:
+        socket.create_connection((host or '127.0.0.1', int(port)), REACH_TIMEOUT_S).close()
+    except OSError as e:
+        raise ConfigError(f'--address {address}: no Ray head node answers there '
+                          f'({e.strerror or type(e).__name__}); start one with `ray start --head '
+                          f'--port {port}` on that host, or give its address') from None
+
+
+def refused(address, error):
+    """The one line for a head node that answered but refused this driver."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return ConfigError(f'--address {address}: Ray refused the connection ({first}); {AUTH_HINT}')
 
 
 def local_nodes():

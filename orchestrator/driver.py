@@ -283,8 +283,13 @@ def _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer):
 def _attach_cluster(sweep, env_vars):
     """An existing cluster: plan on its nodes and check its storage before any work."""
     import ray
-    sweep_log = _init_ray(sweep.sweep_dir, address=sweep.address,
-                          runtime_env={'env_vars': env_vars})
+    cluster.check_reachable(sweep.address)
+    try:
+        sweep_log = _init_ray(sweep.sweep_dir, address=sweep.address,
+                              runtime_env={'env_vars': env_vars})
+    except (ConnectionError, RuntimeError) as e:  # no token, another Ray version
+        ray.shutdown()
+        raise cluster.refused(sweep.address, e) from None
     try:
         nodes = cluster.cluster_nodes()
         sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(sweep.spec, nodes)

@@ -181,3 +181,26 @@ def test_dry_run_shows_the_clusters_packing(two_nodes, synthetic_root, tmp_path,
     out = capsys.readouterr().out
     assert f'({ids["gpu"][:8]}): 2 CPU, 1 GPU -> 2 worker(s)' in out
     assert f'({ids["head"][:8]}): 2 CPU, 0 GPU -> 0 worker(s)' in out
+
+
+def test_an_address_where_no_head_node_answers_is_one_line_exit_2(tmp_path, synthetic_root,
+                                                                  capsys):
+    """Before: ray.init retried for minutes printing Ray's C++ warnings."""
+    import socket
+
+    import ray
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    space = tmp_path / 'space.yaml'
+    space.write_text(yaml.safe_dump(dict(
+        name='nohead', base_config=str(ROOT / 'configs' / 'tiny_fcn_synthetic.py'),
+        data_root=str(synthetic_root), parameters={'model.decode_head.num_convs': {'grid': [1]}},
+        resources={'workers_per_trial': 1})))
+    code = cli.main(['sweep', str(space), '--address', f'127.0.0.1:{port}',
+                     '--output', str(tmp_path / 'out')])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count('\n') == 0, err
+    assert f'--address 127.0.0.1:{port}: no Ray head node answers there' in err
+    assert 'ray start --head' in err and not ray.is_initialized()
+    assert not (tmp_path / 'out').exists()
