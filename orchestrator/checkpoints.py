@@ -26,7 +26,7 @@ def _why_unreadable(path):
                 end = info.header_offset + len(info.filename) + 30 + info.compress_size
                 if end > size:
                     return f'{info.filename} runs past the end of the file ({size} bytes)'
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:  # another OSError is not the file's
         return f'{type(e).__name__}: {e}'
     return None
 
@@ -39,6 +39,14 @@ def saved_iterations(work_dir):
         if m:
             found[int(m.group(1))] = osp.join(work_dir, name)
     return found
+
+
+def remove_partial_writes(work_dir):
+    """Remove what a killed write left (``*.tmp.<pid>``, mmseg_custom/atomic_files.py): each as
+    large as a checkpoint, they would fill the disk restart after restart."""
+    for name in os.listdir(work_dir) if osp.isdir(work_dir) else []:
+        if re.fullmatch(r'.+\.tmp\.\d+', name):
+            os.remove(osp.join(work_dir, name))
 
 
 def readable_latest(work_dir, set_aside=True):

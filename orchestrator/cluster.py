@@ -27,6 +27,7 @@ def check_reachable(address):
     if address in ('auto', 'local') or '://' in address:
         return
     host, _, port = address.rpartition(':')
+    host = host.strip('[]')  # an IPv6 literal, [::1]:6379
     if not port.isdigit():
         raise ConfigError(f'--address {address}: expected host:port (the head node\'s GCS, as '
                           '`ray start --head` prints it)')

@@ -2,6 +2,7 @@
 its MLflow journal, start the crews, open the parent run, build the Tuner (search algorithm,
 ASHA, concurrency cap; or restore it), fit, print the outcome. Also ``sync`` for journaled
 writes."""
+import contextlib
 import json
 import logging
 import os
@@ -74,8 +75,6 @@ def _init_ray(sweep_dir, **kwargs):
     """ray.init with Ray's and Tune's own messages (Tune's experiment box and TensorBoard hint,
     Ray's token and worker warnings, its INFO lines) in <sweep>/ray.log, not on the terminal:
     our progress lines and final table stay there. Returns the log's handler."""
-    import contextlib
-
     import ray
     os.environ['RAY_AIR_NEW_OUTPUT'] = '0'  # the legacy reporter is silent at verbose=0; the
     # new one prints its box and hint whatever the verbosity
@@ -280,16 +279,43 @@ def _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer):
     return sweep
 
 
+class _Held:
+    def __init__(self, file):
+        self.file = file
+
+    def text(self):
+        self.file.seek(0)
+        return self.file.read().decode(errors='replace')
+
+
+@contextlib.contextmanager
+def _native_stderr_held():
+    """File descriptor 2 into a temporary file while attaching to a cluster (no process of ours
+    is started then to inherit it): what Ray's C++ client prints there goes to ray.log."""
+    import tempfile
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield _Held(f)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _attach_cluster(sweep, env_vars):
     """An existing cluster: plan on its nodes and check its storage before any work."""
     import ray
     cluster.check_reachable(sweep.address)
-    try:
-        sweep_log = _init_ray(sweep.sweep_dir, address=sweep.address,
-                              runtime_env={'env_vars': env_vars})
-    except (ConnectionError, RuntimeError) as e:  # no token, another Ray version
-        ray.shutdown()
-        raise cluster.refused(sweep.address, e) from None
+    with _native_stderr_held() as held:  # Ray's C++ retries, one warning a second, on fd 2
+        try:
+            sweep_log = _init_ray(sweep.sweep_dir, address=sweep.address,
+                                  runtime_env={'env_vars': env_vars})
+        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as e:  # no token
+            # (Ray's AuthenticationError), another Ray version (RuntimeError)
+            ray.shutdown()
+            raise cluster.refused(sweep.address, e) from None
+    sweep_log.write(held.text())
     try:
         nodes = cluster.cluster_nodes()
         sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(sweep.spec, nodes)

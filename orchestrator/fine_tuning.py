@@ -41,7 +41,10 @@ def frozen_backbone(base, row):
     backbone = base['model'].get('backbone', {})
 
     def value(key):
-        return bool(row.get(f'model.backbone.{key}', backbone.get(key, False)))
+        v = row.get(f'model.backbone.{key}', backbone.get(key, False))
+        return 'sampled' if isinstance(v, str) else bool(v)  # a distribution: either way
+    if 'sampled' in (value('freeze_vit'), value('with_fpn'), value('unfreeze_pos_embed')):
+        return False
     return value('freeze_vit') and not value('with_fpn') and not value('unfreeze_pos_embed')
 
 
@@ -78,6 +81,11 @@ def rank_bytes(sizes, optimizer, masters):
     return total
 
 
+def sizes_low_gb(sizes):
+    """One more copy of the low-precision gradients (DDP's buckets), in GB."""
+    return sum(n * size for size, n in sizes.items() if size < FP32) / 1e9
+
+
 def memory_lines(spec, base, rows):
     """The dry run's line for a sweep that trains a low-precision backbone: the bytes of each
     choice per rank, for the first trial ``rows`` (plan.grid_trials) has that trains it."""
@@ -100,7 +108,7 @@ def memory_lines(spec, base, rows):
               'step round away)')
     return [f'fine-tuning (trial {first}): {low / 1e6:,.2f} M trainable low-precision '
             f'parameters, {sum(sizes.values()) / 1e6:,.2f} M in all; {chosen}. Per rank, '
-            f'weights, gradients and {optimizer.get("type", "optimizer")} state (activations '
-            f'not counted):',
+            f'weights, gradients and {optimizer.get("type", "optimizer")} state (not counted: '
+            f'activations, DDP\'s gradient buckets, another {sizes_low_gb(sizes):.2f} GB):',
             f'  {plain / 1e9:,.2f} GB without float32 master weights, {masters / 1e9:,.2f} GB '
             f'with them (computed from the parameter counts)']

@@ -38,7 +38,7 @@ from mmseg_custom.hooks.frozen_backbone import tensors_sha256
 from mmseg_custom.models.backbones.internvit_weights import BackboneWeightsError
 from mmseg_custom.models.head_rng import isolate_head_rng, reinit_head
 
-from orchestrator.checkpoints import readable_latest
+from orchestrator.checkpoints import readable_latest, remove_partial_writes
 from orchestrator.errors import ConfigError
 from orchestrator.preflight import check_data_paths
 
@@ -210,7 +210,13 @@ def _pick_resume(cfg, rank, logger):
     mmseg's newest (which fails on a truncated one); rank 0 sets the unreadable ones aside."""
     if not cfg.get('auto_resume') or cfg.get('resume_from'):
         return
-    path, skipped = readable_latest(cfg.work_dir, set_aside=rank == 0)
+    decided = [None, []]
+    if rank == 0:  # one decision for every rank (a rank that saw another file would desync DDP)
+        remove_partial_writes(cfg.work_dir)
+        decided = list(readable_latest(cfg.work_dir))
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(decided, src=0)
+    path, skipped = decided
     for name, why in skipped:
         logger.warning(f'checkpoint {name} cannot be read ({why}); kept as {name}.unreadable, '
                        + (f'resuming from {osp.basename(path)}' if path else

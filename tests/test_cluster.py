@@ -204,3 +204,24 @@ def test_an_address_where_no_head_node_answers_is_one_line_exit_2(tmp_path, synt
     assert f'--address 127.0.0.1:{port}: no Ray head node answers there' in err
     assert 'ray start --head' in err and not ray.is_initialized()
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_token_cluster_attached_without_the_token_is_one_line_exit_2(tmp_path, synthetic_root,
+                                                                       ray_address, cli_env):
+    """The session's cluster uses Ray's token authentication; a driver without RAY_AUTH_MODE
+    and the token is refused. Before: a ConnectionError traceback."""
+    env = {k: v for k, v in cli_env.items() if not k.startswith('RAY_AUTH')}
+    env['HOME'] = str(tmp_path)  # and no ~/.ray/auth_token to fall back on
+    space = tmp_path / 'space.yaml'
+    space.write_text(yaml.safe_dump(dict(
+        name='notoken', base_config=str(ROOT / 'configs' / 'tiny_fcn_synthetic.py'),
+        data_root=str(synthetic_root), parameters={'model.decode_head.num_convs': {'grid': [1]}},
+        resources={'workers_per_trial': 1}, output=str(tmp_path / 'out'))))
+    run = subprocess.run([str(Path(sys.executable).with_name('orchestrator')), 'sweep',
+                          str(space), '--address', ray_address], env=env, capture_output=True,
+                         text=True, timeout=300)
+    err = run.stderr.strip()
+    assert run.returncode == 2, (run.stdout[-2000:], err[-2000:])
+    assert err.count('\n') == 0 and 'Traceback' not in err, err
+    assert f'--address {ray_address}: Ray refused the connection' in err
+    assert 'RAY_AUTH_MODE=token' in err

@@ -191,3 +191,23 @@ def test_the_planned_bytes_per_rank_are_what_a_step_leaves_held(masters):
     assert len(low) > 10  # the backbone trains in bfloat16 (what the plan is about)
     planned = rank_bytes(trainable(cfg._cfg_dict.to_dict()['model']), optimizer_cfg, masters)
     assert sum(held.values()) == planned
+
+
+def test_weights_loaded_after_the_optimizer_was_built_are_the_ones_trained():
+    """mmseg builds the optimizer before ``load_from`` loads the weights: the masters follow
+    the loaded weights, not the ones they were copied from."""
+    model = Tiny()
+    optimizer = build_optimizer(model, wrap(CFG))
+    model.load_state_dict({k: v * 2 for k, v in model.state_dict().items()})  # load_from
+    loaded = {n: p.detach().float().clone() for n, p in model.named_parameters()
+              if p.requires_grad and p.dtype == torch.bfloat16}
+    grads = _step(model, optimizer, _inputs(1)[0])
+    reference = {n: v.requires_grad_() for n, v in loaded.items()}
+    torch_adamw = torch.optim.AdamW(list(reference.values()), lr=LR, weight_decay=WD)
+    for n, ref in reference.items():
+        ref.grad = grads[n].float()
+    torch_adamw.step()
+    masters = _masters(model, optimizer)
+    for n, ref in reference.items():
+        assert torch.equal(masters[n], ref.detach()), n
+        assert torch.equal(model.get_parameter(n).detach(), ref.detach().bfloat16()), n

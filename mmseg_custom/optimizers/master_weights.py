@@ -18,11 +18,12 @@ InternVL's behaviour, for parity.
 ``paramwise_cfg`` is its own.
 """
 import torch
-from mmcv.runner import OPTIMIZER_BUILDERS, build_optimizer_constructor
+from mmcv.runner import OPTIMIZER_BUILDERS
+from mmseg.core.builder import build_optimizer_constructor  # mmseg's registry and mmcv's
 
 NAME = 'Float32MasterWeights'  # orchestrator/fine_tuning.py wraps a config's constructor in it
 STATE_KEY = 'float32_master'
-LOW = (torch.bfloat16, torch.float16)
+LOW = (torch.bfloat16,)  # float16 needs loss scaling, which reads the optimizer's (master) gradients
 
 
 def with_master_weights(optimizer):
@@ -44,6 +45,10 @@ def with_master_weights(optimizer):
         assert p not in optimizer.state, 'masters are made before the first step'
 
     def gradients_to_masters(opt, args, kwargs):
+        if not opt.state:  # the first step, not a resumed run: the weights may have been
+            with torch.no_grad():  # loaded since the masters were made (mmseg's load_from)
+                for p, master in pairs:
+                    master.copy_(p)
         for p, master in pairs:
             master.grad = None if p.grad is None else p.grad.float()
             p.grad = None  # the model's own are spent (mmcv zeroes the optimizer's, not these)
@@ -54,7 +59,7 @@ def with_master_weights(optimizer):
             p.copy_(master)
 
     def save(opt, state_dict):
-        state_dict[STATE_KEY] = [master.detach().clone() for _, master in pairs]
+        state_dict[STATE_KEY] = [master.detach() for _, master in pairs]  # no device copy
         return state_dict
 
     saved = []
@@ -67,6 +72,10 @@ def with_master_weights(optimizer):
     @torch.no_grad()
     def restore(opt):
         masters = saved.pop() if saved else None
+        if masters is not None and [m.shape for m in masters] != [m.shape for _, m in pairs]:
+            raise ValueError(f'the checkpoint\'s {len(masters)} float32 master weights do not '
+                             f'match this model\'s {len(pairs)} trainable bfloat16 parameters '
+                             '(another model, or another freeze setting)')
         for i, (p, master) in enumerate(pairs):
             # a checkpoint without masters (trained without them): start from the loaded weights
             master.copy_(p if masters is None else masters[i])
