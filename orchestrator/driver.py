@@ -315,7 +315,7 @@ def _attach_cluster(sweep, env_vars):
             # (Ray's AuthenticationError), another Ray version (RuntimeError)
             ray.shutdown()
             raise cluster.refused(sweep.address, e) from None
-    sweep_log.write(held.text())
+        sweep_log.write(held.text())
     try:
         nodes = cluster.cluster_nodes()
         sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(sweep.spec, nodes)
