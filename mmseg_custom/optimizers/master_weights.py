@@ -1,9 +1,9 @@
-"""``Float32MasterWeights``: bfloat16 (or float16) weights trained through float32 copies.
+"""``Float32MasterWeights``: bfloat16 weights trained through float32 copies.
 
 InternVL's few-shot protocol fine-tunes the backbone in bfloat16 with AdamW and no float32 master
 weights, so an update below half a bfloat16 step rounds away (``bf16(0.02) + 4e-5 == 0.02``;
 ``backbone.changed_fraction`` shows how much). This constructor wraps any other one and gives the
-optimizer a float32 copy of every trainable low-precision parameter: the model still computes in
+optimizer a float32 copy of every trainable bfloat16 parameter: the model still computes in
 its own dtype; before each step its gradients are moved (as float32) onto the copies, the step
 updates the copies, and the model's weights are set to them, rounded. The copies travel in the
 optimizer's state dict (``float32_master``), so a resume continues from them, not from the
@@ -27,7 +27,7 @@ LOW = (torch.bfloat16,)  # float16 needs loss scaling, which reads the optimizer
 
 
 def with_master_weights(optimizer):
-    """Give ``optimizer`` float32 masters of its trainable low-precision parameters (in place)."""
+    """Give ``optimizer`` float32 masters of its trainable bfloat16 parameters (in place)."""
     pairs = []  # (the model's parameter, its float32 master)
     for group in optimizer.param_groups:
         params = []
