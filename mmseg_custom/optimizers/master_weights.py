@@ -23,7 +23,9 @@ from mmseg.core.builder import build_optimizer_constructor  # mmseg's registry a
 
 NAME = 'Float32MasterWeights'  # orchestrator/fine_tuning.py wraps a config's constructor in it
 STATE_KEY = 'float32_master'
-LOW = (torch.bfloat16,)  # float16 needs loss scaling, which reads the optimizer's (master) gradients
+# float16 would need loss scaling, which reads the optimizer's gradients (the masters') before
+# they are moved there
+LOW = (torch.bfloat16,)
 
 
 def with_master_weights(optimizer):
