@@ -178,6 +178,10 @@ def main(argv=None):
         except ConfigError as e:
             print(f'error: {e}', file=sys.stderr)
             return e.exit_code
+        except KeyboardInterrupt:  # Ctrl-C before a sweep's own handlers (interrupts.py)
+            print(f'interrupted (SIGINT): {args.command} stopped before it started any work',
+                  file=sys.stderr)
+            return 130
     if args.command == 'schema':
         return schema_command(args.out, args.check)
     if args.command == 'train':

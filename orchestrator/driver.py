@@ -7,8 +7,10 @@ import json
 import logging
 import os
 import os.path as osp
+import shlex
 import shutil
 import sys
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from orchestrator import cluster, fine_tuning, grouping
 from orchestrator import plan as planning
 from orchestrator.errors import ConfigError
+from orchestrator.interrupts import StopSignals, SweepInterrupted
 from orchestrator.preflight import check_data_paths, check_weights_path
 from orchestrator.spec import check_sweep_name, load_spec
 from orchestrator.tables import format_table, ranked_results
@@ -93,10 +96,11 @@ def _init_ray(sweep_dir, **kwargs):
 def _close_lost_trials(journal, trial_ids):
     """A trial that started after Tune's last experiment checkpoint is unknown to the resumed
     Tune, which runs its configuration again as a new trial (Optuna, restored, proposes it
-    again): its child run, still RUNNING, is marked KILLED and says why."""
+    again): its child run, still RUNNING (or KILLED by the interruption), is marked KILLED and
+    says why."""
     journal.flush(attempts=3)
     try:
-        running = journal.running_trials()
+        running = journal.unfinished_trials()
     except Exception:  # MLflow unreachable: the runs stay as they are
         return
     for trial_id in running:
@@ -344,16 +348,17 @@ def _open_journal(sweep, tracking_uri, writer):
     sweep.journal = journal
 
 
-def _start_crews(sweep):
+def _start_crews(sweep, signals):
     """Ray (local), the packing, the trial groups, and the WorkerPool with its crews, started at
     once: their workers import mmseg (the start-up's longest step) while MLflow and Tune get
-    ready."""
+    ready. The stop signals are ours from here (ray.init installs its own)."""
     from orchestrator.crew import WorkerPool
     spec = sweep.spec
     if not sweep.address:
         _init_ray(sweep.sweep_dir)
         sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(
             spec, cluster.cluster_nodes())
+    signals.install()
     print('\n'.join(sweep.plan_lines), file=sweep.out, flush=True)
     # a trial group's heads share the GPU's memory left beside the frozen model
     gpu = (cluster.gpu_memory() if spec.gpus_per_worker and spec.grouping
@@ -461,10 +466,17 @@ def _build_tuner(sweep):
                                   callbacks=[callback, live], verbose=0)), live
 
 
-def _fit(sweep, tuner, live):
-    """Run the trials; the parent run ends FINISHED, or FAILED when a trial failed."""
+def _fit(sweep, tuner, live, signals):
+    """Run the trials; the parent run ends FINISHED, or FAILED when a trial failed (None: a
+    stop signal ended Tune's loop)."""
     spec = sweep.spec
-    results = tuner.fit()
+    signals.fitting = True
+    try:
+        results = tuner.fit()
+    finally:
+        signals.fitting = False
+    if signals.signum:
+        return None
     if sweep.resume:
         _close_lost_trials(sweep.journal, {r.metrics.get('trial_id') for r in results})
     header, rows, failed = ranked_results(results, planning.searched_keys(spec), spec.metric,
@@ -502,11 +514,84 @@ def _print_outcome(sweep, header, rows, failed):
     return 1 if failed else 0
 
 
+def _close_interrupted(sweep, signals, resume_command):
+    """After a stop signal: the runs of the trials that were training, and the parent, end
+    KILLED and say why (from the journal's own records: MLflow may be unreachable)."""
+    journal = sweep.journal
+    said = (f'{signals.name} at {time.strftime("%Y-%m-%d %H:%M:%S")}: stopped at the latest '
+            f'checkpoint; `{resume_command}` continues it')
+    running = journal.running_here()
+    for trial_id in running:
+        journal.record('tags', trial_id=trial_id, tags={'interrupted': said})
+        journal.record('status', trial_id=trial_id, status='KILLED')
+    journal.record('tags', tags={'interrupted': said})
+    journal.record('status', status='KILLED')
+    return running
+
+
+def _resume_command(space_file, name, output, address):
+    """The command that finishes this sweep, with the flags it was started with."""
+    words = ['orchestrator', 'sweep', space_file, '--resume']
+    for flag, value in (('--name', name), ('--output', output), ('--address', address)):
+        if value:
+            words += [flag, value]
+    return shlex.join(words)
+
+
+def _print_interrupted(sweep, signals, running, resume_command):
+    """One line: what the signal interrupted and how to continue; exit 128 + its number."""
+    resumable = osp.isfile(osp.join(sweep.experiment_path, 'tuner.pkl'))
+    what = (f'{len(running)} trial(s) stopped at their latest checkpoint '
+            f'({", ".join(sorted(running))})' if running else 'no trial was training')
+    if resumable:
+        then = f'resume with: {resume_command}'
+    else:
+        then = 'no trial had started: run the same command again'
+    print(f'interrupted by {signals.name}: {what}; MLflow runs marked KILLED; {then}',
+          file=sweep.out, flush=True)
+    return signals.exit_code
+
+
+def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_command):
+    """The sweep's steps, in this order; a stop signal ends them at the first or second step
+    its handler reaches (interrupts.py)."""
+    from orchestrator.journal import WriterLock
+    outcome, interrupted = None, None
+    with WriterLock() as writer:  # released however the sweep ends
+        sweep = _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer)
+        _open_journal(sweep, tracking_uri, writer)
+        with ThreadPoolExecutor(1) as background:
+            # MLflow's import and store set-up (~5 s) overlap ray.init and the crews' start
+            warming = background.submit(sweep.journal.warm)
+            try:
+                _start_crews(sweep, signals)
+                _open_parent_run(sweep, warming)
+                tuner, live = _build_tuner(sweep)
+                outcome = _fit(sweep, tuner, live, signals)
+                if outcome is None:  # Tune stopped at the signal, its state saved
+                    interrupted = _close_interrupted(sweep, signals, resume_command)
+                    live.show(force=True, final=True)
+            except SweepInterrupted as e:  # before Tune's loop, or a second signal
+                signals.signum = signals.signum or e.signum
+                interrupted = (_close_interrupted(sweep, signals, resume_command)
+                               if sweep.started else [])
+            except BaseException:
+                if sweep.started:  # crashed: the parent must not stay RUNNING
+                    sweep.journal.record('status', status='KILLED')
+                raise
+            finally:
+                sweep.journal.stop_delivery()
+                import ray
+                ray.shutdown()
+    return sweep, outcome, interrupted
+
+
 def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=None,
               dry_run=False, resume=False, out=None, no_grouping=False, **dry_run_options):
-    """``orchestrator sweep``: the steps below, in this order (``dry_run_options``: the dry
-    run's estimate and GPU, _print_dry_run)."""
+    """``orchestrator sweep``: load and check, then the dry run or the sweep's steps (_run);
+    ``dry_run_options``: the dry run's estimate and GPU (_print_dry_run)."""
     out = out or sys.stdout
+    resume_command = _resume_command(space_file, name, output, address)
     spec, base_cfg = load_spec(space_file)
     spec.grouping = spec.grouping and not no_grouping
     spec.name = check_sweep_name(spec.source, '--name', name) if name else spec.name
@@ -515,24 +600,16 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     if dry_run:
         said = planning.settle_base_fraction(spec, planning.plain(base_cfg))
         return _print_dry_run(spec, base_cfg, address, out, said=said, **dry_run_options)
-    from orchestrator.journal import WriterLock
-    with WriterLock() as writer:  # released however the sweep ends
-        sweep = _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer)
-        _open_journal(sweep, tracking_uri, writer)
-        with ThreadPoolExecutor(1) as background:
-            # MLflow's import and store set-up (~5 s) overlap ray.init and the crews' start
-            warming = background.submit(sweep.journal.warm)
-            try:
-                _start_crews(sweep)
-                _open_parent_run(sweep, warming)
-                tuner, live = _build_tuner(sweep)
-                header, rows, failed = _fit(sweep, tuner, live)
-            except BaseException:
-                if sweep.started:  # interrupted or crashed: the parent must not stay RUNNING
-                    sweep.journal.record('status', status='KILLED')
-                raise
-            finally:
-                sweep.journal.stop_delivery()
-                import ray
-                ray.shutdown()
-        return _print_outcome(sweep, header, rows, failed)
+    signals = StopSignals()
+    try:
+        sweep, outcome, interrupted = _run(spec, base_cfg, address, resume, out, tracking_uri,
+                                           signals, resume_command)
+        if interrupted is not None:
+            return _print_interrupted(sweep, signals, interrupted, resume_command)
+        return _print_outcome(sweep, *outcome)
+    except SweepInterrupted as e:  # a second signal while the first one's stop was under way
+        print(f'interrupted by {e}: ended at once (MLflow writes not yet delivered wait in the '
+              f'journal); resume with: {resume_command}', file=out, flush=True)
+        return 128 + e.signum
+    finally:
+        signals.restore()

@@ -289,13 +289,21 @@ class TrackingJournal:
                                        max_results=1)
         return runs[0].info.run_id if runs else None
 
-    def running_trials(self):
-        """Trial ids of this sweep's children that MLflow still shows RUNNING."""
+    def unfinished_trials(self):
+        """Trial ids of this sweep's children that MLflow shows RUNNING or KILLED (interrupted)."""
         runs = self.client.search_runs(
             [self.experiment_id()], max_results=10000,
             filter_string=f"tags.sweep_uid = '{self.sweep_uid}' and tags.role = 'trial' and "
-                          "attributes.status = 'RUNNING'")
+                          "attributes.status IN ('RUNNING', 'KILLED')")
         return [r.data.tags['trial_id'] for r in runs]
+
+    def running_here(self):
+        """Trial ids whose last status in this journal is RUNNING: known without MLflow."""
+        last = {}
+        for rec in self._pending_records(0):
+            if rec['op'] == 'status' and rec.get('trial_id'):
+                last[rec['trial_id']] = rec['status']
+        return [tid for tid, status in last.items() if status == 'RUNNING']
 
     def parent_id(self):
         if 'parent' not in self._ids:

@@ -124,8 +124,8 @@ def _replay_journal(records, metric):
                 t['reason'] = rec['tags']['failure_reason']
             elif rec['op'] == 'status':
                 t['ended'] = None if rec['status'] == 'RUNNING' else rec.get('at')
-                t['state'] = {'RUNNING': 'running', 'FINISHED': 'done'}.get(rec['status'],
-                                                                            'failed')
+                t['state'] = {'RUNNING': 'running', 'FINISHED': 'done',
+                              'KILLED': 'interrupted'}.get(rec['status'], 'failed')
     return trials, sweep_state, started_at, ended_at
 
 
@@ -158,7 +158,9 @@ def sweep_status(sweep_dir, journal=None):
         t['skipped_checkpoints'] = read_jsonl(path) if osp.isfile(path) else []
     if sweep_state == 'RUNNING' and _driver_gone(plan):
         sweep_state = 'INTERRUPTED'  # driver killed: `orchestrator sweep SPACE --resume`
-    if sweep_state in ('INTERRUPTED', 'KILLED'):
+    if sweep_state == 'KILLED':  # by a stop signal (or a crash): --resume finishes it
+        sweep_state = 'INTERRUPTED'
+    if sweep_state == 'INTERRUPTED':
         for t in trials.values():
             if t['state'] == 'running':
                 t['state'] = 'interrupted'

@@ -3,6 +3,7 @@
 child per trial, no evaluation logged twice, nothing missing."""
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -140,6 +141,84 @@ def test_a_torn_checkpoint_of_an_interrupted_trial_is_skipped_on_resume(
                             env=cli_env, capture_output=True, text=True, timeout=60)
     assert f'checkpoint {newest.name} could not be read' in status.stdout, status.stdout
     assert (mmseg / f'{newest.name}.unreadable').is_file()
+
+
+def _last_line(output):
+    return output.strip().splitlines()[-1]
+
+
+def test_sigterm_stops_the_sweep_resumably_and_says_how(tmp_path, synthetic_root, ray_address,
+                                                        ray_processes, cli_env):
+    """SIGTERM (a preemption) while a trial trains: exit 143, no crash dump, the running trial's
+    run KILLED and tagged, nothing of the sweep's left on the cluster, and the printed command
+    finishes it. Before: Ray's C++ handler dumped `*** SIGTERM received` and the driver died of
+    SIGABRT."""
+    path = _space(tmp_path, synthetic_root, 'sigterm',
+                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=240, evaluations=4,
+                  resources={'workers_per_trial': 2, 'cpus_per_worker': 1,
+                             'max_concurrent_trials': 1})
+    trials = tmp_path / 'out' / 'sigterm' / 'trials'
+    before = set(ray_processes('ray::TrainWorker'))
+    driver = _sweep(path, ray_address, cli_env)
+    _wait_for(lambda: list(trials.glob('*/mmseg/iter_60.pth')), driver)
+    ours = set(ray_processes('ray::TrainWorker')) - before
+    assert len(ours) == 2  # this sweep's crew
+    driver.send_signal(signal.SIGTERM)
+    signalled = time.time()
+    output = driver.communicate(timeout=120)[0]
+    print(f'SIGTERM -> driver exited in {time.time() - signalled:.1f} s')
+    assert driver.returncode == 143, output[-3000:]
+    assert 'Traceback' not in output and 'SIGTERM received' not in output, output[-3000:]
+    line = _last_line(output)
+    assert line.startswith('interrupted by SIGTERM: 1 trial(s) stopped at their latest '
+                           'checkpoint'), output[-3000:]
+    client, (parent,), (child,) = _runs(tmp_path, 'sigterm')
+    assert parent.info.status == 'KILLED' and child.info.status == 'KILLED'
+    assert child.data.tags['interrupted'].startswith('SIGTERM at ')
+    assert child.data.tags['trial_id'] in line
+    assert 240 not in _steps(client, child)  # it did not finish: nothing says it did
+    _wait_for(lambda: not ours & set(ray_processes('ray::TrainWorker')), driver, timeout=60)
+
+    command = shlex.split(line.split('resume with: ', 1)[1])
+    assert command[:2] == ['orchestrator', 'sweep'] and '--resume' in command
+    resumed = subprocess.run([ORCHESTRATOR, *command[1:]], env=cli_env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    client, (parent,), children = _runs(tmp_path, 'sigterm')
+    assert parent.info.status == 'FINISHED' and len(children) == 2
+    for child in children:  # every evaluation exactly once, none missing
+        assert child.info.status == 'FINISHED'
+        assert _steps(client, child) == [60, 120, 180, 240], child.data.tags['trial_id']
+
+
+def test_a_second_ctrl_c_ends_the_sweep_at_once_still_resumable(tmp_path, synthetic_root,
+                                                                 ray_address, cli_env):
+    """Two SIGINTs to the driver's process group (a terminal's Ctrl-C, twice): exit 130, one
+    line with the resume command, the parent run KILLED, Tune's state kept. Before: the first
+    Ctrl-C ended with exit 0 and the half-trained trial in the ranked table."""
+    path = _space(tmp_path, synthetic_root, 'sigint',
+                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=240, evaluations=4)
+    trials = tmp_path / 'out' / 'sigint' / 'trials'
+    driver = subprocess.Popen([ORCHESTRATOR, 'sweep', str(path), '--address', ray_address],
+                              env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    _DRIVERS.append(driver)
+    _wait_for(lambda: list(trials.glob('*/mmseg/iter_60.pth')), driver)
+    os.killpg(driver.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGINT)
+    output = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 130, output[-3000:]
+    assert 'Traceback' not in output, output[-3000:]
+    line = _last_line(output)
+    assert line.startswith('interrupted by SIGINT') and '--resume' in line, output[-3000:]
+    assert 'results:' not in output  # no ranked table of half-trained trials
+    client, (parent,), children = _runs(tmp_path, 'sigint')
+    assert parent.info.status == 'KILLED' and children
+    for child in children:  # only a trial that trained to its end may say FINISHED
+        finished = 240 in _steps(client, child)
+        assert child.info.status == ('FINISHED' if finished else 'KILLED')
+    assert (tmp_path / 'out' / 'sigint' / 'tune' / 'sigint' / 'tuner.pkl').is_file()
 
 
 @pytest.mark.parametrize('config', ['tiny_fcn_synthetic.py', 'tiny_vit_frozen_fcn_synthetic.py'])

@@ -1,0 +1,63 @@
+"""SIGINT (Ctrl-C) and SIGTERM (how Slurm and Kubernetes preempt) during a sweep.
+
+The first one stops the sweep through Ray Tune's own graceful path: Tune always listens on
+SIGUSR1 while it fits (it then saves its experiment state, stops the trials and returns), so our
+handler calls Tune's. Before Tune's loop starts, and at a second signal, the handler raises
+``SweepInterrupted`` at once. Ray's handlers are replaced: its C++ one answered SIGTERM with a
+crash dump and SIGABRT, its Python one with ``sys.exit``. The driver then closes the MLflow runs
+(driver.py) and exits 128 + the signal's number.
+"""
+import os
+import signal
+
+STOPS = (signal.SIGINT, signal.SIGTERM)
+# Tune's SIGINT handler would replace ours; with it off Tune still handles SIGUSR1
+os.environ['TUNE_DISABLE_SIGINT_HANDLER'] = '1'
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """A stop signal ended the sweep before Tune could stop it gracefully (before its loop, or
+    a second signal)."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """Installed after ``ray.init`` (which sets handlers of its own), restored at the end."""
+
+    def __init__(self):
+        self.signum = None  # the first stop signal received
+        self.fitting = False  # Tune's loop may be running: its SIGUSR1 handler stops it
+        self._previous = {}
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name if self.signum else None
+
+    @property
+    def exit_code(self):
+        return 128 + self.signum
+
+    def install(self):
+        # SIGUSR1 too: until Tune takes it over, it is ours (its default action kills)
+        for signum in (*STOPS, signal.SIGUSR1):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGUSR1:
+            signum = signal.SIGINT  # sent by a user before Tune listens: an interruption
+        if self.signum is not None:
+            raise SweepInterrupted(self.signum)
+        self.signum = signum
+        tune_handler = signal.getsignal(signal.SIGUSR1)
+        if not (self.fitting and callable(tune_handler) and tune_handler != self._handle):
+            raise SweepInterrupted(signum)
+        tune_handler(signal.SIGUSR1, frame)  # Tune stops at its next step
