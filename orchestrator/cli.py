@@ -151,6 +151,9 @@ def main(argv=None):
     logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
     for name in ('mlflow.store.db.utils', 'alembic'):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # ... and the store's errors with their tracebacks (a full disk, a locked database): they are
+    # raised to the journal too, which says them in one line and keeps the write for later
+    logging.getLogger('mlflow.store.db.utils').setLevel(logging.CRITICAL)
     args = _parser().parse_args(argv)
     if args.command in ('sweep', 'sync', 'report', 'status', 'best', 'compare'):
         from orchestrator.errors import ConfigError

@@ -180,7 +180,7 @@ class TrainWorker:
         """Train one trial as ``rank`` of ``world_size``; returns the final metrics."""
         from mmseg_custom.hooks import BackboneChanged, TrainingDiverged
         from orchestrator import worker
-        from orchestrator.errors import ConfigError, TrialFailed
+        from orchestrator.errors import ConfigError, TrialFailed, disk_full
         cfg, report, should_stop = self._prepare(job, rank)
         with self._process_group(rank, world_size, init_method):
             try:
@@ -188,16 +188,26 @@ class TrainWorker:
                                     should_stop=should_stop, gpus_per_rank=self.gpu_share)
             except (TrainingDiverged, ConfigError, BackboneChanged) as e:  # the reason itself
                 raise TrialFailed(str(e)) from None
+            except Exception as e:
+                if disk_full(e, cfg.work_dir) is None:
+                    raise
+                raise disk_full(e, cfg.work_dir) from None
 
     def run_trial_group(self, jobs, rank, world_size, init_method, group_dir):
         """Train a trial group (``jobs``: its trials, head-side values apart) as ``rank``: one
         frozen-backbone pass per batch; each trial's reports and stop requests are its own."""
         from orchestrator import worker
+        from orchestrator.errors import disk_full
         cfgs, reports, stops = zip(*[self._prepare(job, rank) for job in jobs])
         with self._process_group(rank, world_size, init_method):
-            return worker.train_group(list(cfgs), [c.work_dir for c in cfgs], group_dir,
-                                      callbacks=list(reports), should_stops=list(stops),
-                                      source=jobs[0].source, gpus_per_rank=self.gpu_share)
+            try:
+                return worker.train_group(list(cfgs), [c.work_dir for c in cfgs], group_dir,
+                                          callbacks=list(reports), should_stops=list(stops),
+                                          source=jobs[0].source, gpus_per_rank=self.gpu_share)
+            except Exception as e:
+                if disk_full(e, group_dir) is None:
+                    raise
+                raise disk_full(e, group_dir) from None
 
 
 async def _settled(ref):
@@ -256,6 +266,7 @@ class WorkerPool:
         self.forming = {}
         self.launched = 0
         self.join_wait_s = join_wait_s
+        self.stop_reason = None  # set by stop_sweep: the driver polls it (driver._watch_pool)
 
     def _cond(self):
         if self._changed is None:
@@ -385,6 +396,13 @@ class WorkerPool:
         for watch in watches:
             watch.cancel()
         await self._free(cid)
+
+    def stop_sweep(self, reason):
+        """A trial asks the driver to stop the sweep (a full disk); the first reason is kept."""
+        self.stop_reason = self.stop_reason or reason
+
+    def stop_requested(self):
+        return self.stop_reason
 
     def stats(self):
         return dict(crews=len(self.crews), free=len(self.free), rebuilt=self.rebuilt,

@@ -10,6 +10,7 @@ import os.path as osp
 import shlex
 import shutil
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 
 from orchestrator import cluster, fine_tuning, grouping
 from orchestrator import plan as planning
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, DiskFull, disk_full
+from orchestrator.files import append_whole
 from orchestrator.interrupts import StopSignals, SweepInterrupted
 from orchestrator.preflight import check_data_paths, check_weights_path
 from orchestrator.spec import check_sweep_name, load_spec
@@ -55,10 +57,14 @@ class _SweepLog(logging.Handler):
     def __init__(self, path):
         super().__init__()
         self.path, self.held = path, []
+        self.on_full = lambda reason: None  # StopSignals.request, once the sweep has them
         self.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
 
-    def emit(self, record):
-        self.write(self.format(record) + '\n')
+    def emit(self, record):  # never raises: Ray logs from inside its own calls
+        try:
+            self.write(self.format(record) + '\n')
+        except Exception:  # the line stays held for the next write
+            pass
 
     def write(self, text):
         self.held.append(text)
@@ -69,8 +75,13 @@ class _SweepLog(logging.Handler):
 
     def flush(self):
         if self.held and osp.isdir(osp.dirname(self.path)):
-            with open(self.path, 'a') as f:
-                f.writelines(self.held)
+            try:
+                append_whole(self.path, ''.join(self.held))
+            except OSError as e:  # a full disk: the lines wait here, the sweep stops
+                if disk_full(e, self.path) is None:
+                    raise
+                self.on_full(str(disk_full(e, self.path)))
+                return
             self.held = []
 
 
@@ -190,6 +201,8 @@ class _Sweep:
     pool_name: str = None
     pool: object = None  # the WorkerPool's handle: the actor lives as long as it is held
     started: bool = False  # the parent run is RUNNING: an interruption marks it KILLED
+    marked: bool = True  # after an interruption: its runs' KILLED status is in the journal
+    log: object = None  # the _SweepLog of <sweep>/ray.log
     base: dict = field(init=False)  # the base config as plain data, for Tune and Ray
 
     def __post_init__(self):
@@ -261,6 +274,10 @@ def _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer):
                    experiment_path=osp.join(sweep_dir, 'tune', spec.name))
     if resume:
         _check_resumable(spec, sweep_dir, sweep.experiment_path)
+        from orchestrator.tune_state import restore_torn
+        for name in restore_torn(sweep.experiment_path):
+            print(f'{osp.join(sweep.experiment_path, name)}: torn (a full disk or a kill while '
+                  'Tune wrote it); restored from its last whole copy', file=out)
     if osp.isdir(sweep_dir):  # before anything in it changes: not beside a running sweep
         _lock_journal(spec, writer, sweep_dir)
     if not resume:
@@ -274,7 +291,7 @@ def _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer):
     # runs them again (Optuna re-proposes them). Every second instead: a few KB per save.
     os.environ.setdefault('TUNE_GLOBAL_CHECKPOINT_S', '1')
     if address:
-        sweep_log = _attach_cluster(sweep, env_vars)
+        sweep.log = sweep_log = _attach_cluster(sweep, env_vars)
     if not resume:
         os.makedirs(sweep_dir, exist_ok=True)
         shutil.copy(spec.source, osp.join(sweep_dir, 'space.yaml'))
@@ -355,10 +372,11 @@ def _start_crews(sweep, signals):
     from orchestrator.crew import WorkerPool
     spec = sweep.spec
     if not sweep.address:
-        _init_ray(sweep.sweep_dir)
+        sweep.log = _init_ray(sweep.sweep_dir)
         sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(
             spec, cluster.cluster_nodes())
     signals.install()
+    sweep.log.on_full = signals.request
     print('\n'.join(sweep.plan_lines), file=sweep.out, flush=True)
     # a trial group's heads share the GPU's memory left beside the frozen model
     gpu = (cluster.gpu_memory() if spec.gpus_per_worker and spec.grouping
@@ -438,6 +456,7 @@ def _build_tuner(sweep):
     from orchestrator.live import LiveStatus
     from orchestrator.status import write_plan
     from orchestrator.trial import run_trial
+    from orchestrator.tune_state import KeepTuneState
     spec = sweep.spec
     callback = _tracking_callback(sweep)
     write_plan(sweep.sweep_dir, len(planning.grid_trials(spec)), sweep.max_concurrent,
@@ -463,7 +482,34 @@ def _build_tuner(sweep):
             max_concurrent_trials=live_trials, reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name,
                                   storage_path=osp.dirname(sweep.experiment_path),
-                                  callbacks=[callback, live], verbose=0)), live
+                                  callbacks=[callback, live,
+                                             KeepTuneState(sweep.experiment_path)],
+                                  verbose=0)), live
+
+
+@contextlib.contextmanager
+def _stop_requests(pool, signals, every_s=2.0):
+    """While Tune fits: a trial's request to stop the sweep (a full disk, sent to the pool)
+    becomes a stop of Tune's loop, as a first signal is (StopSignals.request)."""
+    import ray
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(every_s):
+            try:
+                reason = ray.get(pool.stop_requested.remote(), timeout=30)
+            except Exception:  # the pool is gone: the sweep is ending anyway
+                return
+            if reason:
+                signals.request(reason)
+                return
+    thread = threading.Thread(target=watch, name='stop-requests', daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=35)
 
 
 def _fit(sweep, tuner, live, signals):
@@ -472,10 +518,11 @@ def _fit(sweep, tuner, live, signals):
     spec = sweep.spec
     signals.fitting = True
     try:
-        results = tuner.fit()
+        with _stop_requests(sweep.pool, signals):
+            results = tuner.fit()
     finally:
         signals.fitting = False
-    if signals.signum:
+    if signals.signum or signals.reason:
         return None
     if sweep.resume:
         _close_lost_trials(sweep.journal, {r.metrics.get('trial_id') for r in results})
@@ -515,17 +562,21 @@ def _print_outcome(sweep, header, rows, failed):
 
 
 def _close_interrupted(sweep, signals, resume_command):
-    """After a stop signal: the runs of the trials that were training, and the parent, end
-    KILLED and say why (from the journal's own records: MLflow may be unreachable)."""
+    """After a stop: the runs of the trials that were training, and the parent, end KILLED and
+    say why (from the journal's own records: MLflow may be unreachable). On a full disk the
+    journal may take nothing more: the runs then stay RUNNING until the resume."""
     journal = sweep.journal
-    said = (f'{signals.name} at {time.strftime("%Y-%m-%d %H:%M:%S")}: stopped at the latest '
-            f'checkpoint; `{resume_command}` continues it')
+    said = (f'{signals.name or "a full disk"} at {time.strftime("%Y-%m-%d %H:%M:%S")}: stopped '
+            f'at the latest checkpoint; `{resume_command}` continues it')
     running = journal.running_here()
-    for trial_id in running:
-        journal.record('tags', trial_id=trial_id, tags={'interrupted': said})
-        journal.record('status', trial_id=trial_id, status='KILLED')
-    journal.record('tags', tags={'interrupted': said})
-    journal.record('status', status='KILLED')
+    try:
+        for trial_id in running:
+            journal.record('tags', trial_id=trial_id, tags={'interrupted': said})
+            journal.record('status', trial_id=trial_id, status='KILLED')
+        journal.record('tags', tags={'interrupted': said})
+        journal.record('status', status='KILLED')
+    except DiskFull:
+        sweep.marked = False
     return running
 
 
@@ -539,17 +590,24 @@ def _resume_command(space_file, name, output, address):
 
 
 def _print_interrupted(sweep, signals, running, resume_command):
-    """One line: what the signal interrupted and how to continue; exit 128 + its number."""
+    """One line: what stopped the sweep, what it interrupted and how to continue; exit 128 +
+    the signal's number, or DiskFull's code."""
     resumable = osp.isfile(osp.join(sweep.experiment_path, 'tuner.pkl'))
     what = (f'{len(running)} trial(s) stopped at their latest checkpoint '
             f'({", ".join(sorted(running))})' if running else 'no trial was training')
+    marked = ('MLflow runs marked KILLED' if sweep.marked else
+              'MLflow runs stay RUNNING until then')
     if resumable:
         then = f'resume with: {resume_command}'
     else:
         then = 'no trial had started: run the same command again'
-    print(f'interrupted by {signals.name}: {what}; MLflow runs marked KILLED; {then}',
-          file=sweep.out, flush=True)
-    return signals.exit_code
+    if signals.signum:
+        print(f'interrupted by {signals.name}: {what}; {marked}; {then}', file=sweep.out,
+              flush=True)
+        return signals.exit_code
+    print(f'error: {signals.reason}; the sweep stopped: {what}; {marked}; free space there, '
+          f'then {then}', file=sweep.out, flush=True)
+    return DiskFull.exit_code
 
 
 def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_command):
@@ -573,6 +631,12 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
                     live.show(force=True, final=True)
             except SweepInterrupted as e:  # before Tune's loop, or a second signal
                 signals.signum = signals.signum or e.signum
+                interrupted = (_close_interrupted(sweep, signals, resume_command)
+                               if sweep.started else [])
+            except (DiskFull, OSError) as e:  # the driver's own writes: the journal, plan.json
+                if disk_full(e, sweep.sweep_dir) is None:
+                    raise
+                signals.reason = signals.reason or str(disk_full(e, sweep.sweep_dir))
                 interrupted = (_close_interrupted(sweep, signals, resume_command)
                                if sweep.started else [])
             except BaseException:
@@ -610,6 +674,6 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     except SweepInterrupted as e:  # a second signal while the first one's stop was under way
         print(f'interrupted by {e}: ended at once (MLflow writes not yet delivered wait in the '
               f'journal); resume with: {resume_command}', file=out, flush=True)
-        return 128 + e.signum
+        return 128 + e.signum if e.signum else DiskFull.exit_code
     finally:
         signals.restore()

@@ -11,3 +11,27 @@ class ConfigError(ValueError):
 class TrialFailed(RuntimeError):
     """A trial ended for a reason worth its own words in MLflow (``diverged: ...``, lost workers)
     rather than a traceback; the message is the reason."""
+
+
+class DiskFull(TrialFailed):
+    """A write found its file system full: the sweep stops, resumable once space is freed
+    (never a failed trial: the same trial trains on after ``--resume``)."""
+
+    exit_code = 4
+
+    def __init__(self, path):
+        super().__init__(f'{path}: no space left on device')
+        self.path = path
+
+
+def disk_full(error, path):
+    """``DiskFull(path)`` when ``error`` (or what it was raised from: torch and mmcv wrap the
+    OSError) says the device is full, else None."""
+    import errno
+    while error is not None:
+        if isinstance(error, DiskFull):
+            return error
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFull(error.filename or path)
+        error = error.__cause__ or error.__context__
+    return None

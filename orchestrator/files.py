@@ -1,6 +1,6 @@
 """Files that other commands read while a sweep writes them (``tracking.json``, ``plan.json``,
 ``placement.json``): written to a temporary name and renamed, so a reader sees the old file or
-the new one, never half of one."""
+the new one, never half of one; logs and journals appended whole lines or nothing."""
 import json
 import os
 
@@ -29,3 +29,23 @@ def read_jsonl(path):
                     raise  # a broken line in the middle is damage, not a write in progress
                 break
     return records
+
+
+def append_whole(path, text, sync=False):
+    """Append ``text`` or nothing: a write the disk cannot take (full) is cut back off, so the
+    next append does not follow half a line. Unbuffered: a failed write is not retried when the
+    file closes."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        data = text.encode()
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            if sync:
+                os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)

@@ -17,10 +17,10 @@ os.environ['TUNE_DISABLE_SIGINT_HANDLER'] = '1'
 
 class SweepInterrupted(KeyboardInterrupt):
     """A stop signal ended the sweep before Tune could stop it gracefully (before its loop, or
-    a second signal)."""
+    a second signal); ``signum`` None: a stop the sweep requested itself (a full disk)."""
 
     def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signal.Signals(signum).name if signum else 'a stop request')
         self.signum = signum
 
 
@@ -29,8 +29,10 @@ class StopSignals:
 
     def __init__(self):
         self.signum = None  # the first stop signal received
+        self.reason = None  # or why the sweep stopped itself (request)
         self.fitting = False  # Tune's loop may be running: its SIGUSR1 handler stops it
         self._previous = {}
+        self._stopping = False
 
     @property
     def name(self):
@@ -38,7 +40,7 @@ class StopSignals:
 
     @property
     def exit_code(self):
-        return 128 + self.signum
+        return 128 + self.signum if self.signum else None
 
     def install(self):
         # SIGUSR1 too: until Tune takes it over, it is ours (its default action kills)
@@ -51,13 +53,25 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous = {}
 
+    def request(self, reason):
+        """Stop the sweep as a first signal would, for ``reason``; from any thread (the handler
+        runs in the main thread, where Tune's loop does)."""
+        if self.reason is None and self.signum is None:
+            self.reason = reason
+            if not self._previous:  # not installed yet: the driver reads the reason later
+                return
+            if signal.getsignal(signal.SIGUSR1) != self._handle:  # Tune's: a graceful stop
+                self._stopping = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+
     def _handle(self, signum, frame):
-        if signum == signal.SIGUSR1:
-            signum = signal.SIGINT  # sent by a user before Tune listens: an interruption
-        if self.signum is not None:
-            raise SweepInterrupted(self.signum)
-        self.signum = signum
+        if self._stopping:
+            raise SweepInterrupted(self.signum or signum)
+        self._stopping = True
+        if not (signum == signal.SIGUSR1 and self.reason):  # a signal, not our request
+            # SIGUSR1 sent by a user before Tune listens: an interruption too
+            self.signum = signal.SIGINT if signum == signal.SIGUSR1 else signum
         tune_handler = signal.getsignal(signal.SIGUSR1)
         if not (self.fitting and callable(tune_handler) and tune_handler != self._handle):
-            raise SweepInterrupted(signum)
+            raise SweepInterrupted(self.signum)
         tune_handler(signal.SIGUSR1, frame)  # Tune stops at its next step

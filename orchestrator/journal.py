@@ -25,7 +25,8 @@ import sys
 import threading
 import time
 
-from orchestrator.files import write_json_atomic
+from orchestrator.errors import disk_full
+from orchestrator.files import append_whole, write_json_atomic
 from orchestrator.mlflow_store import (ExperimentRefused, get_or_create_experiment,
                                         without_credentials)
 
@@ -114,6 +115,7 @@ class TrackingJournal:
         self._experiment_id = None
         self._ids = {}
         self.last_error = None
+        self._applied_here = 0  # records delivered, as this process counts them
         self._file_lock = threading.Lock()  # appending vs reading lines (short)
         self._deliver_lock = threading.Lock()  # one delivery at a time (may wait on MLflow)
         self._wake = self._stop = self._thread = None
@@ -171,7 +173,7 @@ class TrackingJournal:
 
     def __getstate__(self):  # no live client, thread, lock or open file in a pickle
         return dict(self.__dict__, _client=None, _file_lock=None, _deliver_lock=None,
-                    _wake=None, _stop=None, _thread=None)
+                    _wake=None, _stop=None, _thread=None, _applied_here=0)
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -199,10 +201,12 @@ class TrackingJournal:
         # `at`: when it happened (for `orchestrator status`; MLflow does not see it)
         line = json.dumps(dict(op=op, at=round(time.time(), 3), **fields), default=str)
         with self._file_lock:
-            with open(self.path, 'a') as f:
-                f.write(line + '\n')
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                append_whole(self.path, line + '\n', sync=True)
+            except OSError as e:
+                if disk_full(e, self.path) is None:
+                    raise
+                raise disk_full(e, self.path) from None
         if self._thread is not None:
             self._wake.set()
             return None
@@ -220,15 +224,20 @@ class TrackingJournal:
     def _applied(self):
         try:
             with open(self.applied_path) as f:
-                return int(f.read().strip() or 0)
+                saved = int(f.read().strip() or 0)
         except FileNotFoundError:
-            return 0
+            saved = 0
+        return max(saved, self._applied_here)
 
     def _set_applied(self, n):
+        self._applied_here = n  # on a full disk the count lives here until it can be saved
         tmp = self.applied_path + '.tmp'
-        with open(tmp, 'w') as f:
-            f.write(str(n))
-        os.replace(tmp, self.applied_path)
+        try:
+            with open(tmp, 'w') as f:
+                f.write(str(n))
+            os.replace(tmp, self.applied_path)
+        except OSError:  # re-delivering a record later is harmless: each write is idempotent
+            pass
 
     def pending(self):
         return len(self._pending_records(self._applied()))

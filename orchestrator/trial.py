@@ -14,7 +14,7 @@ from ray import tune
 
 from orchestrator.checkpoints import readable_latest
 from orchestrator.crew import CALL_S, GRACE_S, TrialJob
-from orchestrator.errors import TrialFailed
+from orchestrator.errors import DiskFull, TrialFailed, disk_full
 from orchestrator.fewshot import write_split_file
 from orchestrator.files import read_jsonl, write_json_atomic
 from orchestrator.grouping import flat_config, group_key
@@ -22,6 +22,7 @@ from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
 from orchestrator.plan import resolve, train_image_dir
 
 POLL_S = 1.0
+HOLD_S = 120  # a trial that found the disk full waits this long for the sweep to stop
 PLACEMENT = 'placement.json'
 
 
@@ -65,6 +66,8 @@ def _failure(runs):
             pass
     if lost is not None:
         return WorkersLost(f'a worker process died: {str(lost).splitlines()[0]}')
+    if raised is not None and isinstance(raised.cause, DiskFull):
+        return DiskFull(raised.cause.path)
     if raised is not None and isinstance(raised.cause, TrialFailed):
         return TrialFailed(str(raised.cause))  # its reason, without the remote traceback
     return raised.as_instanceof_cause() if raised is not None else None
@@ -176,6 +179,14 @@ def _replay_history(work_dir):
             tune.report(metrics)
 
 
+def _stop_the_sweep(pool, error):
+    """A full disk stops the whole sweep (driver.py asks the pool), not this trial: it waits,
+    still running for Tune, so that ``--resume`` continues it from its latest checkpoint."""
+    ray.get(pool.stop_sweep.remote(str(error)))
+    time.sleep(HOLD_S)  # Tune stops this trial's process well before
+    raise TrialFailed(str(error))
+
+
 def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=False,
               abandoned_after_s=None):
     """Tune function trainable (a plain function, as in Ray Tune's examples).
@@ -207,6 +218,12 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
                     _train_in_trial_group(pool, job, group_key(spec, config), forward):
                 return None
             return _train_alone(pool, job, forward)
+        except OSError as e:  # the trial's own files (placement, restarts)
+            if disk_full(e, out_dir) is None:
+                raise
+            _stop_the_sweep(pool, disk_full(e, out_dir))
+        except DiskFull as e:
+            _stop_the_sweep(pool, e)
         except WorkersLost as e:
             if restarts >= spec.worker_retries:
                 raise TrialFailed(

@@ -221,6 +221,69 @@ def test_a_second_ctrl_c_ends_the_sweep_at_once_still_resumable(tmp_path, synthe
     assert (tmp_path / 'out' / 'sigint' / 'tune' / 'sigint' / 'tuner.pkl').is_file()
 
 
+@pytest.fixture
+def small_output_disk(tmp_path):
+    """<tmp>/out on a 64 MiB tmpfs (root only; CI runs as root), unmounted after the test."""
+    mount = tmp_path / 'out'
+    mount.mkdir()
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f'cannot mount a tmpfs here (needs root): {done.stderr.strip()}')
+    try:
+        yield mount
+    finally:
+        subprocess.run(['umount', '--lazy', str(mount)], check=True)
+
+
+def _fill(disk):
+    """Write a file until the file system says it is full; returns it."""
+    filler = disk / 'filler'
+    with open(filler, 'wb') as f:
+        try:
+            while True:
+                f.write(b'\0' * (1 << 20))
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_output_disk_stops_the_sweep_in_one_line_and_resume_finishes(
+        small_output_disk, tmp_path, synthetic_root, ray_address, cli_env):
+    """The sweep's output file system fills up while a trial trains: one line naming the path,
+    exit 4, no traceback; after the space is freed `--resume` finishes every trial, each
+    evaluation recorded once. Before: a 30-line traceback ending in `OSError: [Errno 28] No
+    space left on device` from the handler that writes ray.log."""
+    path = _space(tmp_path, synthetic_root, 'full',
+                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=240, evaluations=4,
+                  resources={'workers_per_trial': 2, 'cpus_per_worker': 1,
+                             'max_concurrent_trials': 1})
+    trials = small_output_disk / 'full' / 'trials'
+    driver = _sweep(path, ray_address, cli_env)
+    _wait_for(lambda: list(trials.glob('*/mmseg/iter_60.pth')), driver)
+    filler = _fill(small_output_disk)
+    filled = time.time()
+    output = driver.communicate(timeout=180)[0]
+    print(f'disk full -> driver exited in {time.time() - filled:.1f} s')
+    assert driver.returncode == 4, output[-3000:]
+    assert 'Traceback' not in output, output[max(0, output.find('Traceback') - 1500):][:3000]
+    line = _last_line(output)
+    assert re.match(rf'error: {re.escape(str(small_output_disk))}/\S+: no space left on '
+                    r'device; the sweep stopped', line), output[-3000:]
+
+    filler.unlink()
+    command = shlex.split(line.split('resume with: ', 1)[1])
+    resumed = subprocess.run([ORCHESTRATOR, *command[1:]], env=cli_env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    client, (parent,), children = _runs(tmp_path, 'full')
+    assert parent.info.status == 'FINISHED' and len(children) == 2
+    for child in children:  # every evaluation exactly once, none missing
+        assert child.info.status == 'FINISHED'
+        assert _steps(client, child) == [60, 120, 180, 240], child.data.tags['trial_id']
+
+
 @pytest.mark.parametrize('config', ['tiny_fcn_synthetic.py', 'tiny_vit_frozen_fcn_synthetic.py'])
 def test_killed_worker_restarts_the_trial_from_its_checkpoint(config, tmp_path, synthetic_root,
                                                                ray_address, ray_processes, cli_env):

@@ -83,3 +83,22 @@ def test_a_checkpoint_that_fills_the_disk_leaves_the_previous_one_whole(small_di
     assert raised.value.errno == errno.ENOSPC
     assert path.read_bytes() == before
     assert os.listdir(small_disk) == ['iter_20.pth']  # no temporary file left behind
+
+
+def test_tunes_torn_experiment_state_is_put_back_from_its_last_whole_copy(tmp_path):
+    """Tune writes experiment_state-*.json in place; a copy taken after each of its saves
+    replaces a torn one before --resume (a file that reads whole is left as it is)."""
+    from orchestrator.tune_state import KeepTuneState, restore_torn
+    state = tmp_path / 'experiment_state-2026-12-02_10-00-00.json'
+    searcher = tmp_path / 'searcher-state-2026-12-02_10-00-00.pkl'
+    first = json.dumps({'trial_data': [['{"config": {"a": 1}}', '{}']]}).encode()
+    state.write_bytes(first)
+    import pickle
+    searcher.write_bytes(pickle.dumps({'seen': [1, 2]}))
+    keeper = KeepTuneState(str(tmp_path))
+    assert keeper.get_state() is None  # nothing of its own in Tune's callback state
+    state.write_bytes(first[:len(first) // 2])  # the next save torn by a full disk
+    keeper.get_state()  # a torn file is not copied over the whole one
+    assert restore_torn(str(tmp_path)) == [state.name]
+    assert state.read_bytes() == first
+    assert pickle.loads(searcher.read_bytes()) == {'seen': [1, 2]}  # whole: untouched
