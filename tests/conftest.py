@@ -36,6 +36,28 @@ def tiny_cfg(synthetic_root):
 
 
 @pytest.fixture
+def small_tmpfs(tmp_path):
+    """``small_tmpfs(name, size)``: a tmpfs of ``size`` (mount's syntax: '1m') at
+    <tmp>/<name>, a disk the test can fill (root only; CI runs as root: elsewhere the test is
+    skipped, as a full disk cannot be made safely without it). Unmounted after the test."""
+    import subprocess
+    mounted = []
+
+    def mount(name, size):
+        path = tmp_path / name
+        path.mkdir()
+        done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f'cannot mount a tmpfs here (needs root): {done.stderr.strip()}')
+        mounted.append(path)
+        return path
+    yield mount
+    for path in mounted:  # lazily: a process of the test that still holds a file lets go later
+        subprocess.run(['umount', '--lazy', str(path)], check=True)
+
+
+@pytest.fixture
 def cli_env():
     """Environment for subprocesses: the venv's bin first, sane thread counts for 2 cores."""
     env = dict(os.environ)

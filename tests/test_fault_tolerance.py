@@ -147,6 +147,21 @@ def _last_line(output):
     return output.strip().splitlines()[-1]
 
 
+def _resume_as_printed(line, tmp, name, env):
+    """Run the command the interrupted driver printed; every trial then finishes, with each of
+    its evaluations recorded exactly once."""
+    command = shlex.split(line.split('resume with: ', 1)[1])
+    assert command[:2] == ['orchestrator', 'sweep'] and '--resume' in command
+    resumed = subprocess.run([ORCHESTRATOR, *command[1:]], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    client, (parent,), children = _runs(tmp, name)
+    assert parent.info.status == 'FINISHED' and len(children) == 2
+    for child in children:
+        assert child.info.status == 'FINISHED'
+        assert _steps(client, child) == [60, 120, 180, 240], child.data.tags['trial_id']
+
+
 def test_sigterm_stops_the_sweep_resumably_and_says_how(tmp_path, synthetic_root, ray_address,
                                                         ray_processes, cli_env):
     """SIGTERM (a preemption) while a trial trains: exit 143, no crash dump, the running trial's
@@ -178,17 +193,7 @@ def test_sigterm_stops_the_sweep_resumably_and_says_how(tmp_path, synthetic_root
     assert child.data.tags['trial_id'] in line
     assert 240 not in _steps(client, child)  # it did not finish: nothing says it did
     _wait_for(lambda: not ours & set(ray_processes('ray::TrainWorker')), driver, timeout=60)
-
-    command = shlex.split(line.split('resume with: ', 1)[1])
-    assert command[:2] == ['orchestrator', 'sweep'] and '--resume' in command
-    resumed = subprocess.run([ORCHESTRATOR, *command[1:]], env=cli_env, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    client, (parent,), children = _runs(tmp_path, 'sigterm')
-    assert parent.info.status == 'FINISHED' and len(children) == 2
-    for child in children:  # every evaluation exactly once, none missing
-        assert child.info.status == 'FINISHED'
-        assert _steps(client, child) == [60, 120, 180, 240], child.data.tags['trial_id']
+    _resume_as_printed(line, tmp_path, 'sigterm', cli_env)
 
 
 def test_a_second_ctrl_c_ends_the_sweep_at_once_still_resumable(tmp_path, synthetic_root,
@@ -222,18 +227,8 @@ def test_a_second_ctrl_c_ends_the_sweep_at_once_still_resumable(tmp_path, synthe
 
 
 @pytest.fixture
-def small_output_disk(tmp_path):
-    """<tmp>/out on a 64 MiB tmpfs (root only; CI runs as root), unmounted after the test."""
-    mount = tmp_path / 'out'
-    mount.mkdir()
-    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f'cannot mount a tmpfs here (needs root): {done.stderr.strip()}')
-    try:
-        yield mount
-    finally:
-        subprocess.run(['umount', '--lazy', str(mount)], check=True)
+def small_output_disk(small_tmpfs):
+    return small_tmpfs('out', '64m')  # where _space puts the sweep's output
 
 
 def _fill(disk):
@@ -273,15 +268,7 @@ def test_a_full_output_disk_stops_the_sweep_in_one_line_and_resume_finishes(
                     r'device; the sweep stopped', line), output[-3000:]
 
     filler.unlink()
-    command = shlex.split(line.split('resume with: ', 1)[1])
-    resumed = subprocess.run([ORCHESTRATOR, *command[1:]], env=cli_env, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    client, (parent,), children = _runs(tmp_path, 'full')
-    assert parent.info.status == 'FINISHED' and len(children) == 2
-    for child in children:  # every evaluation exactly once, none missing
-        assert child.info.status == 'FINISHED'
-        assert _steps(client, child) == [60, 120, 180, 240], child.data.tags['trial_id']
+    _resume_as_printed(line, tmp_path, 'full', cli_env)
 
 
 @pytest.mark.parametrize('config', ['tiny_fcn_synthetic.py', 'tiny_vit_frozen_fcn_synthetic.py'])

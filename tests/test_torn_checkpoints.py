@@ -3,7 +3,6 @@ leaves the previous file as it was), and a resume skips a checkpoint cut short b
 for the newest one it can read, saying so."""
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,19 +54,8 @@ def test_no_readable_checkpoint_starts_over(synthetic_root, tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (root only; CI runs as root), unmounted after the test."""
-    mount = tmp_path / 'disk'
-    mount.mkdir()
-    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode:  # not root (a developer's laptop): a full disk cannot be made safely
-        # without it; CI runs as root, where this test always runs
-        pytest.skip(f'cannot mount a tmpfs here (needs root): {done.stderr.strip()}')
-    try:
-        yield mount
-    finally:
-        subprocess.run(['umount', str(mount)], check=True)
+def small_disk(small_tmpfs):
+    return small_tmpfs('disk', '1m')
 
 
 def test_a_checkpoint_that_fills_the_disk_leaves_the_previous_one_whole(small_disk):
