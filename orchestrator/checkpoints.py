@@ -14,6 +14,8 @@ import re
 import time
 import zipfile
 
+from orchestrator.files import append_whole
+
 SKIPPED = 'skipped_checkpoints.jsonl'  # in the trial's mmseg work dir
 
 
@@ -60,7 +62,6 @@ def readable_latest(work_dir, set_aside=True):
         skipped.append((osp.basename(path), why))
         if set_aside:
             os.replace(path, path + '.unreadable')
-            with open(osp.join(work_dir, SKIPPED), 'a') as f:
-                f.write(json.dumps(dict(at=round(time.time(), 3), file=osp.basename(path),
-                                        why=why)) + '\n')
+            append_whole(osp.join(work_dir, SKIPPED), json.dumps(dict(
+                at=round(time.time(), 3), file=osp.basename(path), why=why)) + '\n')
     return None, skipped

@@ -1,6 +1,7 @@
 """`orchestrator` command line: parse flags, hand over to the module that does the work."""
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -181,10 +182,11 @@ def main(argv=None):
         except ConfigError as e:
             print(f'error: {e}', file=sys.stderr)
             return e.exit_code
-        except KeyboardInterrupt:  # Ctrl-C before a sweep's own handlers (interrupts.py)
-            print(f'interrupted (SIGINT): {args.command} stopped before it started any work',
+        except KeyboardInterrupt as e:  # Ctrl-C before a sweep's own handlers (interrupts.py)
+            signum = getattr(e, 'signum', None) or 2
+            print(f'interrupted ({signal.Signals(signum).name}): {args.command} stopped',
                   file=sys.stderr)
-            return 130
+            return 128 + signum
     if args.command == 'schema':
         return schema_command(args.out, args.check)
     if args.command == 'train':

@@ -274,12 +274,13 @@ def _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer):
                    experiment_path=osp.join(sweep_dir, 'tune', spec.name))
     if resume:
         _check_resumable(spec, sweep_dir, sweep.experiment_path)
+    if osp.isdir(sweep_dir):  # before anything in it changes: not beside a running sweep
+        _lock_journal(spec, writer, sweep_dir)
+    if resume:
         from orchestrator.tune_state import restore_torn
         for name in restore_torn(sweep.experiment_path):
             print(f'{osp.join(sweep.experiment_path, name)}: torn (a full disk or a kill while '
                   'Tune wrote it); restored from its last whole copy', file=out)
-    if osp.isdir(sweep_dir):  # before anything in it changes: not beside a running sweep
-        _lock_journal(spec, writer, sweep_dir)
     if not resume:
         _clear_delivered_journal(spec, sweep_dir)
     # Inherited by a local cluster's processes; sent as the job's runtime_env to an existing one
@@ -498,7 +499,9 @@ def _stop_requests(pool, signals, every_s=2.0):
         while not done.wait(every_s):
             try:
                 reason = ray.get(pool.stop_requested.remote(), timeout=30)
-            except Exception:  # the pool is gone: the sweep is ending anyway
+            except ray.exceptions.GetTimeoutError:  # a busy pool: ask again
+                continue
+            except ray.exceptions.RayError:  # the pool is gone: the sweep is ending anyway
                 return
             if reason:
                 signals.request(reason)
@@ -644,9 +647,11 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
                     sweep.journal.record('status', status='KILLED')
                 raise
             finally:
-                sweep.journal.stop_delivery()
                 import ray
-                ray.shutdown()
+                try:
+                    sweep.journal.stop_delivery()
+                finally:  # also after a second signal in the delivery's last attempt
+                    ray.shutdown()
     return sweep, outcome, interrupted
 
 
@@ -675,5 +680,11 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
         print(f'interrupted by {e}: ended at once (MLflow writes not yet delivered wait in the '
               f'journal); resume with: {resume_command}', file=out, flush=True)
         return 128 + e.signum if e.signum else DiskFull.exit_code
+    except (DiskFull, OSError) as e:  # before any trial (the sweep's directory, its journal)
+        if disk_full(e, spec.output) is None:
+            raise
+        print(f'error: {disk_full(e, spec.output)}; nothing was started: free space there, then '
+              'run the same command again', file=sys.stderr, flush=True)
+        return DiskFull.exit_code
     finally:
         signals.restore()

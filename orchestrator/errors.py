@@ -23,6 +23,9 @@ class DiskFull(TrialFailed):
         super().__init__(f'{path}: no space left on device')
         self.path = path
 
+    def __reduce__(self):  # Ray pickles it from the worker to the trial: the path, not the text
+        return DiskFull, (self.path,)
+
 
 def disk_full(error, path):
     """``DiskFull(path)`` when ``error`` (or what it was raised from: torch and mmcv wrap the

@@ -236,8 +236,9 @@ class TrackingJournal:
             with open(tmp, 'w') as f:
                 f.write(str(n))
             os.replace(tmp, self.applied_path)
-        except OSError:  # re-delivering a record later is harmless: each write is idempotent
-            pass
+        except OSError as e:  # re-delivering a record later is harmless: each is idempotent
+            if disk_full(e, self.applied_path) is None:
+                raise
 
     def pending(self):
         return len(self._pending_records(self._applied()))

@@ -16,13 +16,13 @@ from orchestrator.checkpoints import readable_latest
 from orchestrator.crew import CALL_S, GRACE_S, TrialJob
 from orchestrator.errors import DiskFull, TrialFailed, disk_full
 from orchestrator.fewshot import write_split_file
-from orchestrator.files import read_jsonl, write_json_atomic
+from orchestrator.files import append_whole, read_jsonl, write_json_atomic
 from orchestrator.grouping import flat_config, group_key
 from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
 from orchestrator.plan import resolve, train_image_dir
 
 POLL_S = 1.0
-HOLD_S = 120  # a trial that found the disk full waits this long for the sweep to stop
+HOLD_S = 600  # a trial that found the disk full waits this long for the sweep to stop
 PLACEMENT = 'placement.json'
 
 
@@ -53,21 +53,22 @@ def _failure(runs):
     afterwards) makes it WorkersLost; otherwise it is the first worker exception (a config error,
     'diverged: ...'), which a retry would only repeat."""
     ray.wait(runs, num_returns=len(runs), timeout=GRACE_S + 5)
-    lost, raised = None, None
+    lost, raised, full = None, None, None
     for ref in runs:
         try:
             ray.get(ref, timeout=0)
         except ray.exceptions.RayTaskError as e:
             raised = raised or e
+            full = full or (e.cause if isinstance(e.cause, DiskFull) else None)
         except ray.exceptions.RayActorError as e:
             if 'ray.kill' not in str(e):
                 lost = lost or e
         except ray.exceptions.GetTimeoutError:
             pass
+    if full is not None:  # whatever else failed with it: the sweep stops, resumable
+        return DiskFull(full.path)
     if lost is not None:
         return WorkersLost(f'a worker process died: {str(lost).splitlines()[0]}')
-    if raised is not None and isinstance(raised.cause, DiskFull):
-        return DiskFull(raised.cause.path)
     if raised is not None and isinstance(raised.cause, TrialFailed):
         return TrialFailed(str(raised.cause))  # its reason, without the remote traceback
     return raised.as_instanceof_cause() if raised is not None else None
@@ -163,8 +164,7 @@ def _record_restart(output_dir, trial_id, work_dir, restart, retries, error):
     resume_from = int(re.fullmatch(r'iter_(\d+)\.pth', osp.basename(path)).group(1)) if path else 0
     rec = dict(at=round(time.time(), 3), restart=restart, of=retries, lost_at=lost_at,
                resume_from=resume_from, reason=str(error))
-    with open(osp.join(trial_dir(output_dir, trial_id), RESTARTS), 'a') as f:
-        f.write(json.dumps(rec) + '\n')
+    append_whole(osp.join(trial_dir(output_dir, trial_id), RESTARTS), json.dumps(rec) + '\n')
     return (f'worker lost at iteration {lost_at}; restart {restart} of {retries} from '
             f'iteration {rec["resume_from"]}')
 
@@ -200,12 +200,17 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
     trial_id = tune.get_context().get_trial_id()
     out_dir = trial_dir(output_dir, trial_id)
     config = flat_config(config)
-    overrides = trial_overrides(spec, base, config, out_dir)
+    pool = ray.get_actor(pool_name)
+    try:
+        overrides = trial_overrides(spec, base, config, out_dir)
+    except OSError as e:  # its split file on a full disk
+        if disk_full(e, out_dir) is None:
+            raise
+        _stop_the_sweep(pool, disk_full(e, out_dir))
     overrides['auto_resume'] = True
     job = TrialJob(trial_id=trial_id, trial_dir=out_dir, base=base, overrides=overrides,
                    base_filename=base_filename, source=spec.source,
                    **({'abandoned_after_s': abandoned_after_s} if abandoned_after_s else {}))
-    pool = ray.get_actor(pool_name)
     restarts = 0
 
     def forward(metrics):

@@ -1,13 +1,14 @@
 """Ray Tune writes its experiment state (``experiment_state-*.json``) in place, and a full disk
-or a kill mid-write leaves it torn (the search algorithm's file too, measured on a full tmpfs):
-``--resume`` then restores trials without their configs. After every save of Tune's, the files
-that read whole are copied beside them (``<file>.whole``); a resume puts a torn one's copy back.
+or a kill mid-write leaves it torn (the search algorithm's file too, seen on a full tmpfs):
+``--resume`` then restores trials without their configs. At every save of Tune's, the files
+that read whole are copied beside them (``<file>.whole``: one save behind at most); a resume
+puts a torn one's copy back.
 """
 import glob
 import json
 import os
 import os.path as osp
-import pickle
+import pickletools
 import shutil
 
 from ray.tune import Callback
@@ -16,20 +17,27 @@ STATE_FILES = ('experiment_state-*.json', 'basic-variant-state-*.json', 'searche
 WHOLE = '.whole'
 
 
-def _reads(path):
-    """True when the file parses (Tune's JSON, or the search algorithm's pickle)."""
+def _whole(data):
+    """True when ``data`` parses: Tune's JSON, or a search algorithm's pickle (its opcodes read
+    to STOP; nothing is executed)."""
+    if not data:
+        return False
     try:
-        with open(path, 'rb') as f:
-            data = f.read()
-        if not data:
-            return False
-        try:
-            json.loads(data)
-        except ValueError:
-            pickle.loads(data)  # the sweep's own state, as trusted as its tuner.pkl
+        json.loads(data)
+        return True
+    except ValueError:
+        pass
+    try:
+        for _ in pickletools.genops(data):
+            pass
         return True
     except Exception:
         return False
+
+
+def _read(path):
+    with open(path, 'rb') as f:
+        return f.read()
 
 
 def _state_files(experiment_path):
@@ -37,7 +45,7 @@ def _state_files(experiment_path):
 
 
 class KeepTuneState(Callback):
-    """Tune asks its callbacks for their state right after writing its own (TuneController
+    """Tune asks its callbacks for their state at each of its saves (TuneController
     .save_to_dir): that is when the copies are refreshed. Nothing of its own to save."""
 
     def __init__(self, experiment_path):
@@ -46,16 +54,21 @@ class KeepTuneState(Callback):
 
     def get_state(self):
         for path in _state_files(self.experiment_path):
+            tmp = f'{path}{WHOLE}.tmp'
             try:
                 mtime = os.stat(path).st_mtime_ns
-                if self._copied.get(path) == mtime or not _reads(path):
+                if self._copied.get(path) == mtime:
                     continue
-                tmp = f'{path}{WHOLE}.tmp'
-                shutil.copyfile(path, tmp)
+                data = _read(path)  # read once: the bytes checked are the bytes kept
+                if not _whole(data):
+                    continue
+                with open(tmp, 'wb') as f:
+                    f.write(data)
                 os.replace(tmp, path + WHOLE)
                 self._copied[path] = mtime
             except OSError:  # a full disk: the previous copy stays
-                continue
+                if osp.exists(tmp):
+                    os.remove(tmp)
         return None
 
 
@@ -65,7 +78,7 @@ def restore_torn(experiment_path):
     restored = []
     for copy in glob.glob(osp.join(experiment_path, '*' + WHOLE)):
         path = copy[:-len(WHOLE)]
-        if not _reads(path) and _reads(copy):
+        if not (osp.isfile(path) and _whole(_read(path))) and _whole(_read(copy)):
             shutil.copyfile(copy, path)
             restored.append(osp.basename(path))
     return restored

@@ -87,6 +87,9 @@ def test_tunes_torn_experiment_state_is_put_back_from_its_last_whole_copy(tmp_pa
     assert keeper.get_state() is None  # nothing of its own in Tune's callback state
     state.write_bytes(first[:len(first) // 2])  # the next save torn by a full disk
     keeper.get_state()  # a torn file is not copied over the whole one
+    never_copied = tmp_path / 'basic-variant-state-2026-12-02_10-00-00.json'
+    never_copied.write_bytes(b'\x80\x04\x95')  # torn before its first copy: left as it is
     assert restore_torn(str(tmp_path)) == [state.name]
     assert state.read_bytes() == first
+    assert never_copied.read_bytes() == b'\x80\x04\x95'
     assert pickle.loads(searcher.read_bytes()) == {'seen': [1, 2]}  # whole: untouched

@@ -44,8 +44,9 @@ def metrics_record(scores, losses, lr, iteration, cost, max_iters):
 
 
 def append_record(path, metrics):
-    with open(path, 'a') as f:
-        f.write(json.dumps(metrics) + '\n')
+    """One line, whole or not at all (a full disk leaves no half line for a resume to follow)."""
+    from orchestrator.files import append_whole  # the same rule as the sweep's journal
+    append_whole(path, json.dumps(metrics) + '\n')
 
 
 @HOOKS.register_module()
