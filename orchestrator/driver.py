@@ -638,6 +638,8 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
                                if sweep.started else [])
             except (DiskFull, OSError) as e:  # the driver's own writes: the journal, plan.json
                 if disk_full(e, sweep.sweep_dir) is None:
+                    if sweep.started:  # crashed: the parent must not stay RUNNING
+                        sweep.journal.record('status', status='KILLED')
                     raise
                 signals.reason = signals.reason or str(disk_full(e, sweep.sweep_dir))
                 interrupted = (_close_interrupted(sweep, signals, resume_command)
