@@ -9,6 +9,7 @@ import os
 import os.path as osp
 import shlex
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -673,20 +674,29 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
         return _print_dry_run(spec, base_cfg, address, out, said=said, **dry_run_options)
     signals = StopSignals()
     try:
-        sweep, outcome, interrupted = _run(spec, base_cfg, address, resume, out, tracking_uri,
-                                           signals, resume_command)
-        if interrupted is not None:
-            return _print_interrupted(sweep, signals, interrupted, resume_command)
-        return _print_outcome(sweep, *outcome)
-    except SweepInterrupted as e:  # a second signal while the first one's stop was under way
-        print(f'interrupted by {e}: ended at once (MLflow writes not yet delivered wait in the '
-              f'journal); resume with: {resume_command}', file=out, flush=True)
-        return 128 + e.signum if e.signum else DiskFull.exit_code
-    except (DiskFull, OSError) as e:  # before any trial (the sweep's directory, its journal)
-        if disk_full(e, spec.output) is None:
-            raise
-        print(f'error: {disk_full(e, spec.output)}; nothing was started: free space there, then '
-              'run the same command again', file=sys.stderr, flush=True)
-        return DiskFull.exit_code
-    finally:
-        signals.restore()
+        try:
+            sweep, outcome, interrupted = _run(spec, base_cfg, address, resume, out,
+                                               tracking_uri, signals, resume_command)
+            if interrupted is not None:
+                return _print_interrupted(sweep, signals, interrupted, resume_command)
+            return _print_outcome(sweep, *outcome)
+        except (DiskFull, OSError) as e:  # before any trial (the sweep's directory, journal)
+            if disk_full(e, spec.output) is None:
+                raise
+            print(f'error: {disk_full(e, spec.output)}; nothing was started: free space there, '
+                  'then run the same command again', file=sys.stderr, flush=True)
+            return DiskFull.exit_code
+        finally:
+            signals.restore()
+    except KeyboardInterrupt as e:  # a second signal while the first one's stop was under way
+        # (also one Python handles after the handlers were restored)
+        signum = getattr(e, 'signum', None) or signals.signum
+        if signum is None and signals.reason:  # the sweep's own stop (a full disk)
+            print(f'error: {signals.reason}; the sweep stopped: free space there, then resume '
+                  f'with: {resume_command}', file=out, flush=True)
+            return DiskFull.exit_code
+        signum = signum or signal.SIGINT
+        print(f'interrupted by {signal.Signals(signum).name}: ended at once (MLflow writes not '
+              f'yet delivered wait in the journal); resume with: {resume_command}', file=out,
+              flush=True)
+        return 128 + signum
