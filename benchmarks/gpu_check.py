@@ -285,8 +285,10 @@ def finetune_step(device, out_file):
     metas = [dict(img_shape=(img, img, 3), ori_shape=(img, img, 3), pad_shape=(img, img, 3),
                   flip=False)] * batch
     probe = model.backbone.blocks[0].mlp.fc1.weight
-    weights = [p for p in model.backbone.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.backbone.named_parameters() if p.requires_grad]
+    weights = [p for _, p in named]
     before = [p.detach().clone() for p in weights]  # in their own dtype: what a step must move
+    got_grad = [False] * len(weights)  # drop path can leave a whole branch without one
     losses, times = [], []
     model.train()
     for _ in range(steps):
@@ -296,6 +298,8 @@ def finetune_step(device, out_file):
         optimizer.zero_grad()
         loss = sum(v for k, v in ddp(x, metas, gt_semantic_seg=gt).items() if 'loss' in k)
         loss.backward()
+        got_grad = [g or (p.grad is not None and bool(p.grad.any()))
+                    for g, p in zip(got_grad, weights)]
         optimizer.step()
         if device == 'cuda':
             torch.cuda.synchronize()
@@ -307,6 +311,10 @@ def finetune_step(device, out_file):
                   loss_finite=all(math.isfinite(v) for v in losses),
                   backbone_changed_fraction=sum(int((p.detach() != b).sum()) for p, b in
                                                 zip(weights, before)) / trainable,
+                  backbone_tensors=len(named), backbone_tensors_with_grad=sum(got_grad),
+                  backbone_tensors_unmoved_with_grad=[
+                      n for (n, p), b, g in zip(named, before, got_grad)
+                      if g and torch.equal(p.detach(), b)],
                   step_s=times, step_s_after_first=min(times[1:] or times))
     if device == 'cuda':
         result['peak_gpu_mem_gb'] = torch.cuda.max_memory_allocated() / 1e9
