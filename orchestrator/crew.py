@@ -18,6 +18,11 @@ the last member to arrive leases one crew for all of them (``TrainWorker.run_tri
 A crew whose run failed is rebuilt from fresh processes. The pool watches each trial's process
 and stops its run (its head, in a trial group) when it dies; as a fallback, a rank 0 that nobody
 has polled for ABANDONED_AFTER_S stops training by itself.
+
+The crews follow the cluster as it is: a crew is leased only once its placement group is placed,
+so after a node is lost its rebuilt crew waits for room (the sweep runs fewer trials at once, on
+the crews left) and is placed when a node joins. The pool and the trials' own processes run on
+the head node (ON_HEAD): a lost worker node takes only crews with it.
 """
 import asyncio
 import contextlib
@@ -41,6 +46,9 @@ ABANDONED_AFTER_S = 120.0
 RENDEZVOUS_S = 300.0  # how long ranks wait for each other when a run starts
 CALL_S = 120.0  # a worker's or the pool's answer to a short call (where, rendezvous, drain)
 JOIN_WAIT_S = 300.0  # a trial group's members start one after another; one later is lost
+ROOM_WAIT_S = 30.0  # a crew not placed after this long says that it waits for room
+# The head node's own resource: the pool and the trial processes (no CPU of their own) run there
+ON_HEAD = {'node:__internal_head__': 0.001}
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class TrialJob:
     base_filename: str  # the base config's file (mmcv resolves its relative imports from it)
     source: str  # the space file, for error messages
     abandoned_after_s: float = ABANDONED_AFTER_S
+    collective_timeout_s: float = 1800.0  # fault_tolerance.collective_timeout_s
 
 
 class GroupRun(NamedTuple):
@@ -144,9 +153,10 @@ class TrainWorker:
         return cfg, (report if rank == 0 else None), should_stop
 
     @contextlib.contextmanager
-    def _process_group(self, rank, world_size, address):
+    def _process_group(self, rank, world_size, address, timeout_s):
         """A fresh torch.distributed process group for one run (gloo on CPU, nccl on GPU) over the
-        rendezvous rank 0 opened at ``address``, torn down after it whatever happens."""
+        rendezvous rank 0 opened at ``address``, its collectives waiting at most ``timeout_s``,
+        torn down after it whatever happens."""
         from datetime import timedelta
 
         import torch
@@ -167,7 +177,7 @@ class TrainWorker:
                 store = dist.TCPStore(host, int(port), world_size, is_master=False,
                                       timeout=timedelta(seconds=RENDEZVOUS_S))
             dist.init_process_group('nccl' if cuda else 'gloo', store=store, rank=rank,
-                                    world_size=world_size)
+                                    world_size=world_size, timeout=timedelta(seconds=timeout_s))
         try:
             yield
         finally:
@@ -182,7 +192,7 @@ class TrainWorker:
         from orchestrator import worker
         from orchestrator.errors import ConfigError, TrialFailed, disk_full
         cfg, report, should_stop = self._prepare(job, rank)
-        with self._process_group(rank, world_size, init_method):
+        with self._process_group(rank, world_size, init_method, job.collective_timeout_s):
             try:
                 return worker.train(cfg, cfg.work_dir, callback=report, source=job.source,
                                     should_stop=should_stop, gpus_per_rank=self.gpu_share)
@@ -199,7 +209,8 @@ class TrainWorker:
         from orchestrator import worker
         from orchestrator.errors import disk_full
         cfgs, reports, stops = zip(*[self._prepare(job, rank) for job in jobs])
-        with self._process_group(rank, world_size, init_method):
+        with self._process_group(rank, world_size, init_method,
+                                 jobs[0].collective_timeout_s):
             try:
                 return worker.train_group(list(cfgs), [c.work_dir for c in cfgs], group_dir,
                                           callbacks=list(reports), should_stops=list(stops),
@@ -256,7 +267,10 @@ class WorkerPool:
                  join_wait_s=JOIN_WAIT_S):
         self.n_workers, self.bundle, self.strategy = n_workers, dict(bundle), strategy
         self.crews = [_start_crew(n_workers, self.bundle, strategy) for _ in range(n_crews)]
-        self.free = list(range(n_crews))
+        self.free = []  # placed and not leased
+        self.placed = set()
+        self._unwatched = list(range(n_crews))  # crews whose placement nobody awaits yet
+        self.killed = set()  # actor ids this pool killed while they ran (not lost: _failure)
         self.holder = {}
         self.rebuilt = 0
         self._changed = None
@@ -273,7 +287,30 @@ class WorkerPool:
             self._changed = asyncio.Condition()
         return self._changed
 
+    def _await_placements(self):
+        """Lease a crew only once its placement group is placed (a rebuilt one may wait for a
+        node); called from the event loop (an actor's __init__ is not)."""
+        while self._unwatched:
+            cid = self._unwatched.pop()
+            asyncio.ensure_future(self._when_placed(cid, self.crews[cid][0]))
+
+    async def _when_placed(self, cid, pg):
+        ready = asyncio.ensure_future(_settled(pg.ready()))
+        done, _ = await asyncio.wait([ready], timeout=ROOM_WAIT_S)
+        if not done:
+            print(f'crew {cid}: waiting for room on the cluster ({self.n_workers} x '
+                  f'{self.bundle}); trials run on the other crews meanwhile', flush=True)
+            await ready
+        async with self._cond():
+            if self.crews[cid][0] is not pg:  # rebuilt meanwhile: its own wait goes on
+                return
+            self.placed.add(cid)
+            if cid not in self.holder:
+                self.free.append(cid)
+            self._cond().notify_all()
+
     async def acquire(self, trial_id):
+        self._await_placements()
         async with self._cond():
             await self._cond().wait_for(lambda: self.free)
             cid = self.free.pop(0)
@@ -287,6 +324,7 @@ class WorkerPool:
         alone)."""
         if key not in self.trial_groups:
             return None
+        self._await_placements()
         async with self._cond():
             forming = self.forming.setdefault(key, [])
             if not forming or forming[-1]['launching']:
@@ -355,19 +393,30 @@ class WorkerPool:
             workers[0].heartbeat.remote(trial_id)  # alive, even if blocked in tune.report
             await asyncio.sleep(WATCH_S)
 
-    def _rebuild(self, cid, why):
+    def _rebuild(self, cid, why, running=()):
+        """Fresh processes in a fresh placement group (leased once placed); ``running``: the
+        workers still in their run, whose deaths are this pool's doing (``killed_here``)."""
         print(f'crew {cid}: {why}; rebuilding it', flush=True)
         pg, workers = self.crews[cid]
+        self.killed.update(w._actor_id.hex() for w in running)
         for w in workers:
             ray.kill(w)
         remove_placement_group(pg)
         self.crews[cid] = _start_crew(self.n_workers, self.bundle, self.strategy)
+        self.placed.discard(cid)
+        self._unwatched.append(cid)
+        self._await_placements()
         self.rebuilt += 1
+
+    def killed_here(self, actor_ids):
+        """Which of these actors (ids in hex) the pool killed in a run: not lost processes."""
+        return [a for a in actor_ids if a in self.killed]
 
     async def _free(self, cid):
         async with self._cond():
             self.holder.pop(cid, None)
-            self.free.append(cid)
+            if cid in self.placed:
+                self.free.append(cid)
             self._cond().notify_all()
 
     async def release_broken(self, cid, why=''):
@@ -390,9 +439,11 @@ class WorkerPool:
         except Exception as e:  # the trial reports the error itself; here only the crew matters
             # The other ranks get a moment to fail on their own (so the trial can tell a dead
             # process from an exception), then go: they may be blocked in a collective.
-            await asyncio.wait([asyncio.ensure_future(_settled(r)) for r in refs],
-                               timeout=GRACE_S)
-            self._rebuild(cid, f'run failed ({type(e).__name__}: {e})')
+            settled = [asyncio.ensure_future(_settled(r)) for r in refs]
+            await asyncio.wait(settled, timeout=GRACE_S)
+            running = [w for w, s in zip(self.crews[cid][1], settled) if not s.done()]
+            self._rebuild(cid, f'run failed ({type(e).__name__}: {str(e).splitlines()[0]})',
+                          running)
         for watch in watches:
             watch.cancel()
         await self._free(cid)
@@ -405,5 +456,6 @@ class WorkerPool:
         return self.stop_reason
 
     def stats(self):
-        return dict(crews=len(self.crews), free=len(self.free), rebuilt=self.rebuilt,
+        return dict(crews=len(self.crews), free=len(self.free), placed=len(self.placed),
+                    rebuilt=self.rebuilt,
                     holders=dict(self.holder), trial_groups_launched=self.launched)

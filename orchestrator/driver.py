@@ -3,6 +3,7 @@ its MLflow journal, start the crews, open the parent run, build the Tuner (searc
 ASHA, concurrency cap; or restore it), fit, print the outcome. Also ``sync`` for journaled
 writes."""
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -371,7 +372,7 @@ def _start_crews(sweep, signals):
     """Ray (local), the packing, the trial groups, and the WorkerPool with its crews, started at
     once: their workers import mmseg (the start-up's longest step) while MLflow and Tune get
     ready. The stop signals are ours from here (ray.init installs its own)."""
-    from orchestrator.crew import WorkerPool
+    from orchestrator.crew import ON_HEAD, WorkerPool
     spec = sweep.spec
     if not sweep.address:
         sweep.log = _init_ray(sweep.sweep_dir)
@@ -389,7 +390,7 @@ def _start_crews(sweep, signals):
               'result)', file=sweep.out)
         sweep.groups = grouping.GroupPlan(reason='off for --resume')
     sweep.pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
-    sweep.pool = WorkerPool.options(name=sweep.pool_name).remote(
+    sweep.pool = WorkerPool.options(name=sweep.pool_name, resources=ON_HEAD).remote(
         sweep.max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec),
         trial_groups=sweep.groups.chunks)
 
@@ -455,6 +456,7 @@ def _build_tuner(sweep):
     from their checkpoints) and the live status it reports to."""
     from ray import tune
 
+    from orchestrator.crew import ON_HEAD
     from orchestrator.live import LiveStatus
     from orchestrator.status import write_plan
     from orchestrator.trial import run_trial
@@ -470,8 +472,9 @@ def _build_tuner(sweep):
                              base_filename=sweep.base_cfg.filename, output_dir=sweep.sweep_dir,
                              pool_name=sweep.pool_name, grouped=bool(sweep.groups.chunks),
                              abandoned_after_s=_abandoned_after_s()),
-        # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own.
-        {'cpu': 0, 'memory': 256 * 1024 ** 2})
+        # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own, on
+        # the head node (a lost worker node takes its crews, not the trials driving them)
+        {'cpu': 0, 'memory': 256 * 1024 ** 2, **ON_HEAD})
     if sweep.resume:
         return tune.Tuner.restore(sweep.experiment_path, trainable,
                                   resume_unfinished=True), live
@@ -569,19 +572,11 @@ def _close_interrupted(sweep, signals, resume_command):
     """After a stop: the runs of the trials that were training, and the parent, end KILLED and
     say why (from the journal's own records: MLflow may be unreachable). On a full disk the
     journal may take nothing more: the runs then stay RUNNING until the resume."""
-    journal = sweep.journal
     said = (f'{signals.name or "a full disk"} at {time.strftime("%Y-%m-%d %H:%M:%S")}: stopped '
             f'at the latest checkpoint; `{resume_command}` continues it')
-    running = journal.running_here()
-    try:
-        for trial_id in running:
-            journal.record('tags', trial_id=trial_id, tags={'interrupted': said})
-            journal.record('status', trial_id=trial_id, status='KILLED')
-        journal.record('tags', tags={'interrupted': said})
-        journal.record('status', status='KILLED')
-    except DiskFull:
-        sweep.marked = False
-    return running
+    running = sweep.journal.mark_killed(said, wait_s=-1)  # delivered as the delivery stops
+    sweep.marked = running is not None
+    return running if running is not None else sweep.journal.running_here()
 
 
 def _resume_command(space_file, name, output, address):
@@ -593,12 +588,18 @@ def _resume_command(space_file, name, output, address):
     return shlex.join(words)
 
 
+def _what_stopped(sweep, running):
+    what = ('its trials stopped where they were' if running is None else
+            f'{len(running)} trial(s) stopped at their latest checkpoint '
+            f'({", ".join(sorted(running))})' if running else 'no trial was training')
+    resumable = osp.isfile(osp.join(sweep.experiment_path, 'tuner.pkl'))
+    return what, resumable
+
+
 def _print_interrupted(sweep, signals, running, resume_command):
     """One line: what stopped the sweep, what it interrupted and how to continue; exit 128 +
     the signal's number, or DiskFull's code."""
-    resumable = osp.isfile(osp.join(sweep.experiment_path, 'tuner.pkl'))
-    what = (f'{len(running)} trial(s) stopped at their latest checkpoint '
-            f'({", ".join(sorted(running))})' if running else 'no trial was training')
+    what, resumable = _what_stopped(sweep, running)
     marked = ('MLflow runs marked KILLED' if sweep.marked else
               'MLflow runs stay RUNNING until then')
     if resumable:
@@ -614,6 +615,39 @@ def _print_interrupted(sweep, signals, running, resume_command):
     return DiskFull.exit_code
 
 
+def _end_at_once(sweep, resume_command, signum):
+    """A second stop signal (called in its handler): KILLED in the journal (waiting at most a
+    second for the write it may have interrupted), one line, and the process ends here; Ray's
+    processes share its fate (interrupts.py says why not by an exception)."""
+    name = signal.Signals(signum).name
+    running = None
+    if sweep.started:
+        running = sweep.journal.mark_killed(
+            f'{name} twice at {time.strftime("%Y-%m-%d %H:%M:%S")}: ended at once; '
+            f'`{resume_command}` continues it', wait_s=1.0)
+    what, resumable = _what_stopped(sweep, running if sweep.started else [])
+    marked = ('no MLflow run was opened' if not sweep.started else
+              'MLflow runs stay RUNNING until then' if running is None else
+              'the journal marks their MLflow runs KILLED (the resume delivers it)')
+    then = (f'resume with: {resume_command}' if resumable else
+            'no trial had started: run the same command again')
+    _say_now(sweep.out, f'interrupted by {name} twice: ended at once; {what}; {marked}; {then}')
+    os._exit(128 + signum)
+
+
+def _say_now(out, line):
+    """A line from a signal handler: past Python's buffered writer, which the interrupted code
+    may be in the middle of (a print there raises 'reentrant call')."""
+    with contextlib.suppress(Exception):  # what is already buffered comes first, if it can
+        out.flush()
+    try:
+        fd = out.fileno()
+    except (OSError, ValueError, AttributeError):  # not a file (a test's StringIO)
+        out.write(line + '\n')
+    else:
+        os.write(fd, (line + '\n').encode())
+
+
 def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_command):
     """The sweep's steps, in this order; a stop signal ends them at the first or second step
     its handler reaches (interrupts.py)."""
@@ -621,6 +655,8 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
     outcome, interrupted = None, None
     with WriterLock() as writer:  # released however the sweep ends
         sweep = _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer)
+        signals.end_at_once = functools.partial(_end_at_once, sweep, resume_command)
+        signals.say = functools.partial(_say_now, out)
         _open_journal(sweep, tracking_uri, writer)
         with ThreadPoolExecutor(1) as background:
             # MLflow's import and store set-up (~5 s) overlap ray.init and the crews' start
@@ -633,7 +669,7 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
                 if outcome is None:  # Tune stopped at the signal, its state saved
                     interrupted = _close_interrupted(sweep, signals, resume_command)
                     live.show(force=True, final=True)
-            except SweepInterrupted as e:  # before Tune's loop, or a second signal
+            except SweepInterrupted as e:  # before Tune's loop
                 signals.signum = signals.signum or e.signum
                 interrupted = (_close_interrupted(sweep, signals, resume_command)
                                if sweep.started else [])

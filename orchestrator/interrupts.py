@@ -2,8 +2,10 @@
 
 The first one stops the sweep through Ray Tune's own graceful path: Tune always listens on
 SIGUSR1 while it fits (it then saves its experiment state, stops the trials and returns), so our
-handler calls Tune's. Before Tune's loop starts, and at a second signal, the handler raises
-``SweepInterrupted`` at once. Ray's handlers are replaced: its C++ one answered SIGTERM with a
+handler calls Tune's. Before Tune's loop starts the handler raises ``SweepInterrupted`` at once.
+A second signal ends the process from the handler (``end_at_once``: the driver's last words,
+then ``os._exit``): an exception raised there can land in a garbage-collector callback or a
+library's ``except``, which swallows it with a traceback. Ray's handlers are replaced: its C++ one answered SIGTERM with a
 crash dump and SIGABRT, its Python one with ``sys.exit``. The driver then closes the MLflow runs
 (driver.py) and exits 128 + the signal's number.
 """
@@ -16,8 +18,8 @@ os.environ['TUNE_DISABLE_SIGINT_HANDLER'] = '1'
 
 
 class SweepInterrupted(KeyboardInterrupt):
-    """A stop signal ended the sweep before Tune could stop it gracefully (before its loop, or
-    a second signal); ``signum`` None: a stop the sweep requested itself (a full disk)."""
+    """A stop signal ended the sweep before Tune could stop it gracefully (before its loop);
+    ``signum`` None: a stop the sweep requested itself (a full disk)."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name if signum else 'a stop request')
@@ -33,6 +35,8 @@ class StopSignals:
         self.fitting = False  # Tune's loop may be running: its SIGUSR1 handler stops it
         self._previous = {}
         self._stopping = False
+        self.end_at_once = None  # the driver's: called with a second signal's number, exits
+        self.say = None  # the driver's: prints a line from the handler
 
     @property
     def name(self):
@@ -66,6 +70,8 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self._stopping:
+            if self.end_at_once is not None:
+                self.end_at_once(self.signum or signum)
             raise SweepInterrupted(self.signum or signum)
         self._stopping = True
         if not (signum == signal.SIGUSR1 and self.reason):  # a signal, not our request
@@ -74,4 +80,7 @@ class StopSignals:
         tune_handler = signal.getsignal(signal.SIGUSR1)
         if not (self.fitting and callable(tune_handler) and tune_handler != self._handle):
             raise SweepInterrupted(self.signum)
+        if self.signum and self.say is not None:
+            self.say(f'{self.name}: stopping the trials at their latest checkpoint (a second '
+                     'one ends the sweep at once, still resumable)')
         tune_handler(signal.SIGUSR1, frame)  # Tune stops at its next step

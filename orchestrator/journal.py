@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from orchestrator.errors import disk_full
+from orchestrator.errors import DiskFull, disk_full
 from orchestrator.files import append_whole, write_json_atomic
 from orchestrator.mlflow_store import (ExperimentRefused, get_or_create_experiment,
                                         without_credentials)
@@ -198,27 +198,55 @@ class TrackingJournal:
         """Append one write to the journal (on disk before anything else), then deliver the
         pending writes: here, returning how many are still pending, or, while the delivery
         thread runs, there (returning None at once)."""
-        # `at`: when it happened (for `orchestrator status`; MLflow does not see it)
-        line = json.dumps(dict(op=op, at=round(time.time(), 3), **fields), default=str)
         with self._file_lock:
-            try:
-                append_whole(self.path, line + '\n', sync=True)
-            except OSError as e:
-                if disk_full(e, self.path) is None:
-                    raise
-                raise disk_full(e, self.path) from None
+            self._append([(op, fields)])
         if self._thread is not None:
             self._wake.set()
             return None
         return self.flush()
 
-    def _pending_records(self, done):
-        """Records after the first ``done`` (only those are parsed: this runs at every write)."""
+    def _append(self, records):
+        # `at`: when it happened (for `orchestrator status`; MLflow does not see it)
+        text = ''.join(json.dumps(dict(op=op, at=round(time.time(), 3), **fields), default=str)
+                       + '\n' for op, fields in records)
+        try:
+            append_whole(self.path, text, sync=True)
+        except OSError as e:
+            if disk_full(e, self.path) is None:
+                raise
+            raise disk_full(e, self.path) from None
+
+    def mark_killed(self, said, wait_s):
+        """The last words of a sweep ended at once (a second stop signal, in its handler): the
+        runs of the trials training here and the parent end KILLED with tag ``interrupted``,
+        appended in one write and not delivered (the process ends; ``--resume`` delivers them).
+        Waits at most ``wait_s`` for the file (the interrupted code may hold it). Returns the
+        trial ids, or None when nothing could be written."""
+        if not self._file_lock.acquire(timeout=wait_s):
+            return None
+        try:
+            running = self._running(self._lines())
+            records = [rec for tid in running + [None] for rec in (
+                ('tags', dict(trial_id=tid, tags={'interrupted': said})),
+                ('status', dict(trial_id=tid, status='KILLED')))]
+            self._append([(op, {k: v for k, v in f.items() if v is not None})
+                          for op, f in records])
+            return running
+        except (OSError, DiskFull):
+            return None
+        finally:
+            self._file_lock.release()
+
+    def _lines(self):
         if not osp.isfile(self.path):
             return []
+        with open(self.path) as f:
+            return [line for line in f if line.strip()]
+
+    def _pending_records(self, done):
+        """Records after the first ``done`` (only those are parsed: this runs at every write)."""
         with self._file_lock:
-            with open(self.path) as f:
-                lines = [line for line in f if line.strip()]
+            lines = self._lines()
         return [json.loads(line) for line in lines[done:]]
 
     def _applied(self):
@@ -309,8 +337,13 @@ class TrackingJournal:
 
     def running_here(self):
         """Trial ids whose last status in this journal is RUNNING: known without MLflow."""
+        with self._file_lock:
+            return self._running(self._lines())
+
+    @staticmethod
+    def _running(lines):
         last = {}
-        for rec in self._pending_records(0):
+        for rec in map(json.loads, lines):
             if rec['op'] == 'status' and rec.get('trial_id'):
                 last[rec['trial_id']] = rec['status']
         return [tid for tid, status in last.items() if status == 'RUNNING']

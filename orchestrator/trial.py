@@ -48,12 +48,13 @@ class WorkersLost(TrialFailed):
     """A worker process of the trial died (killed, out of memory, node lost): worth a retry."""
 
 
-def _failure(runs):
+def _failure(runs, pool):
     """The error that ended a crew's run. A rank whose process died (not one the pool killed
-    afterwards) makes it WorkersLost; otherwise it is the first worker exception (a config error,
-    'diverged: ...'), which a retry would only repeat."""
+    afterwards, nor one that raised) or that still has not answered makes it WorkersLost;
+    otherwise it is the first worker exception (a config error, 'diverged: ...'), which a retry
+    would only repeat. Ray's errors are told apart by type and actor id, not by their text."""
     ray.wait(runs, num_returns=len(runs), timeout=GRACE_S + 5)
-    lost, raised, full = None, None, None
+    died, raised, full, silent = [], None, None, 0
     for ref in runs:
         try:
             ray.get(ref, timeout=0)
@@ -61,14 +62,19 @@ def _failure(runs):
             raised = raised or e
             full = full or (e.cause if isinstance(e.cause, DiskFull) else None)
         except ray.exceptions.RayActorError as e:
-            if 'ray.kill' not in str(e):
-                lost = lost or e
-        except ray.exceptions.GetTimeoutError:
-            pass
+            died.append(e)
+        except ray.exceptions.GetTimeoutError:  # its node is gone, or not yet known to be
+            silent += 1
     if full is not None:  # whatever else failed with it: the sweep stops, resumable
         return DiskFull(full.path)
-    if lost is not None:
-        return WorkersLost(f'a worker process died: {str(lost).splitlines()[0]}')
+    if died:
+        ours = set(ray.get(pool.killed_here.remote([e.actor_id for e in died]), timeout=CALL_S))
+        died = [e for e in died if e.actor_id not in ours]
+    if died:
+        return WorkersLost(f'a worker process died: {str(died[0]).splitlines()[0]}')
+    if silent:
+        return WorkersLost(f'{silent} worker(s) did not answer for {GRACE_S + 5:g} s after the '
+                           'run failed')
     if raised is not None and isinstance(raised.cause, TrialFailed):
         return TrialFailed(str(raised.cause))  # its reason, without the remote traceback
     return raised.as_instanceof_cause() if raised is not None else None
@@ -82,7 +88,7 @@ def _write_placement(out_dir, where, group=None):
         group=group))
 
 
-def _poll(runs, workers, trial_id, forward):
+def _poll(runs, workers, trial_id, forward, pool):
     """Until the runs end: forward this trial's reports from rank 0; raise the runs' failure
     (WorkersLost, the worker's exception) or this trial's own ('failed': a head that diverged
     in a trial group)."""
@@ -95,10 +101,13 @@ def _poll(runs, workers, trial_id, forward):
             ray.get(ready)
             reports = ray.get(workers[0].drain.remote(trial_id), timeout=CALL_S)
         except ray.exceptions.GetTimeoutError:
-            raise (_failure(runs) or WorkersLost(f'rank 0 did not answer for {CALL_S:g} s')) \
-                from None
+            raise (_failure(runs, pool) or
+                   WorkersLost(f'rank 0 did not answer for {CALL_S:g} s')) from None
+        except ray.exceptions.RayActorError as e:  # rank 0 died, or its node is unreachable
+            raise (_failure(runs, pool) or
+                   WorkersLost(f'rank 0: {str(e).splitlines()[0]}')) from None
         except ray.exceptions.RayError as e:
-            raise (_failure(runs) or e) from None
+            raise (_failure(runs, pool) or e) from None
         for metrics in reports:
             if 'failed' in metrics:
                 raise TrialFailed(metrics['failed'])
@@ -124,7 +133,7 @@ def _train_in_trial_group(pool, job, key, forward):
         _write_placement(job.trial_dir, where, group=dict(id=osp.basename(group_dir),
                                                           size=joined.size))
     try:
-        _poll(runs, workers, trial_id, forward)
+        _poll(runs, workers, trial_id, forward, pool)
     finally:  # finished, failed, or stopped by Tune (ASHA): this head stops, the others go on
         for w in workers:
             w.request_stop.remote(trial_id)
@@ -148,7 +157,7 @@ def _train_alone(pool, job, forward):
     pool.release_when_done.remote(cid, runs, ray.get_runtime_context().current_actor, trial_id)
     _write_placement(job.trial_dir, where)
     try:
-        _poll(runs, workers, trial_id, forward)
+        _poll(runs, workers, trial_id, forward, pool)
     finally:  # finished, failed, or stopped by Tune (ASHA): no worker keeps training it
         for w in workers:
             w.request_stop.remote(trial_id)
@@ -210,6 +219,7 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
     overrides['auto_resume'] = True
     job = TrialJob(trial_id=trial_id, trial_dir=out_dir, base=base, overrides=overrides,
                    base_filename=base_filename, source=spec.source,
+                   collective_timeout_s=spec.collective_timeout_s,
                    **({'abandoned_after_s': abandoned_after_s} if abandoned_after_s else {}))
     restarts = 0
 

@@ -274,7 +274,8 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None,
     cfg.custom_hooks = _with_hooks(cfg, [
         dict(type='EvalMetricsHook', gpus_per_rank=gpus_per_rank, priority=80),
         dict(type='DivergenceHook', priority='VERY_HIGH'),  # before any step or save
-        dict(type='FrozenBackboneCheckpointHook')])  # probes: no copies of a frozen backbone
+        dict(type='FrozenBackboneCheckpointHook'),  # probes: no copies of a frozen backbone
+        dict(type='BestCheckpointLinkHook')])  # save_best: a link, not a second copy
     if should_stop is not None:  # an all-reduce per iteration: only where someone may ask
         cfg.custom_hooks = _with_hooks(cfg, [dict(type='StopRequestHook', priority='LOWEST')])
     palette = None if model.PALETTE is None else [[int(c) for c in color]

@@ -1,12 +1,14 @@
 """Faults with real processes on the session's real Ray cluster: a SIGKILLed driver resumed with
 --resume, a SIGKILLed training worker, a diverging trial. MLflow is read back each time: one
 child per trial, no evaluation logged twice, nothing missing."""
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -192,8 +194,63 @@ def test_sigterm_stops_the_sweep_resumably_and_says_how(tmp_path, synthetic_root
     assert child.data.tags['interrupted'].startswith('SIGTERM at ')
     assert child.data.tags['trial_id'] in line
     assert 240 not in _steps(client, child)  # it did not finish: nothing says it did
-    _wait_for(lambda: not ours & set(ray_processes('ray::TrainWorker')), driver, timeout=60)
+    _gone(ours, ray_processes)
     _resume_as_printed(line, tmp_path, 'sigterm', cli_env)
+
+
+def _gone(pids, ray_processes, timeout=60):
+    deadline = time.time() + timeout
+    while pids & set(ray_processes('ray::TrainWorker')):
+        assert time.time() < deadline, 'the crew outlived its driver'
+        time.sleep(0.2)
+
+
+def _journal_records(tmp, name):
+    path = tmp / 'out' / name / 'mlflow_journal.jsonl'
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_ctrl_c_twice_ends_the_sweep_at_once_and_resumably(tmp_path, synthetic_root, ray_address,
+                                                          ray_processes, cli_env):
+    """Ctrl-C (SIGINT to the driver's process group), and again while the first one's stop is
+    under way: exit 130 at once, one line with the resume command, no traceback, KILLED in the
+    journal (delivered by the resume), the crew gone, and the printed command finishes it.
+    Before: the second SIGINT was an exception raised wherever the main thread was; inside a
+    garbage-collector callback Python printed it as a traceback and went on."""
+    path = _space(tmp_path, synthetic_root, 'sigint',
+                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=240, evaluations=4,
+                  resources={'workers_per_trial': 2, 'cpus_per_worker': 1,
+                             'max_concurrent_trials': 1})
+    trials = tmp_path / 'out' / 'sigint' / 'trials'
+    before = set(ray_processes('ray::TrainWorker'))
+    driver = subprocess.Popen([ORCHESTRATOR, 'sweep', str(path), '--address', ray_address],
+                              env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    _DRIVERS.append(driver)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
+    reader.start()
+    _wait_for(lambda: list(trials.glob('*/mmseg/iter_60.pth')), driver)
+    ours = set(ray_processes('ray::TrainWorker')) - before
+    os.killpg(driver.pid, signal.SIGINT)
+    _wait_for(lambda: any(line.startswith('SIGINT: stopping the trials') for line in lines),
+              driver, timeout=30)
+    os.killpg(driver.pid, signal.SIGINT)  # while the first one's stop is under way
+    driver.wait(timeout=60)
+    reader.join(timeout=10)
+    output = ''.join(lines)
+    assert driver.returncode == 130, output[-3000:]
+    assert 'Traceback' not in output, output[-3000:]
+    line = _last_line(output)
+    assert line.startswith('interrupted by SIGINT twice: ended at once; 1 trial(s) stopped at '
+                           'their latest checkpoint'), output[-3000:]
+    assert 'results:' not in output  # no ranked table of half-trained trials
+    journal = _journal_records(tmp_path, 'sigint')
+    killed = [r for r in journal if r['op'] == 'status' and r['status'] == 'KILLED']
+    assert [r.get('trial_id') for r in killed] == [journal[-3]['trial_id'], None], journal[-4:]
+    assert journal[-3]['trial_id'] in line
+    _gone(ours, ray_processes)
+    _resume_as_printed(line, tmp_path, 'sigint', cli_env)
 
 
 @pytest.fixture
@@ -281,6 +338,96 @@ def test_killed_worker_restarts_the_trial_from_its_checkpoint(config, tmp_path, 
                             capture_output=True, text=True, env=cli_env).stdout
     assert restart.search(status), status
     print(f'worker restart: killed -> finished in {time.time() - killed_at:.1f} s')
+
+
+@pytest.fixture
+def extra_node(ray_address):
+    """A second node (2 CPUs) in its own process group, so the test can kill the whole node
+    (raylet, its workers) at once, as a lost machine; removed at the end if still alive."""
+    import ray
+    node = subprocess.Popen([str(Path(sys.executable).with_name('ray')), 'start',
+                             f'--address={ray_address}', '--num-cpus=2', '--block',
+                             '--disable-usage-stats'], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ray.init(address=ray_address, log_to_driver=False)
+    try:
+        def others():  # alive nodes besides the session's head
+            return [n for n in ray.nodes() if n['Alive']
+                    and 'node:__internal_head__' not in n['Resources']]
+        deadline = time.time() + 60
+        while not others() and time.time() < deadline:
+            time.sleep(0.5)
+        alive = others()
+        assert len(alive) == 1, ray.nodes()
+        node_id = alive[0]['NodeID']
+    finally:
+        ray.shutdown()
+    yield node, node_id
+    if node.poll() is None:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=60)
+
+
+def test_a_lost_node_restarts_its_trial_from_its_checkpoint_on_the_nodes_left(
+        tmp_path, synthetic_root, ray_address, extra_node, cli_env):
+    """Two 1-worker trials at once, one per node; the second node dies (SIGKILL of all its
+    processes) after its trial's first checkpoint: that trial restarts from the checkpoint on
+    the head once the other trial's crew is free (restart 1 of 1), the sweep exits 0, every
+    evaluation once. Before: the trial FAILED (`The actor ... is unavailable: RpcError`, matched
+    by no rule) or waited on its crew's placement group, which no node could hold any more."""
+    node, node_id = extra_node
+    path = _space(tmp_path, synthetic_root, 'lostnode',
+                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=240, evaluations=4,
+                  resources={'workers_per_trial': 1, 'cpus_per_worker': 2},
+                  fault_tolerance={'worker_retries': 1})
+    trials = tmp_path / 'out' / 'lostnode' / 'trials'
+
+    def placed_there():
+        for placement in trials.glob('*/placement.json'):
+            if json.loads(placement.read_text())['ranks'][0]['node_id'] == node_id:
+                return placement.parent
+    driver = _sweep(path, ray_address, cli_env)
+    _wait_for(lambda: placed_there() and list(placed_there().glob('mmseg/iter_60.pth')), driver)
+    victim = placed_there()
+    os.killpg(node.pid, signal.SIGKILL)
+    node.wait(timeout=30)
+    killed_at = time.time()
+    output = driver.communicate(timeout=420)[0]
+    print(f'lost node: killed -> sweep finished in {time.time() - killed_at:.1f} s')
+    assert driver.returncode == 0, output[-3000:]
+    client, (parent,), children = _runs(tmp_path, 'lostnode')
+    assert parent.info.status == 'FINISHED' and len(children) == 2
+    for child in children:
+        assert child.info.status == 'FINISHED'
+        assert _steps(client, child) == [60, 120, 180, 240], child.data.tags['trial_id']
+        assert child.data.metrics['restarts'] == (child.data.tags['trial_id'] == victim.name)
+    (restart,) = [json.loads(line) for line in (victim / 'restarts.jsonl').read_text().splitlines()]
+    assert restart['restart'] == restart['of'] == 1 and restart['resume_from'] >= 60
+    log = '\n'.join(p.read_text() for p in sorted((victim / 'mmseg').glob('*.log')))
+    assert log.count('Iter [20/240]') == 1 and log.count('Iter [240/240]') == 1
+    # it finished on the node left
+    assert json.loads((victim / 'placement.json').read_text())['ranks'][0]['node_id'] != node_id
+
+
+def test_a_rank_stalled_past_the_collective_timeout_fails_its_trial_with_the_reason(
+        tmp_path, synthetic_root, ray_address, cli_env):
+    """``fault_tolerance.collective_timeout_s`` is the process group's: rank 1 stalls 60 s
+    before iteration 10 (an injected fault), rank 0 waits 5 s in the next collective, and the
+    trial fails saying so. Before: no such setting (torch's defaults: 30 min on gloo, 10 min on
+    NCCL, less than rank 0 takes to write a 6B fine-tune's 35 GB checkpoint at 50 MB/s)."""
+    base = tmp_path / 'stalling.py'
+    base.write_text(f"_base_ = [{str(ROOT / 'configs' / 'tiny_fcn_synthetic.py')!r}]\n"
+                    "custom_hooks = [dict(type='FaultInjectionHook', at_iter=10, rank=1, "
+                    "stall_s=60)]\n")
+    path = _space(tmp_path, synthetic_root, 'stall', {'model.decode_head.num_convs': {'grid': [1]}},
+                  iters=60, evaluations=1, base_config=str(base),
+                  fault_tolerance={'worker_retries': 0, 'collective_timeout_s': 5})
+    run = subprocess.run([ORCHESTRATOR, 'sweep', str(path), '--address', ray_address],
+                         env=cli_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, (run.stdout + run.stderr)[-3000:]
+    assert '1 of 1 trials failed' in run.stdout, run.stdout[-3000:]
+    failed = run.stdout.split('1 of 1 trials failed', 1)[1]
+    assert 'Timed out' in failed and '5000ms' in failed, failed
 
 
 def test_a_worker_that_dies_idle_is_replaced_and_no_slot_is_stranded(

@@ -165,3 +165,22 @@ def test_epoch_ends_sleep_only_where_loader_workers_restart(persistent, sleeps, 
                                    persistent_workers=persistent))
     assert [int(next(loader).sum()) for _ in range(6)] == [1, 5, 1, 5, 1, 5]
     assert slept == [2] * sleeps  # two epoch ends
+
+
+def test_save_best_is_a_link_to_the_checkpoint_not_a_second_copy(tiny_cfg, tmp_path):
+    """InternVL's configs set ``evaluation.save_best='mIoU'``: mmcv wrote the whole model again
+    for each new best (35 GB for a 6B fine-tune). Now the best is the iteration's checkpoint
+    under a second name (one inode, which outlives ``max_keep_ckpts`` removing the other)."""
+    import os
+    tiny_cfg.runner.max_iters = 60
+    tiny_cfg.evaluation.update(interval=20, save_best='mIoU')
+    tiny_cfg.checkpoint_config.interval = 20
+    seen = []
+    worker.train(tiny_cfg, str(tmp_path / 'wd'), callback=seen.append)
+    (best,) = (tmp_path / 'wd').glob('best_mIoU_iter_*.pth')
+    best_iter = int(best.stem.rsplit('_', 1)[1])
+    score = {m['iter']: m['mIoU'] for m in seen}
+    assert sorted(score) == [20, 40, 60] and score[best_iter] == max(score.values())
+    twin = tmp_path / 'wd' / f'iter_{best_iter}.pth'
+    assert os.stat(best).st_ino == os.stat(twin).st_ino and os.stat(best).st_nlink == 2
+    assert abs(_evaluate(tiny_cfg, best) - score[best_iter]) < 1e-6
