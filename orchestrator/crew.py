@@ -188,6 +188,8 @@ class TrainWorker:
 
     def run(self, job, rank, world_size, init_method):
         """Train one trial as ``rank`` of ``world_size``; returns the final metrics."""
+        import torch
+
         from mmseg_custom.hooks import BackboneChanged, TrainingDiverged
         from orchestrator import worker
         from orchestrator.errors import ConfigError, TrialFailed, disk_full
@@ -198,6 +200,8 @@ class TrainWorker:
                                     should_stop=should_stop, gpus_per_rank=self.gpu_share)
             except (TrainingDiverged, ConfigError, BackboneChanged) as e:  # the reason itself
                 raise TrialFailed(str(e)) from None
+            except torch.cuda.OutOfMemoryError as e:  # the trial's size, not a lost worker
+                raise TrialFailed(_out_of_memory(e)) from None
             except Exception as e:
                 if disk_full(e, cfg.work_dir) is None:
                     raise
@@ -206,8 +210,10 @@ class TrainWorker:
     def run_trial_group(self, jobs, rank, world_size, init_method, group_dir):
         """Train a trial group (``jobs``: its trials, head-side values apart) as ``rank``: one
         frozen-backbone pass per batch; each trial's reports and stop requests are its own."""
+        import torch
+
         from orchestrator import worker
-        from orchestrator.errors import disk_full
+        from orchestrator.errors import TrialFailed, disk_full
         cfgs, reports, stops = zip(*[self._prepare(job, rank) for job in jobs])
         with self._process_group(rank, world_size, init_method,
                                  jobs[0].collective_timeout_s):
@@ -215,10 +221,20 @@ class TrainWorker:
                 return worker.train_group(list(cfgs), [c.work_dir for c in cfgs], group_dir,
                                           callbacks=list(reports), should_stops=list(stops),
                                           source=jobs[0].source, gpus_per_rank=self.gpu_share)
+            except torch.cuda.OutOfMemoryError as e:  # not yet split into smaller groups
+                raise TrialFailed(_out_of_memory(e)) from None
             except Exception as e:
                 if disk_full(e, group_dir) is None:
                     raise
                 raise disk_full(e, group_dir) from None
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _out_of_memory(error):
+    return 'CUDA out of memory: ' + _first_line(error).removeprefix('CUDA out of memory. ')
 
 
 async def _settled(ref):
@@ -442,7 +458,7 @@ class WorkerPool:
             settled = [asyncio.ensure_future(_settled(r)) for r in refs]
             await asyncio.wait(settled, timeout=GRACE_S)
             running = [w for w, s in zip(self.crews[cid][1], settled) if not s.done()]
-            self._rebuild(cid, f'run failed ({type(e).__name__}: {str(e).splitlines()[0]})',
+            self._rebuild(cid, f'run failed ({type(e).__name__}: {_first_line(e)})',
                           running)
         for watch in watches:
             watch.cancel()

@@ -1,5 +1,6 @@
 """Errors with a meaning for the user: bad input (one line, exit code 2, nothing started) and a
 trial that failed for a stated reason."""
+import re
 
 
 class ConfigError(ValueError):
@@ -11,6 +12,15 @@ class ConfigError(ValueError):
 class TrialFailed(RuntimeError):
     """A trial ended for a reason worth its own words in MLflow (``diverged: ...``, lost workers)
     rather than a traceback; the message is the reason."""
+
+
+def failure_reason(error_text):
+    """A failed trial's reason as MLflow's tag and the end-of-sweep table say it: the error's
+    last line, a TrialFailed's without its class (its message is the reason itself)."""
+    lines = [line for line in str(error_text).strip().splitlines() if line.strip()]
+    if not lines:
+        return 'error'
+    return re.sub(r'^(?:[\w.]+\.)?TrialFailed: ', '', lines[-1].strip())
 
 
 class DiskFull(TrialFailed):

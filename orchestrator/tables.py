@@ -2,6 +2,7 @@
 that status, compare and report also print."""
 from prettytable import PrettyTable, TableStyle
 
+from orchestrator.errors import failure_reason
 from orchestrator.grouping import flat_config
 
 
@@ -23,7 +24,7 @@ def ranked_results(result_grid, keys, metric='mIoU', mode='max'):
         trial_id = (r.metrics or {}).get('trial_id', '?')
         values = [flat_config(r.config).get(k) for k in keys]
         if r.error is not None or metric not in (r.metrics or {}):
-            reason = str(r.error).strip().splitlines()[-1] if r.error else 'no metric reported'
+            reason = failure_reason(r.error) if r.error else 'no metric reported'
             failed.append([trial_id, *values, reason])
             continue
         trained, planned = r.metrics.get('iter'), r.metrics.get('max_iters')

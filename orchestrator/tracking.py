@@ -8,13 +8,13 @@ param columns on every child, and steps metrics by the mmseg iteration.
 import hashlib
 import json
 import os.path as osp
-import re
 import subprocess
 import sys
 from importlib import metadata
 
 from ray.tune import Callback
 
+from orchestrator.errors import failure_reason
 from orchestrator.keys import FRACTION_KEY, HEAD_VARIANT, NOISE_KEYS, REPEAT_KEY, SUBSET_SEED_KEY
 
 METRIC_PREFIXES = ('mIoU', 'mAcc', 'aAcc', 'IoU.', 'Acc.', 'loss', 'lr', 'restarts', 'cost.',
@@ -202,8 +202,5 @@ class MLflowTrialCallback(Callback):
         reason = 'error'
         if error and osp.isfile(error):
             with open(error) as f:
-                lines = [line for line in f.read().strip().splitlines() if line.strip()]
-            reason = lines[-1] if lines else reason
-            # TrialFailed's message is the reason itself ('diverged: ...', 'workers lost: ...')
-            reason = re.sub(r'^(?:[\w.]+\.)?TrialFailed: ', '', reason)
+                reason = failure_reason(f.read())
         self._finish(trial, 'FAILED', reason)

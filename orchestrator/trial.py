@@ -51,15 +51,17 @@ class WorkersLost(TrialFailed):
 def _failure(runs, pool):
     """The error that ended a crew's run. A rank whose process died (not one the pool killed
     afterwards, nor one that raised) or that still has not answered makes it WorkersLost;
-    otherwise it is the first worker exception (a config error, 'diverged: ...'), which a retry
-    would only repeat. Ray's errors are told apart by type and actor id, not by their text."""
+    otherwise it is a worker's exception, which a retry would only repeat: one with a reason of
+    ours (a config error, 'diverged: ...', out of memory) before another rank's consequence of
+    it (gloo's 'Connection reset by peer'). Ray's errors are told apart by type and actor id,
+    not by their text."""
     ray.wait(runs, num_returns=len(runs), timeout=GRACE_S + 5)
-    died, raised, full, silent = [], None, None, 0
+    died, raised, full, silent = [], [], None, 0
     for ref in runs:
         try:
             ray.get(ref, timeout=0)
         except ray.exceptions.RayTaskError as e:
-            raised = raised or e
+            raised.append(e)
             full = full or (e.cause if isinstance(e.cause, DiskFull) else None)
         except ray.exceptions.RayActorError as e:
             died.append(e)
@@ -75,9 +77,10 @@ def _failure(runs, pool):
     if silent:
         return WorkersLost(f'{silent} worker(s) did not answer for {GRACE_S + 5:g} s after the '
                            'run failed')
-    if raised is not None and isinstance(raised.cause, TrialFailed):
-        return TrialFailed(str(raised.cause))  # its reason, without the remote traceback
-    return raised.as_instanceof_cause() if raised is not None else None
+    reasoned = [e for e in raised if isinstance(e.cause, TrialFailed)]
+    if reasoned:
+        return TrialFailed(str(reasoned[0].cause))  # its reason, without the remote traceback
+    return raised[0].as_instanceof_cause() if raised else None
 
 
 def _write_placement(out_dir, where, group=None):

@@ -409,25 +409,55 @@ def test_a_lost_node_restarts_its_trial_from_its_checkpoint_on_the_nodes_left(
     assert json.loads((victim / 'placement.json').read_text())['ranks'][0]['node_id'] != node_id
 
 
+def _with_fault(tmp, **fault):
+    """The tiny config with a FaultInjectionHook (mmseg_custom/hooks/fault_injection.py)."""
+    base = tmp / 'faulty.py'
+    base.write_text(f"_base_ = [{str(ROOT / 'configs' / 'tiny_fcn_synthetic.py')!r}]\n"
+                    f"custom_hooks = [dict(type='FaultInjectionHook', **{fault!r})]\n")
+    return base
+
+
+def _failure_reason(output):
+    """The reason column of the end-of-sweep table's one failed trial."""
+    assert '1 of 1 trials failed' in output, output[-3000:]
+    rows = [line for line in output.split('1 of 1 trials failed', 1)[1].splitlines()
+            if line.startswith('|')]  # its header, then its row
+    return rows[1].strip('| ').rsplit(' | ', 1)[1].strip()
+
+
+def test_a_solo_trial_out_of_gpu_memory_fails_with_the_reason_and_is_not_retried(
+        tmp_path, synthetic_root, ray_address, cli_env):
+    """torch.cuda.OutOfMemoryError on rank 1 at iteration 10 (injected: raised as torch raises
+    it): the trial fails at once with `CUDA out of memory: ...`, not retried as a lost worker
+    although retries are left. Before: the reason was `OutOfMemoryError: ...` with the remote
+    traceback's text."""
+    path = _space(tmp_path, synthetic_root, 'oom', {'model.decode_head.num_convs': {'grid': [1]}},
+                  iters=60, evaluations=1,
+                  base_config=str(_with_fault(tmp_path, at_iter=10, rank=1, out_of_memory=True)),
+                  fault_tolerance={'worker_retries': 2})
+    run = subprocess.run([ORCHESTRATOR, 'sweep', str(path), '--address', ray_address],
+                         env=cli_env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, (run.stdout + run.stderr)[-3000:]
+    assert _failure_reason(run.stdout) == ('CUDA out of memory: Tried to allocate 2.00 GiB '
+                                           '(injected at iteration 10 on rank 1)'), run.stdout
+    assert not list((tmp_path / 'out' / 'oom' / 'trials').glob('*/restarts.jsonl'))
+
+
 def test_a_rank_stalled_past_the_collective_timeout_fails_its_trial_with_the_reason(
         tmp_path, synthetic_root, ray_address, cli_env):
     """``fault_tolerance.collective_timeout_s`` is the process group's: rank 1 stalls 60 s
     before iteration 10 (an injected fault), rank 0 waits 5 s in the next collective, and the
     trial fails saying so. Before: no such setting (torch's defaults: 30 min on gloo, 10 min on
     NCCL, less than rank 0 takes to write a 6B fine-tune's 35 GB checkpoint at 50 MB/s)."""
-    base = tmp_path / 'stalling.py'
-    base.write_text(f"_base_ = [{str(ROOT / 'configs' / 'tiny_fcn_synthetic.py')!r}]\n"
-                    "custom_hooks = [dict(type='FaultInjectionHook', at_iter=10, rank=1, "
-                    "stall_s=60)]\n")
+    base = _with_fault(tmp_path, at_iter=10, rank=1, stall_s=60)
     path = _space(tmp_path, synthetic_root, 'stall', {'model.decode_head.num_convs': {'grid': [1]}},
                   iters=60, evaluations=1, base_config=str(base),
                   fault_tolerance={'worker_retries': 0, 'collective_timeout_s': 5})
     run = subprocess.run([ORCHESTRATOR, 'sweep', str(path), '--address', ray_address],
                          env=cli_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, (run.stdout + run.stderr)[-3000:]
-    assert '1 of 1 trials failed' in run.stdout, run.stdout[-3000:]
-    failed = run.stdout.split('1 of 1 trials failed', 1)[1]
-    assert 'Timed out' in failed and '5000ms' in failed, failed
+    reason = _failure_reason(run.stdout)
+    assert reason.startswith('RuntimeError: ') and 'Timed out waiting 5000ms' in reason, reason
 
 
 def test_a_worker_that_dies_idle_is_replaced_and_no_slot_is_stranded(
