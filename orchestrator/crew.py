@@ -237,6 +237,21 @@ def _out_of_memory(error):
     return 'CUDA out of memory: ' + _first_line(error).removeprefix('CUDA out of memory. ')
 
 
+async def _answering(workers, within_s=2.0):
+    """The workers whose process answers (a call served beside a run) within ``within_s``."""
+    async def answers(w):
+        try:
+            await asyncio.wait_for(_ready(w), within_s)
+            return True
+        except Exception:
+            return False
+    return [w for w, ok in zip(workers, await asyncio.gather(*map(answers, workers))) if ok]
+
+
+async def _ready(actor):
+    await actor.__ray_ready__.remote()
+
+
 async def _settled(ref):
     try:
         await ref
@@ -458,8 +473,14 @@ class WorkerPool:
             settled = [asyncio.ensure_future(_settled(r)) for r in refs]
             await asyncio.wait(settled, timeout=GRACE_S)
             running = [w for w, s in zip(self.crews[cid][1], settled) if not s.done()]
-            self._rebuild(cid, f'run failed ({type(e).__name__}: {_first_line(e)})',
-                          running)
+            try:  # a rank on a lost node is not running: it does not answer
+                self._rebuild(cid, f'run failed ({type(e).__name__}: {_first_line(e)})',
+                              await _answering(running))
+            finally:
+                for watch in watches:
+                    watch.cancel()
+                await self._free(cid)
+            return
         for watch in watches:
             watch.cancel()
         await self._free(cid)

@@ -204,6 +204,7 @@ class _Sweep:
     pool: object = None  # the WorkerPool's handle: the actor lives as long as it is held
     started: bool = False  # the parent run is RUNNING: an interruption marks it KILLED
     marked: bool = True  # after an interruption: its runs' KILLED status is in the journal
+    closed: tuple = None  # after the first stop's close: (trials marked, marked) for a second
     log: object = None  # the _SweepLog of <sweep>/ray.log
     base: dict = field(init=False)  # the base config as plain data, for Tune and Ray
 
@@ -576,7 +577,10 @@ def _close_interrupted(sweep, signals, resume_command):
             f'at the latest checkpoint; `{resume_command}` continues it')
     running = sweep.journal.mark_killed(said, wait_s=-1)  # delivered as the delivery stops
     sweep.marked = running is not None
-    return running if running is not None else sweep.journal.running_here()
+    if running is None:
+        running = sweep.journal.running_here()
+    sweep.closed = (running, sweep.marked)  # what a second signal then says
+    return running
 
 
 def _resume_command(space_file, name, output, address):
@@ -615,29 +619,38 @@ def _print_interrupted(sweep, signals, running, resume_command):
     return DiskFull.exit_code
 
 
-def _end_at_once(sweep, resume_command, signum):
-    """A second stop signal (called in its handler): KILLED in the journal (waiting at most a
-    second for the write it may have interrupted), one line, and the process ends here; Ray's
-    processes share its fate (interrupts.py says why not by an exception)."""
-    name = signal.Signals(signum).name
-    running = None
-    if sweep.started:
-        running = sweep.journal.mark_killed(
-            f'{name} twice at {time.strftime("%Y-%m-%d %H:%M:%S")}: ended at once; '
-            f'`{resume_command}` continues it', wait_s=1.0)
-    what, resumable = _what_stopped(sweep, running if sweep.started else [])
-    marked = ('no MLflow run was opened' if not sweep.started else
-              'MLflow runs stay RUNNING until then' if running is None else
-              'the journal marks their MLflow runs KILLED (the resume delivers it)')
-    then = (f'resume with: {resume_command}' if resumable else
-            'no trial had started: run the same command again')
-    _say_now(sweep.out, f'interrupted by {name} twice: ended at once; {what}; {marked}; {then}')
-    os._exit(128 + signum)
+def _end_at_once(sweep, resume_command, first, signum, reason):
+    """A second stop signal (called in its handler; ``first``: the first one's number, None
+    for the sweep's own stop, for ``reason``): KILLED in the journal (waiting at most a second
+    for the write it may have interrupted), one line, and the process ends here whatever
+    fails; Ray's processes share its fate (interrupts.py says why not by an exception)."""
+    for stop in (signal.SIGINT, signal.SIGTERM):  # a third one changes nothing now
+        signal.signal(stop, signal.SIG_IGN)
+    try:
+        name = signal.Signals(signum).name
+        how = (f'{name} twice' if first == signum else
+               f'{signal.Signals(first).name}, then {name}' if first else
+               f'{name} while the sweep stopped ({reason})')
+        running, marked = sweep.closed or (None, False)
+        if sweep.started and sweep.closed is None:  # not yet closed by the first one
+            running = sweep.journal.mark_killed(
+                f'{how} at {time.strftime("%Y-%m-%d %H:%M:%S")}: ended at once; '
+                f'`{resume_command}` continues it', wait_s=1.0)
+            marked = running is not None
+        what, resumable = _what_stopped(sweep, running if sweep.started else [])
+        marked = ('no MLflow run was opened' if not sweep.started else
+                  'the journal marks their MLflow runs KILLED (the resume delivers it)' if marked
+                  else 'MLflow runs stay RUNNING until then')
+        then = (f'resume with: {resume_command}' if resumable else
+                'no trial had started: run the same command again')
+        _say_now(sweep.out, f'interrupted by {how}: ended at once; {what}; {marked}; {then}')
+    finally:
+        os._exit(128 + (first or signum))
 
 
-def _say_now(out, line):
+def _say_now(out, line, live=None):
     """A line from a signal handler: past Python's buffered writer, which the interrupted code
-    may be in the middle of (a print there raises 'reentrant call')."""
+    may be in the middle of (a print there raises 'reentrant call'); below ``live``'s view."""
     with contextlib.suppress(Exception):  # what is already buffered comes first, if it can
         out.flush()
     try:
@@ -645,7 +658,10 @@ def _say_now(out, line):
     except (OSError, ValueError, AttributeError):  # not a file (a test's StringIO)
         out.write(line + '\n')
     else:
-        os.write(fd, (line + '\n').encode())
+        with contextlib.suppress(OSError):  # a closed pipe: nobody reads it
+            os.write(fd, (line + '\n').encode())
+    if live is not None:
+        live.printed_below()
 
 
 def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_command):
@@ -656,7 +672,6 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
     with WriterLock() as writer:  # released however the sweep ends
         sweep = _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer)
         signals.end_at_once = functools.partial(_end_at_once, sweep, resume_command)
-        signals.say = functools.partial(_say_now, out)
         _open_journal(sweep, tracking_uri, writer)
         with ThreadPoolExecutor(1) as background:
             # MLflow's import and store set-up (~5 s) overlap ray.init and the crews' start
@@ -665,6 +680,7 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
                 _start_crews(sweep, signals)
                 _open_parent_run(sweep, warming)
                 tuner, live = _build_tuner(sweep)
+                signals.say = functools.partial(_say_now, out, live=live)
                 outcome = _fit(sweep, tuner, live, signals)
                 if outcome is None:  # Tune stopped at the signal, its state saved
                     interrupted = _close_interrupted(sweep, signals, resume_command)

@@ -5,9 +5,9 @@ SIGUSR1 while it fits (it then saves its experiment state, stops the trials and 
 handler calls Tune's. Before Tune's loop starts the handler raises ``SweepInterrupted`` at once.
 A second signal ends the process from the handler (``end_at_once``: the driver's last words,
 then ``os._exit``): an exception raised there can land in a garbage-collector callback or a
-library's ``except``, which swallows it with a traceback. Ray's handlers are replaced: its C++ one answered SIGTERM with a
-crash dump and SIGABRT, its Python one with ``sys.exit``. The driver then closes the MLflow runs
-(driver.py) and exits 128 + the signal's number.
+library's ``except``, which swallows it with a traceback. Ray's handlers are replaced: its C++
+one answered SIGTERM with a crash dump and SIGABRT, its Python one with ``sys.exit``. The driver
+then closes the MLflow runs (driver.py) and exits 128 + the signal's number.
 """
 import os
 import signal
@@ -35,7 +35,7 @@ class StopSignals:
         self.fitting = False  # Tune's loop may be running: its SIGUSR1 handler stops it
         self._previous = {}
         self._stopping = False
-        self.end_at_once = None  # the driver's: called with a second signal's number, exits
+        self.end_at_once = None  # the driver's: (first, this signal, reason) -> exits
         self.say = None  # the driver's: prints a line from the handler
 
     @property
@@ -71,7 +71,7 @@ class StopSignals:
     def _handle(self, signum, frame):
         if self._stopping:
             if self.end_at_once is not None:
-                self.end_at_once(self.signum or signum)
+                self.end_at_once(self.signum, signum, self.reason)
             raise SweepInterrupted(self.signum or signum)
         self._stopping = True
         if not (signum == signal.SIGUSR1 and self.reason):  # a signal, not our request

@@ -232,7 +232,7 @@ class TrackingJournal:
             self._append([(op, {k: v for k, v in f.items() if v is not None})
                           for op, f in records])
             return running
-        except (OSError, DiskFull):
+        except (OSError, DiskFull, ValueError):  # unwritable, or a line torn by a crash
             return None
         finally:
             self._file_lock.release()

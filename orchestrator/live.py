@@ -27,6 +27,11 @@ class LiveStatus(Callback):
         self.__dict__.update(state)
         self.out = self.out or sys.stdout
 
+    def printed_below(self):
+        """Someone printed under the drawing (the first stop signal's line): the next one goes
+        below it instead of moving up over it."""
+        self._drawn = 0
+
     def _tty(self):
         return hasattr(self.out, 'isatty') and self.out.isatty() and \
             os.environ.get('TERM', 'dumb') != 'dumb'

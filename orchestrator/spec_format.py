@@ -226,7 +226,7 @@ class Resources(Section):
 class FaultTolerance(Section):
     """A trial whose worker dies restarts from its last checkpoint, this many times; a rank
     waits this long in a collective for the others (torch's NCCL default, 10 min, is less
-    than rank 0 takes to write a 6B fine-tune's 35 GB checkpoint at 50 MB/s)."""
+    than rank 0 takes to write a 6B fine-tune's 35 GB checkpoint at 50 MB/s: README)."""
     worker_retries: Count = 2
     collective_timeout_s: Positive = 1800
 

@@ -50,11 +50,11 @@ class WorkersLost(TrialFailed):
 
 def _failure(runs, pool):
     """The error that ended a crew's run. A rank whose process died (not one the pool killed
-    afterwards, nor one that raised) or that still has not answered makes it WorkersLost;
-    otherwise it is a worker's exception, which a retry would only repeat: one with a reason of
-    ours (a config error, 'diverged: ...', out of memory) before another rank's consequence of
-    it (gloo's 'Connection reset by peer'). Ray's errors are told apart by type and actor id,
-    not by their text."""
+    afterwards, nor one that raised) makes it WorkersLost; then a worker's exception with a
+    reason of ours (a config error, 'diverged: ...', out of memory), which a retry would only
+    repeat; then a rank that still has not answered (WorkersLost); then another exception
+    (gloo's 'Connection reset by peer' is a rank's consequence of another's failure). Ray's
+    errors are told apart by type and actor id, not by their text."""
     ray.wait(runs, num_returns=len(runs), timeout=GRACE_S + 5)
     died, raised, full, silent = [], [], None, 0
     for ref in runs:
@@ -70,16 +70,20 @@ def _failure(runs, pool):
     if full is not None:  # whatever else failed with it: the sweep stops, resumable
         return DiskFull(full.path)
     if died:
-        ours = set(ray.get(pool.killed_here.remote([e.actor_id for e in died]), timeout=CALL_S))
+        try:
+            ours = set(ray.get(pool.killed_here.remote([e.actor_id for e in died]),
+                               timeout=CALL_S))
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            ours = set()  # no pool to ask: the sweep is ending
         died = [e for e in died if e.actor_id not in ours]
     if died:
         return WorkersLost(f'a worker process died: {str(died[0]).splitlines()[0]}')
-    if silent:
-        return WorkersLost(f'{silent} worker(s) did not answer for {GRACE_S + 5:g} s after the '
-                           'run failed')
     reasoned = [e for e in raised if isinstance(e.cause, TrialFailed)]
     if reasoned:
         return TrialFailed(str(reasoned[0].cause))  # its reason, without the remote traceback
+    if silent:
+        return WorkersLost(f'{silent} worker(s) did not answer for {GRACE_S + 5:g} s after the '
+                           'run failed')
     return raised[0].as_instanceof_cause() if raised else None
 
 

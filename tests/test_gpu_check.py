@@ -44,12 +44,12 @@ def test_gpu_check_cpu_mode_writes_every_number(tmp_path):
 
     d = r['finetune_step']
     assert d['backend'] == 'gloo' and d['world_size'] == 1
-    # every backbone tensor that got a gradient was moved by the step (drop path leaves a whole
-    # branch without one at random, and a weight's share of unmoved elements varies with the
-    # data: measured 0.9968-1.0, so the elements' fraction is reported, not asserted)
+    # every backbone tensor got a gradient (CPU mode: no drop path) and the step moved each
+    # (a weight's share of unmoved elements varies with the data: measured 0.9968-1.0 with
+    # drop path, so the elements' fraction is reported, not asserted)
     assert d['loss_finite'] and d['backbone_dtype'] == 'torch.float32'
+    assert d['backbone_tensors_with_grad'] == d['backbone_tensors']
     assert d['backbone_tensors_unmoved_with_grad'] == []
-    assert 2 * d['backbone_tensors_with_grad'] > d['backbone_tensors']
 
     e = r['checkpoint_size']
     assert e['vit6b_backbone_params_b'] > 5.8

@@ -7,7 +7,8 @@ from .frozen_backbone import BackboneChanged, FrozenBackboneCheckpointHook
 from .multi_head import HeadControlHook, MultiHeadEvalHook
 from .stop_request import StopRequestHook, TrainingStopped
 
-__all__ = ['BackboneChanged', 'BestCheckpointLinkHook', 'DivergenceHook', 'EvalMetricsHook', 'FaultInjectionHook',
-           'FrozenBackboneCheckpointHook',
-           'HeadControlHook', 'MultiHeadEvalHook', 'StopRequestHook', 'ToBFloat16Hook',
-           'TrainingDiverged', 'TrainingStopped']
+__all__ = [
+    'BackboneChanged', 'BestCheckpointLinkHook', 'DivergenceHook', 'EvalMetricsHook',
+    'FaultInjectionHook', 'FrozenBackboneCheckpointHook', 'HeadControlHook',
+    'MultiHeadEvalHook', 'StopRequestHook', 'ToBFloat16Hook', 'TrainingDiverged',
+    'TrainingStopped']
