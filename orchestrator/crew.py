@@ -295,8 +295,10 @@ class WorkerPool:
     """Leases crews to trials (an async actor: waiting trials do not block it)."""
 
     def __init__(self, n_crews, n_workers, bundle, strategy='PACK', trial_groups=None,
-                 join_wait_s=JOIN_WAIT_S):
+                 join_wait_s=JOIN_WAIT_S, room_wait_s=None):
         self.n_workers, self.bundle, self.strategy = n_workers, dict(bundle), strategy
+        self.room_wait_s = room_wait_s or ROOM_WAIT_S
+        self.notices = []  # lines for the sweep's terminal (the driver polls them: notices_from)
         self.crews = [_start_crew(n_workers, self.bundle, strategy) for _ in range(n_crews)]
         self.free = []  # placed and not leased
         self.placed = set()
@@ -327,11 +329,13 @@ class WorkerPool:
 
     async def _when_placed(self, cid, pg):
         ready = asyncio.ensure_future(_settled(pg.ready()))
-        done, _ = await asyncio.wait([ready], timeout=ROOM_WAIT_S)
+        done, _ = await asyncio.wait([ready], timeout=self.room_wait_s)
         if not done:
-            print(f'crew {cid}: waiting for room on the cluster ({self.n_workers} x '
-                  f'{self.bundle}); trials run on the other crews meanwhile', flush=True)
+            self.notices.append(f'crew {cid}: waiting for room on the cluster '
+                                f'({self.n_workers} x {self.bundle}); trials run on the other '
+                                'crews meanwhile')
             await ready
+            self.notices.append(f'crew {cid}: placed again')
         async with self._cond():
             if self.crews[cid][0] is not pg:  # rebuilt meanwhile: its own wait goes on
                 return
@@ -491,6 +495,10 @@ class WorkerPool:
 
     def stop_requested(self):
         return self.stop_reason
+
+    def notices_from(self, n):
+        """The notices after the first ``n``."""
+        return self.notices[n:]
 
     def stats(self):
         return dict(crews=len(self.crews), free=len(self.free), placed=len(self.placed),

@@ -243,9 +243,10 @@ def _print_dry_run(spec, base_cfg, address, out, seconds_per_iteration=None,
     return 0
 
 
-def _abandoned_after_s():
-    """crew.ABANDONED_AFTER_S, or ORCHESTRATOR_ABANDONED_AFTER_S (seconds)."""
-    value = os.environ.get('ORCHESTRATOR_ABANDONED_AFTER_S')
+def _seconds_from_env(name):
+    """A crew.py duration a test shortens (ORCHESTRATOR_ABANDONED_AFTER_S for
+    ABANDONED_AFTER_S, ORCHESTRATOR_ROOM_WAIT_S for ROOM_WAIT_S); None: crew.py's own."""
+    value = os.environ.get(name)
     return float(value) if value else None
 
 
@@ -393,7 +394,8 @@ def _start_crews(sweep, signals):
     sweep.pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
     sweep.pool = WorkerPool.options(name=sweep.pool_name, resources=ON_HEAD).remote(
         sweep.max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec),
-        trial_groups=sweep.groups.chunks)
+        trial_groups=sweep.groups.chunks,
+        room_wait_s=_seconds_from_env('ORCHESTRATOR_ROOM_WAIT_S'))
 
 
 def _open_parent_run(sweep, warming):
@@ -472,7 +474,7 @@ def _build_tuner(sweep):
         tune.with_parameters(run_trial, spec=spec, base=sweep.base,
                              base_filename=sweep.base_cfg.filename, output_dir=sweep.sweep_dir,
                              pool_name=sweep.pool_name, grouped=bool(sweep.groups.chunks),
-                             abandoned_after_s=_abandoned_after_s()),
+                             abandoned_after_s=_seconds_from_env('ORCHESTRATOR_ABANDONED_AFTER_S')),
         # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own, on
         # the head node (a lost worker node takes its crews, not the trials driving them)
         {'cpu': 0, 'memory': 256 * 1024 ** 2, **ON_HEAD})
@@ -494,24 +496,31 @@ def _build_tuner(sweep):
 
 
 @contextlib.contextmanager
-def _stop_requests(pool, signals, every_s=2.0):
+def _watch_pool(pool, signals, every_s=2.0):
     """While Tune fits: a trial's request to stop the sweep (a full disk, sent to the pool)
-    becomes a stop of Tune's loop, as a first signal is (StopSignals.request)."""
+    becomes a stop of Tune's loop, as a first signal is (StopSignals.request); the pool's
+    notices (a crew waiting for room) are printed (its own prints reach only Ray's logs)."""
     import ray
     done = threading.Event()
 
     def watch():
+        shown = 0
         while not done.wait(every_s):
             try:
-                reason = ray.get(pool.stop_requested.remote(), timeout=30)
+                reason, notices = ray.get([pool.stop_requested.remote(),
+                                           pool.notices_from.remote(shown)], timeout=30)
             except ray.exceptions.GetTimeoutError:  # a busy pool: ask again
                 continue
             except ray.exceptions.RayError:  # the pool is gone: the sweep is ending anyway
                 return
+            shown += len(notices)
+            for line in notices:
+                if signals.say is not None:
+                    signals.say(line)
             if reason:
                 signals.request(reason)
                 return
-    thread = threading.Thread(target=watch, name='stop-requests', daemon=True)
+    thread = threading.Thread(target=watch, name='watch-pool', daemon=True)
     thread.start()
     try:
         yield
@@ -526,7 +535,7 @@ def _fit(sweep, tuner, live, signals):
     spec = sweep.spec
     signals.fitting = True
     try:
-        with _stop_requests(sweep.pool, signals):
+        with _watch_pool(sweep.pool, signals):
             results = tuner.fit()
     finally:
         signals.fitting = False

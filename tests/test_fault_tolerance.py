@@ -1,6 +1,7 @@
 """Faults with real processes on the session's real Ray cluster: a SIGKILLed driver resumed with
 --resume, a SIGKILLed training worker, a diverging trial. MLflow is read back each time: one
 child per trial, no evaluation logged twice, nothing missing."""
+import contextlib
 import json
 import os
 import re
@@ -164,16 +165,21 @@ def _resume_as_printed(line, tmp, name, env):
         assert _steps(client, child) == [60, 120, 180, 240], child.data.tags['trial_id']
 
 
+def _one_at_a_time(tmp, synthetic_root, name):
+    """Two 2-worker trials of 240 iterations (4 evaluations), one after the other."""
+    return _space(tmp, synthetic_root, name, {'model.decode_head.num_convs': {'grid': [0, 1]}},
+                  iters=240, evaluations=4, resources={'workers_per_trial': 2,
+                                                       'cpus_per_worker': 1,
+                                                       'max_concurrent_trials': 1})
+
+
 def test_sigterm_stops_the_sweep_resumably_and_says_how(tmp_path, synthetic_root, ray_address,
                                                         ray_processes, cli_env):
     """SIGTERM (a preemption) while a trial trains: exit 143, no crash dump, the running trial's
     run KILLED and tagged, nothing of the sweep's left on the cluster, and the printed command
     finishes it. Before: Ray's C++ handler dumped `*** SIGTERM received` and the driver died of
     SIGABRT."""
-    path = _space(tmp_path, synthetic_root, 'sigterm',
-                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=240, evaluations=4,
-                  resources={'workers_per_trial': 2, 'cpus_per_worker': 1,
-                             'max_concurrent_trials': 1})
+    path = _one_at_a_time(tmp_path, synthetic_root, 'sigterm')
     trials = tmp_path / 'out' / 'sigterm' / 'trials'
     before = set(ray_processes('ray::TrainWorker'))
     driver = _sweep(path, ray_address, cli_env)
@@ -213,14 +219,12 @@ def _journal_records(tmp, name):
 def test_ctrl_c_twice_ends_the_sweep_at_once_and_resumably(tmp_path, synthetic_root, ray_address,
                                                           ray_processes, cli_env):
     """Ctrl-C (SIGINT to the driver's process group), and again once it says it is stopping
-    (before or after the first one's close of the runs, as timing has it): exit 130 at once, one line with the resume command, no traceback, KILLED in the
-    journal (delivered by the resume), the crew gone, and the printed command finishes it.
+    (before or after the first one's close of the runs, as timing has it): exit 130 at once,
+    one line with the resume command, no traceback, KILLED in the journal (delivered by the
+    resume), the crew gone, and the printed command finishes it.
     Before: the second SIGINT was an exception raised wherever the main thread was; inside a
     garbage-collector callback Python printed it as a traceback and went on."""
-    path = _space(tmp_path, synthetic_root, 'sigint',
-                  {'model.decode_head.num_convs': {'grid': [0, 1]}}, iters=240, evaluations=4,
-                  resources={'workers_per_trial': 2, 'cpus_per_worker': 1,
-                             'max_concurrent_trials': 1})
+    path = _one_at_a_time(tmp_path, synthetic_root, 'sigint')
     trials = tmp_path / 'out' / 'sigint' / 'trials'
     before = set(ray_processes('ray::TrainWorker'))
     driver = subprocess.Popen([ORCHESTRATOR, 'sweep', str(path), '--address', ray_address],
@@ -346,10 +350,26 @@ def test_killed_worker_restarts_the_trial_from_its_checkpoint(config, tmp_path, 
     print(f'worker restart: killed -> finished in {time.time() - killed_at:.1f} s')
 
 
+def _tree(pid):
+    """The processes below ``pid`` (this test's node), from ps."""
+    table = [line.split() for line in subprocess.run(['ps', '-eo', 'pid=,ppid='],
+                                                      capture_output=True, text=True)
+             .stdout.splitlines()]
+    below, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = [int(c) for c, p in table if int(p) == parent]
+        below += children
+        todo += children
+    return below
+
+
 @pytest.fixture
 def extra_node(ray_address):
-    """A second node (2 CPUs) in its own process group, so the test can kill the whole node
-    (raylet, its workers) at once, as a lost machine; removed at the end if still alive."""
+    """A second node (2 CPUs) in its own process group, removed at the end if still alive. A
+    lost machine is `ray start` and every process below it killed at once (_tree): Ray's workers
+    are in process groups of their own, and one that outlived its raylet went on training and
+    writing checkpoints into the trial's directory for seconds."""
     import ray
     node = subprocess.Popen([str(Path(sys.executable).with_name('ray')), 'start',
                              f'--address={ray_address}', '--num-cpus=2', '--num-gpus=0',
@@ -378,8 +398,8 @@ def test_a_lost_node_restarts_its_trial_from_its_checkpoint_on_the_nodes_left(
         tmp_path, synthetic_root, ray_address, extra_node, cli_env):
     """Two 1-worker trials at once, one per node; the second node dies (SIGKILL of all its
     processes) after its trial's first checkpoint: that trial restarts from the checkpoint on
-    the head once the other trial's crew is free (restart 1 of 1), the sweep exits 0, every
-    evaluation once. Before: the trial FAILED (`The actor ... is unavailable: RpcError`, matched
+    the head once the other trial's crew is free (restart 1 of 1; the lost crew's rebuild waits
+    for room, and the terminal says so), the sweep exits 0, every evaluation once. Before: the trial FAILED (`The actor ... is unavailable: RpcError`, matched
     by no rule) or waited on its crew's placement group, which no node could hold any more."""
     node, node_id = extra_node
     path = _space(tmp_path, synthetic_root, 'lostnode',
@@ -392,16 +412,21 @@ def test_a_lost_node_restarts_its_trial_from_its_checkpoint_on_the_nodes_left(
         for placement in trials.glob('*/placement.json'):
             if json.loads(placement.read_text())['ranks'][0]['node_id'] == node_id:
                 return placement.parent
-    driver = _sweep(path, ray_address, cli_env)
+    # the rebuilt crew waits for room (the head's one crew is busy): said after 2 s, not 30
+    driver = _sweep(path, ray_address, dict(cli_env, ORCHESTRATOR_ROOM_WAIT_S='2'))
     _wait_for(lambda: placed_there() and list(placed_there().glob('mmseg/iter_60.pth')), driver)
     victim = placed_there()
-    os.killpg(node.pid, signal.SIGKILL)
+    processes = _tree(node.pid)  # Ray's workers have process groups of their own
+    for pid in [node.pid, *processes]:  # all at once, as a machine goes
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     node.wait(timeout=30)
     killed_at = time.time()
     saved = max(int(p.stem.split('_')[1]) for p in (victim / 'mmseg').glob('iter_*.pth'))
     output = driver.communicate(timeout=420)[0]
     print(f'lost node: killed -> sweep finished in {time.time() - killed_at:.1f} s')
     assert driver.returncode == 0, output[-3000:]
+    assert re.search(r'^crew \d: waiting for room on the cluster \(1 x ', output, re.M), output
     client, (parent,), children = _runs(tmp_path, 'lostnode')
     assert parent.info.status == 'FINISHED' and len(children) == 2
     for child in children:
