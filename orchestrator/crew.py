@@ -335,7 +335,7 @@ class WorkerPool:
                                 f'({self.n_workers} x {self.bundle}); trials run on the other '
                                 'crews meanwhile')
             await ready
-            self.notices.append(f'crew {cid}: placed again')
+            self.notices.append(f'crew {cid}: placed; it trains trials again')
         async with self._cond():
             if self.crews[cid][0] is not pg:  # rebuilt meanwhile: its own wait goes on
                 return
