@@ -601,24 +601,23 @@ def _resume_command(space_file, name, output, address):
     return shlex.join(words)
 
 
-def _what_stopped(sweep, running):
+def _what_stopped(sweep, running, resume_command):
+    """What an interruption stopped, and how to go on (resume once Tune has saved a state)."""
     what = ('its trials stopped where they were' if running is None else
             f'{len(running)} trial(s) stopped at their latest checkpoint '
             f'({", ".join(sorted(running))})' if running else 'no trial was training')
     resumable = osp.isfile(osp.join(sweep.experiment_path, 'tuner.pkl'))
-    return what, resumable
+    then = (f'resume with: {resume_command}' if resumable else
+            'no trial had started: run the same command again')
+    return what, then
 
 
 def _print_interrupted(sweep, signals, running, resume_command):
     """One line: what stopped the sweep, what it interrupted and how to continue; exit 128 +
     the signal's number, or DiskFull's code."""
-    what, resumable = _what_stopped(sweep, running)
+    what, then = _what_stopped(sweep, running, resume_command)
     marked = ('MLflow runs marked KILLED' if sweep.marked else
               'MLflow runs stay RUNNING until then')
-    if resumable:
-        then = f'resume with: {resume_command}'
-    else:
-        then = 'no trial had started: run the same command again'
     if signals.signum:
         print(f'interrupted by {signals.name}: {what}; {marked}; {then}', file=sweep.out,
               flush=True)
@@ -646,12 +645,10 @@ def _end_at_once(sweep, resume_command, first, signum, reason):
                 f'{how} at {time.strftime("%Y-%m-%d %H:%M:%S")}: ended at once; '
                 f'`{resume_command}` continues it', wait_s=1.0)
             marked = running is not None
-        what, resumable = _what_stopped(sweep, running if sweep.started else [])
+        what, then = _what_stopped(sweep, running if sweep.started else [], resume_command)
         marked = ('no MLflow run was opened' if not sweep.started else
                   'the journal marks their MLflow runs KILLED (the resume delivers it)' if marked
                   else 'MLflow runs stay RUNNING until then')
-        then = (f'resume with: {resume_command}' if resumable else
-                'no trial had started: run the same command again')
         _say_now(sweep.out, f'interrupted by {how}: ended at once; {what}; {marked}; {then}')
     finally:
         os._exit(128 + (first or signum))

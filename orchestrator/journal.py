@@ -217,11 +217,11 @@ class TrackingJournal:
             raise disk_full(e, self.path) from None
 
     def mark_killed(self, said, wait_s):
-        """The last words of a sweep ended at once (a second stop signal, in its handler): the
-        runs of the trials training here and the parent end KILLED with tag ``interrupted``,
-        appended in one write and not delivered (the process ends; ``--resume`` delivers them).
-        Waits at most ``wait_s`` for the file (the interrupted code may hold it). Returns the
-        trial ids, or None when nothing could be written."""
+        """An interrupted sweep's close: the runs of the trials training here and the parent end
+        KILLED with tag ``interrupted``, appended in one write and delivered like any record
+        (after a second stop signal the process ends first: ``--resume`` delivers them then).
+        Waits at most ``wait_s`` for the file (in a signal handler the interrupted code may hold
+        it; -1: as long as it takes). Returns the trial ids, or None when nothing was written."""
         if not self._file_lock.acquire(timeout=wait_s):
             return None
         try:
