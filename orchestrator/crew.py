@@ -49,6 +49,7 @@ JOIN_WAIT_S = 300.0  # a trial group's members start one after another; one late
 ROOM_WAIT_S = 30.0  # a crew not placed after this long says that it waits for room
 # The head node's own resource: the pool and the trial processes (no CPU of their own) run there
 ON_HEAD = {'node:__internal_head__': 0.001}
+GROUP_FILE = 'group.json'  # in a trial group's directory: its key and members (--resume)
 
 
 @dataclass(frozen=True)
@@ -295,7 +296,7 @@ class WorkerPool:
     """Leases crews to trials (an async actor: waiting trials do not block it)."""
 
     def __init__(self, n_crews, n_workers, bundle, strategy='PACK', trial_groups=None,
-                 join_wait_s=JOIN_WAIT_S, room_wait_s=None):
+                 join_wait_s=JOIN_WAIT_S, room_wait_s=None, group_runs=None):
         self.n_workers, self.bundle, self.strategy = n_workers, dict(bundle), strategy
         self.room_wait_s = room_wait_s or ROOM_WAIT_S
         self.notices = []  # lines for the sweep's terminal (the driver polls them: notices_from)
@@ -311,6 +312,12 @@ class WorkerPool:
         # order; each forming chunk: its members' (trial id, job, actor) and the launch result
         self.trial_groups = {k: list(v) for k, v in (trial_groups or {}).items()}
         self.forming = {}
+        # trial groups that ran: id -> their key, members and the members that left (a group
+        # continues from its members' checkpoints with the others: rejoin); from the driver on
+        # --resume (driver._groups_to_continue)
+        self.group_runs = {g: dict(r, left=set(r.get('left', ()))) for g, r in
+                           (group_runs or {}).items()}
+        self.continuing = {}  # group id -> its forming continuation
         self.launched = 0
         self.join_wait_s = join_wait_s
         self.stop_reason = None  # set by stop_sweep: the driver polls it (driver._watch_pool)
@@ -374,9 +381,69 @@ class WorkerPool:
             launch = len(chunk['members']) == chunk['size']
             chunk['launching'] = launch
         if launch:
-            await self._launch(chunk)
+            await self._launch(chunk, key)
         await chunk['ready'].wait()
         return chunk['result']
+
+    async def rejoin(self, trial_id, group, iteration, job, holder):
+        """Continue trial group ``group`` from its members' checkpoints at ``iteration``
+        (group_checkpoint.py): after a lost worker or on --resume. It starts when every member
+        that has not left has come back; those whose checkpoints are of another iteration than
+        most, or a member left alone, get None (they continue alone, from their own files)."""
+        record = self.group_runs.get(group)
+        if record is None or trial_id in record['left']:
+            return None
+        self._await_placements()
+        async with self._cond():
+            chunk = self.continuing.get(group)
+            if chunk is None or chunk['launching']:
+                chunk = self.continuing[group] = dict(
+                    group=group, size=len(record['members']), members=[], iterations={},
+                    launching=False, result={}, ready=asyncio.Event())
+                asyncio.ensure_future(self._deadline(group, chunk))
+            chunk['members'].append((trial_id, job, holder))
+            chunk['iterations'][trial_id] = iteration
+            launch = chunk['launching'] = self._all_back(chunk)
+        if launch:
+            await self._continue(chunk)
+        await chunk['ready'].wait()
+        return chunk['result'].get(trial_id)
+
+    def _all_back(self, chunk):
+        record = self.group_runs[chunk['group']]
+        return set(record['members']) - record['left'] <= set(chunk['iterations'])
+
+    async def left(self, group, trial_id):
+        """A member of ``group`` ended for good (finished, stopped, failed, gave up): a
+        continuation does not wait for it."""
+        record = self.group_runs.get(group)
+        if record is None:
+            return
+        record['left'].add(trial_id)
+        chunk = self.continuing.get(group)
+        async with self._cond():
+            launch = (chunk is not None and not chunk['launching'] and chunk['members']
+                      and self._all_back(chunk))
+            if launch:
+                chunk['launching'] = True
+        if launch:
+            await self._continue(chunk)
+
+    async def _continue(self, chunk):
+        """Start the continuation with the members of the most common iteration (2 or more)."""
+        counts = {}
+        for it in chunk['iterations'].values():
+            counts[it] = counts.get(it, 0) + 1
+        iteration = max(counts, key=lambda it: (counts[it], it))
+        members = [m for m in chunk['members'] if chunk['iterations'][m[0]] == iteration]
+        result = None
+        if len(members) >= 2:
+            record = self.group_runs[chunk['group']]
+            result = await self._start(members, record['key'], chunk['group'])
+            print(f'trial group {chunk["group"]}: {len(members)} heads continue from their '
+                  f'checkpoints at iteration {iteration}', flush=True)
+        chunk['result'] = {m[0]: result for m in members}
+        chunk['ready'].set()
 
     async def _deadline(self, key, chunk):
         """A member that never comes (its trial failed to start) must not hold the others
@@ -386,44 +453,57 @@ class WorkerPool:
             if chunk['launching']:
                 return
             chunk['launching'] = True
-        print(f'trial group {key}: {len(chunk["members"])} of {chunk["size"]} trials joined in '
-              f'{self.join_wait_s:g} s; starting without the others (they train alone)',
-              flush=True)
-        await self._launch(chunk)
+        print(f'trial group {key}: {len(chunk["members"])} of {chunk["size"]} trials '
+              f'{"came back" if "group" in chunk else "joined"} in {self.join_wait_s:g} s; '
+              'starting without the others (they train alone)', flush=True)
+        if 'group' in chunk:
+            await self._continue(chunk)
+        else:
+            await self._launch(chunk, key)
 
-    async def _launch(self, chunk):
-        """Lease a crew and start the trial group's run on it. If the crew cannot start it (a
-        worker died while idle), the members get ``('lost', reason)`` at once (each then trains
-        alone) and the crew is rebuilt: nobody waits forever."""
-        cid, workers = await self.acquire('+'.join(m[0] for m in chunk['members']))
-        jobs = [m[1] for m in chunk['members']]
+    async def _launch(self, chunk, key):
+        chunk['result'] = await self._start(chunk['members'], key)
+        chunk['ready'].set()
+
+    async def _start(self, members, key, group=None):
+        """Lease a crew and start a trial group's run on it (``group``: the id of the group it
+        continues; a new one is named after its first member). Returns its GroupRun, or
+        ``('lost', reason)`` when the crew cannot start it (a worker died while idle): the crew
+        is rebuilt, nobody waits forever."""
+        from orchestrator.files import write_json_atomic
+        cid, workers = await self.acquire('+'.join(m[0] for m in members))
+        jobs = [m[1] for m in members]
         first = jobs[0].trial_dir
-        group_dir = os.path.join(os.path.dirname(os.path.dirname(first)), 'groups',
-                                 os.path.basename(first))
+        group = group or os.path.basename(first)
+        group_dir = os.path.join(os.path.dirname(os.path.dirname(first)), 'groups', group)
         try:
             init = await asyncio.wait_for(workers[0].rendezvous.remote(len(workers)), CALL_S)
         except Exception as e:  # a dead or unresponsive worker
             await self.release_broken(cid, type(e).__name__)
-            chunk['result'] = ('lost', f'{type(e).__name__}: {str(e).splitlines()[0][:200]}')
-            chunk['ready'].set()
-            return
+            return ('lost', f'{type(e).__name__}: {str(e).splitlines()[0][:200]}')
+        ids = [m[0] for m in members]
+        self.group_runs[group] = dict(key=key, members=ids, left=set())
+        os.makedirs(group_dir, exist_ok=True)  # what a --resume continues (driver.py)
+        write_json_atomic(os.path.join(group_dir, GROUP_FILE), dict(key=key, members=ids))
         runs = [w.run_trial_group.remote(jobs, rank, len(workers), init, group_dir)
                 for rank, w in enumerate(workers)]
-        holders = {m[0]: m[2] for m in chunk['members']}
-        asyncio.ensure_future(self.release_when_done(cid, runs, holders=holders))
+        holders = {m[0]: m[2] for m in members}
+        asyncio.ensure_future(self.release_when_done(cid, runs, holders=holders, group=group))
         self.launched += 1
-        chunk['result'] = GroupRun(cid, workers, runs, group_dir, len(jobs))
-        chunk['ready'].set()
+        return GroupRun(cid, workers, runs, group_dir, len(jobs))
 
-    async def _watch(self, holder, workers, trial_id):
+    async def _watch(self, holder, workers, trial_id, group=None):
         """Stop the crew's run as soon as the trial process driving it dies (Tune killed it
-        after an early stop, or its node went away); an idle or busy one answers or queues."""
+        after an early stop, or its node went away); an idle or busy one answers or queues.
+        In a trial group, the member has left it (a continuation does not wait for it)."""
         while True:
             try:
                 await holder.__ray_ready__.remote()
             except ray.exceptions.RayActorError:
                 for w in workers:
                     w.request_stop.remote(trial_id)
+                if group is not None:
+                    await self.left(group, trial_id)
                 return
             workers[0].heartbeat.remote(trial_id)  # alive, even if blocked in tune.report
             await asyncio.sleep(WATCH_S)
@@ -460,14 +540,15 @@ class WorkerPool:
         self._rebuild(cid, f'could not start a run ({why})')
         await self._free(cid)
 
-    async def release_when_done(self, cid, refs, holder=None, trial_id=None, holders=None):
+    async def release_when_done(self, cid, refs, holder=None, trial_id=None, holders=None,
+                                group=None):
         """Free crew ``cid`` once the runs ``refs`` have returned; rebuild it if any failed.
         ``holder``: the trial's actor (``holders``: trial id -> actor, for a trial group),
         watched so that a dead trial does not keep training (its head alone, in a group)."""
         holders = dict(holders or {})
         if holder is not None:
             holders[trial_id] = holder
-        watches = [asyncio.ensure_future(self._watch(h, self.crews[cid][1], tid))
+        watches = [asyncio.ensure_future(self._watch(h, self.crews[cid][1], tid, group))
                    for tid, h in holders.items() if h is not None]
         try:
             await asyncio.gather(*refs)

@@ -4,6 +4,7 @@ ASHA, concurrency cap; or restore it), fit, print the outcome. Also ``sync`` for
 writes."""
 import contextlib
 import functools
+import glob
 import json
 import logging
 import os
@@ -387,15 +388,36 @@ def _start_crews(sweep, signals):
     gpu = (cluster.gpu_memory() if spec.gpus_per_worker and spec.grouping
            and spec.grouping_memory_gb is None else None)
     sweep.groups = grouping.plan(spec, sweep.base, planning.grid_trials(spec), gpu)
-    if sweep.resume and sweep.groups.chunks:  # some members may have finished: the rest alone
-        print('trial groups: off for --resume (the unfinished trials train alone, to the same '
-              'result)', file=sweep.out)
-        sweep.groups = grouping.GroupPlan(reason='off for --resume')
+    chunks, group_runs = sweep.groups.chunks, {}
+    if sweep.resume and chunks:
+        chunks, group_runs = _groups_to_continue(sweep, chunks)
     sweep.pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
     sweep.pool = WorkerPool.options(name=sweep.pool_name, resources=ON_HEAD).remote(
         sweep.max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec),
-        trial_groups=sweep.groups.chunks,
+        trial_groups=chunks, group_runs=group_runs,
         room_wait_s=_seconds_from_env('ORCHESTRATOR_ROOM_WAIT_S'))
+
+
+def _groups_to_continue(sweep, chunks):
+    """On --resume: the trial groups that ran (their ``group.json``), each continued from its
+    members' checkpoints by the members the journal does not show ended (crew.rejoin), and the
+    chunks not yet started, which the trials that never ran form as planned."""
+    from orchestrator.crew import GROUP_FILE
+    statuses = sweep.journal.last_statuses()
+    group_runs, started = {}, {}
+    for path in glob.glob(osp.join(sweep.sweep_dir, 'groups', '*', GROUP_FILE)):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):  # unreadable: its members continue alone
+            continue
+        ended = [t for t in record['members'] if statuses.get(t) not in ('RUNNING', 'KILLED')]
+        group_runs[osp.basename(osp.dirname(path))] = dict(record, left=ended)
+        started[record['key']] = started.get(record['key'], 0) + 1
+    chunks = {key: sizes[started.get(key, 0):] for key, sizes in chunks.items()}
+    going_on = sum(len(r['members']) > len(r['left']) for r in group_runs.values())
+    print(f'trial groups: {going_on} continue from their checkpoints', file=sweep.out)
+    return {key: sizes for key, sizes in chunks.items() if sizes}, group_runs
 
 
 def _open_parent_run(sweep, warming):

@@ -340,13 +340,22 @@ class TrackingJournal:
         with self._file_lock:
             return self._running(self._lines())
 
+    def last_statuses(self):
+        """{trial id: the last status this journal gave its MLflow run}: known without MLflow."""
+        with self._file_lock:
+            return self._last_statuses(self._lines())
+
     @staticmethod
-    def _running(lines):
+    def _last_statuses(lines):
         last = {}
         for rec in map(json.loads, lines):
             if rec['op'] == 'status' and rec.get('trial_id'):
                 last[rec['trial_id']] = rec['status']
-        return [tid for tid, status in last.items() if status == 'RUNNING']
+        return last
+
+    @classmethod
+    def _running(cls, lines):
+        return [tid for tid, status in cls._last_statuses(lines).items() if status == 'RUNNING']
 
     def parent_id(self):
         if 'parent' not in self._ids:

@@ -121,12 +121,29 @@ def _poll(runs, workers, trial_id, forward, pool):
             forward(metrics)
 
 
-def _train_in_trial_group(pool, job, key, forward):
+def _group_to_continue(out_dir, work_dir):
+    """(group id, iteration) when the trial's last attempt trained in a trial group: the group
+    it continues from its checkpoint at that iteration (0: none yet), or None."""
+    try:
+        with open(osp.join(out_dir, PLACEMENT)) as f:
+            group = (json.load(f).get('group') or {}).get('id')
+    except (OSError, ValueError):
+        return None
+    if not group:
+        return None
+    path, _ = readable_latest(work_dir, set_aside=False)  # what the group's worker will take
+    return group, _iteration(path)
+
+
+def _train_in_trial_group(pool, job, forward, key=None, continuing=None):
     """One attempt inside the trial's trial group (grouping.py), on the crew its last member
-    leased; False when the pool has no trial group for it (the trial then trains alone)."""
+    leased: a new one (``key``) or the one it trained in (``continuing``: group id and the
+    iteration of its checkpoint, group_checkpoint.py). False when the pool has no trial group
+    for it (the trial then trains alone)."""
     trial_id = job.trial_id
-    joined = ray.get(pool.join.remote(trial_id, key, job,
-                                      ray.get_runtime_context().current_actor))
+    holder = ray.get_runtime_context().current_actor
+    joined = ray.get(pool.rejoin.remote(trial_id, *continuing, job, holder) if continuing else
+                     pool.join.remote(trial_id, key, job, holder))
     if joined is None:
         return False
     if joined[0] == 'lost':  # the crew could not start it: this trial goes alone
@@ -139,11 +156,17 @@ def _train_in_trial_group(pool, job, key, forward):
     if where:
         _write_placement(job.trial_dir, where, group=dict(id=osp.basename(group_dir),
                                                           size=joined.size))
+    leaves = True
     try:
         _poll(runs, workers, trial_id, forward, pool)
+    except WorkersLost:
+        leaves = False  # it comes back (run_trial): the group continues from its checkpoints
+        raise
     finally:  # finished, failed, or stopped by Tune (ASHA): this head stops, the others go on
         for w in workers:
             w.request_stop.remote(trial_id)
+        if leaves:
+            pool.left.remote(osp.basename(group_dir), trial_id)
     return True
 
 
@@ -177,12 +200,18 @@ def _record_restart(output_dir, trial_id, work_dir, restart, retries, error):
     from orchestrator.status import RESTARTS, log_dir, train_progress
     lost_at = train_progress(log_dir(output_dir, trial_id))[0]
     path, _ = readable_latest(work_dir, set_aside=False)  # what the worker will resume
-    resume_from = int(re.fullmatch(r'iter_(\d+)\.pth', osp.basename(path)).group(1)) if path else 0
     rec = dict(at=round(time.time(), 3), restart=restart, of=retries, lost_at=lost_at,
-               resume_from=resume_from, reason=str(error))
+               resume_from=_iteration(path), reason=str(error))
     append_whole(osp.join(trial_dir(output_dir, trial_id), RESTARTS), json.dumps(rec) + '\n')
     return (f'worker lost at iteration {lost_at}; restart {restart} of {retries} from '
             f'iteration {rec["resume_from"]}')
+
+
+def _iteration(checkpoint):
+    """The iteration a checkpoint ``iter_N.pth`` continues after (None: 0, the start)."""
+    if not checkpoint:
+        return 0
+    return int(re.fullmatch(r'iter_(\d+)\.pth', osp.basename(checkpoint)).group(1))
 
 
 def _replay_history(work_dir):
@@ -210,8 +239,8 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
     Training resumes from the trial's latest mmseg checkpoint whenever there is one (mmseg's
     ``auto_resume``): after a lost worker (up to ``fault_tolerance.worker_retries`` times) and
     when a killed sweep is resumed. With ``grouped``, the first attempt trains in the trial's
-    group when it has one (no checkpoints there); a retry trains alone from the start, which
-    ends with the same head (tests/test_trial_groups.py).
+    group when it has one; an attempt after one in a group continues that group from its
+    members' checkpoints (or alone from its own, when the pool cannot regroup it).
     """
     trial_id = tune.get_context().get_trial_id()
     out_dir = trial_dir(output_dir, trial_id)
@@ -235,9 +264,12 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
 
     while True:
         _replay_history(overrides['work_dir'])
+        continuing = grouped and _group_to_continue(out_dir, overrides['work_dir'])
         try:
-            if grouped and restarts == 0 and \
-                    _train_in_trial_group(pool, job, group_key(spec, config), forward):
+            if continuing and _train_in_trial_group(pool, job, forward, continuing=continuing):
+                return None
+            if grouped and not continuing and restarts == 0 and \
+                    _train_in_trial_group(pool, job, forward, key=group_key(spec, config)):
                 return None
             return _train_alone(pool, job, forward)
         except OSError as e:  # the trial's own files (placement, restarts)
@@ -248,6 +280,8 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
             _stop_the_sweep(pool, e)
         except WorkersLost as e:
             if restarts >= spec.worker_retries:
+                if continuing:
+                    pool.left.remote(continuing[0], trial_id)
                 raise TrialFailed(
                     f'workers lost: {e}; gave up after {restarts} restart(s)') from None
             restarts += 1

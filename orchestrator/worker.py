@@ -185,7 +185,7 @@ def grouped_config(cfgs, group_dir):
     gcfg.optimizer = dict(type=cfgs[0].optimizer.type, constructor='MultiHeadOptimizerConstructor',
                           paramwise_cfg=dict(heads=[copy.deepcopy(c.optimizer) for c in cfgs]))
     gcfg.find_unused_parameters = True  # a stopped head's parameters get no gradient under DDP
-    # the heads' evaluations are MultiHeadEvalHook's; a grouped run starts over rather than resume
+    # the heads' evaluations are MultiHeadEvalHook's, their checkpoints TrialGroupCheckpointHook's
     gcfg.checkpoint_config = dict(by_epoch=False, interval=10 ** 9, save_last=False)
     gcfg.pop('auto_resume', None)
     gcfg.work_dir = group_dir
@@ -223,6 +223,26 @@ def _pick_resume(cfg, rank, logger):
                           'starting from iteration 0'))
     cfg.resume_from = path
     cfg.auto_resume = False  # decided here: mmseg's own search would find the skipped ones
+
+
+def _pick_group_resume(cfgs, work_dirs, rank, logger):
+    """Each member's checkpoint to continue from (``_pick_resume`` per member's work dir), or
+    None for a group that starts at iteration 0. The pool groups members whose checkpoints
+    are of one iteration (crew.WorkerPool.rejoin); members of two iterations are refused."""
+    if not all(c.get('auto_resume') for c in cfgs):
+        return None
+    paths = []
+    for c, work_dir in zip(cfgs, work_dirs):
+        c = copy.deepcopy(c)
+        c.work_dir = work_dir
+        _pick_resume(c, rank, logger)
+        paths.append(c.resume_from)
+    if not any(paths):
+        return None
+    if None in paths or len({osp.basename(p) for p in paths}) > 1:
+        raise RuntimeError('trial group members saved at different iterations: '
+                           + ', '.join(osp.basename(p or 'none') for p in paths))
+    return paths
 
 
 def _setup_run(cfg, source, heads_of, check_model=None):
@@ -332,7 +352,15 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
         return record
 
     interval = gcfg.get('evaluation', {}).get('interval', gcfg.runner.max_iters)
+    palette = None if model.PALETTE is None else [[int(c) for c in color]
+                                                  for color in model.PALETTE]
     gcfg.custom_hooks = _with_hooks(gcfg, [
+        dict(type='TrialGroupCheckpointHook', work_dirs=list(work_dirs),
+             optimizers=[c.optimizer for c in cfgs], interval=interval,
+             resume_from=_pick_group_resume(cfgs, work_dirs, run.rank, logger),
+             max_keep_ckpts=(cfgs[0].get('checkpoint_config') or {}).get('max_keep_ckpts', -1),
+             meta=dict(CLASSES=model.CLASSES, PALETTE=palette),
+             priority=75),  # at an evaluation, before it (as mmcv's CheckpointHook)
         dict(type='MultiHeadEvalHook', val=gcfg.data.val, interval=interval,
              work_dirs=list(work_dirs), seed=run.seed,
              workers_per_gpu=gcfg.data.get('workers_per_gpu', 2), gpus_per_rank=gpus_per_rank,

@@ -204,6 +204,90 @@ def test_sigterm_stops_the_sweep_resumably_and_says_how(tmp_path, synthetic_root
     _resume_as_printed(line, tmp_path, 'sigterm', cli_env)
 
 
+def _grouped(tmp, synthetic_root, name, **extra):
+    """Three heads on one frozen tiny ViT (one trial group on one 2-worker crew), 160
+    iterations, evaluated (and checkpointed) every 40."""
+    return _space(tmp, synthetic_root, name,
+                  {'model.decode_head.num_convs': {'grid': [0, 1, 2]}}, iters=160,
+                  evaluations=4, base_config=str(ROOT / 'configs' /
+                                                 'tiny_vit_frozen_fcn_synthetic.py'), **extra)
+
+
+def _continued_as_a_group(tmp, name, client, children, at):
+    """Every member finished with each evaluation once in MLflow, trained in one group that
+    continued from its members' checkpoints at iteration ``at``: no member trained alone (a
+    solo attempt logs into the trial's own directory) and the group trained iteration 20 once."""
+    assert len(children) == 3
+    for child in children:
+        assert child.info.status == 'FINISHED'
+        assert _steps(client, child) == [40, 80, 120, 160], child.data.tags['trial_id']
+    sweep = tmp / 'out' / name
+    assert not list(sweep.glob('trials/*/mmseg/*.log'))
+    (group,) = list((sweep / 'groups').iterdir())
+    log = '\n'.join(p.read_text() for p in sorted(group.glob('*.log')))
+    assert log.count(f'trial group of 3 heads continuing after iteration {at} ') == 1, log[-3000:]
+    assert log.count('Iter [20/160]') == 1 and log.count('Iter [160/160]') == 1
+    for trial in sweep.glob('trials/*'):
+        placement = json.loads((trial / 'placement.json').read_text())
+        assert placement['group']['id'] == group.name and placement['group']['size'] == 3
+
+
+def test_an_interrupted_trial_group_continues_as_a_group_from_its_checkpoints(
+        tmp_path, synthetic_root, ray_address, cli_env):
+    """SIGTERM while a trial group trains, then the printed --resume: the group continues from
+    its heads' checkpoints. Before: every unfinished member trained again alone from
+    iteration 0."""
+    path = _grouped(tmp_path, synthetic_root, 'groupresume')
+    trials = tmp_path / 'out' / 'groupresume' / 'trials'
+    driver = _sweep(path, ray_address, cli_env)
+    _wait_for(lambda: len(list(trials.glob('*/mmseg/iter_40.pth'))) == 3, driver)
+    driver.send_signal(signal.SIGTERM)
+    output = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 143, output[-3000:]
+    at = max(int(p.name[5:-4]) for p in trials.glob('*/mmseg/iter_*.pth'))
+    command = shlex.split(_last_line(output).split('resume with: ', 1)[1])
+    resumed_at = time.time()
+    resumed = subprocess.run([ORCHESTRATOR, *command[1:]], env=cli_env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert 'trial groups: 1 continue from their checkpoints' in resumed.stdout
+    print(f'group resume: {at} -> finished in {time.time() - resumed_at:.1f} s')
+    client, (parent,), children = _runs(tmp_path, 'groupresume')
+    assert parent.info.status == 'FINISHED'
+    _continued_as_a_group(tmp_path, 'groupresume', client, children, at)
+
+
+def test_a_trial_group_that_lost_a_worker_continues_as_a_group_from_its_checkpoints(
+        tmp_path, synthetic_root, ray_address, ray_processes, cli_env):
+    """A worker of a trial group's crew SIGKILLed: every member restarts (one restart each,
+    from the iteration of its checkpoint) and they train on as one group. Before: each member
+    trained again alone from iteration 0."""
+    path = _grouped(tmp_path, synthetic_root, 'groupkill',
+                    fault_tolerance={'worker_retries': 1})
+    trials = tmp_path / 'out' / 'groupkill' / 'trials'
+    before = set(ray_processes('ray::TrainWorker'))
+    driver = _sweep(path, ray_address, cli_env)
+    _wait_for(lambda: len(list(trials.glob('*/mmseg/iter_40.pth'))) == 3, driver)
+    (victim, _) = sorted(set(ray_processes('ray::TrainWorker')) - before)
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    at = max(int(p.name[5:-4]) for p in trials.glob('*/mmseg/iter_*.pth'))
+    output = driver.communicate(timeout=300)[0]
+    assert driver.returncode == 0, output[-3000:]
+    print(f'group worker kill: -> finished in {time.time() - killed_at:.1f} s')
+    client, _, children = _runs(tmp_path, 'groupkill')
+    for child in children:
+        assert child.data.metrics['restarts'] == 1
+        (restart,) = [json.loads(line) for line in
+                      (trials / child.data.tags['trial_id'] / 'restarts.jsonl').read_text()
+                      .splitlines()]
+        assert restart['resume_from'] in (at, at + 40)
+    resumed = {json.loads((trials / c.data.tags['trial_id'] / 'restarts.jsonl').read_text())
+               ['resume_from'] for c in children}
+    assert len(resumed) == 1
+    _continued_as_a_group(tmp_path, 'groupkill', client, children, resumed.pop())
+
+
 def _gone(pids, ray_processes, timeout=60):
     deadline = time.time() + timeout
     while pids & set(ray_processes('ray::TrainWorker')):

@@ -3,6 +3,7 @@ when trained alone (same batches, augmentations, initial weights, dropout masks,
 steps); a head that diverges or is stopped leaves the others untouched."""
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,61 @@ def test_stopping_one_head_stops_only_that_head(synthetic_root, solo, tmp_path):
         max(m['cost.train_s'] for m in last) / 3600, rel=1e-9)
     assert last[1]['cost.worker_hours'] == pytest.approx(last[1]['cost.train_s'] / 3600 / 3,
                                                          rel=1e-9)
+
+
+def _checkpoint(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def _assert_same_checkpoint(a, b):
+    """Weights, optimizer state (every tensor, every hyperparameter of every group) and the
+    iteration mmcv resumes from."""
+    _assert_same_head(a['state_dict'], b['state_dict'])
+    oa, ob = a['optimizer'], b['optimizer']
+    assert oa['param_groups'] == ob['param_groups']
+    assert oa['state'].keys() == ob['state'].keys() and oa['state']
+    for i in oa['state']:
+        _assert_same_head(oa['state'][i], ob['state'][i])
+    for key in ('iter', 'epoch', 'frozen_backbone', 'CLASSES'):
+        assert a['meta'][key] == b['meta'][key], key
+
+
+def test_a_groups_checkpoints_are_its_heads_solo_checkpoints_and_it_continues_from_them(
+        synthetic_root, solo, tmp_path):
+    """At its evaluations a grouped run writes each head the checkpoint its solo run writes;
+    from them the group continues (a retry or --resume), and continues exactly as each head
+    resumed alone from the same file."""
+    cfgs = [_cfg(synthetic_root, **copy.deepcopy(v)) for v in VARIANTS]
+    dirs = [tmp_path / f'h{k}' for k in range(3)]
+    worker.train_group(cfgs, [str(d) for d in dirs], str(tmp_path / 'group'))
+    for k, d in enumerate(dirs):
+        for it in (6, 12):  # the solo runs checkpoint every 6 iterations too
+            _assert_same_checkpoint(_checkpoint(d / f'iter_{it}.pth'),
+                                    _checkpoint(solo / f'h{k}' / f'iter_{it}.pth'))
+        assert not any(n.startswith('backbone.') for n in _checkpoint(d / 'iter_6.pth')['state_dict'])
+
+    def at_6(name):  # each head's files as an interruption after iteration 6 left them
+        out = []
+        for k, d in enumerate(dirs):
+            (tmp_path / name / f'h{k}').mkdir(parents=True)
+            shutil.copy(d / 'iter_6.pth', tmp_path / name / f'h{k}')
+            (tmp_path / name / f'h{k}' / 'metrics.jsonl').write_text(
+                (d / 'metrics.jsonl').read_text().splitlines()[0] + '\n')
+            out.append(tmp_path / name / f'h{k}')
+        return out
+    grouped, alone = at_6('grouped'), at_6('alone')
+    resumed = [_cfg(synthetic_root, **copy.deepcopy(v)) for v in VARIANTS]
+    for c in resumed:
+        c.auto_resume = True
+    final = worker.train_group(resumed, [str(d) for d in grouped], str(tmp_path / 'group2'))
+    log = '\n'.join(p.read_text() for p in (tmp_path / 'group2').glob('*.log'))
+    assert 'trial group of 3 heads continuing after iteration 6' in log
+    for k, c in enumerate(resumed):
+        worker.train(copy.deepcopy(c), str(alone[k]))
+        _assert_same_head(_head(grouped[k]), _head(alone[k]))
+        assert _history(grouped[k]) == _history(alone[k])
+        assert [m['iter'] for m in _history(grouped[k])] == [6, 12]
+        assert final[k]['mIoU'] == _history(alone[k])[-1]['mIoU']
 
 
 # -- the same through `orchestrator sweep`: grouped and not, on the session's Ray cluster ------

@@ -45,6 +45,20 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _world():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def earlier(history):
+    """(train_s, seconds charged to the head) of a run's earlier attempts, from its last
+    evaluation record: a head that trained in a trial group was charged its share only."""
+    last = next((r for r in reversed(history) if 'cost.train_s' in r), None)
+    if last is None:
+        return 0.0, 0.0
+    charged = last.get('cost.worker_hours', 0.0) * 3600 / _world()
+    return last['cost.train_s'], charged
+
+
 class RunCost:
     """``gpus_per_rank``: each rank's share of a GPU (None: one whole GPU where CUDA is, none
     elsewhere); ``clock``: seconds (time.time; a test passes its own)."""
@@ -58,12 +72,14 @@ class RunCost:
         self.charged = {}  # head -> seconds charged to it (solo: head 0, all the time)
         self.interval_iters, self.interval_s, self.eval_s = 0, 0.0, 0.0
 
-    def start(self, spent_s=0.0, heads=1):
+    def start(self, heads=1, before=None):
+        """``before``: {head: (train_s, charged seconds)} of its earlier attempts (a resumed
+        run goes on counting them: ``earlier``)."""
         reset_peak_memory()
-        self.spent_s = spent_s
+        before = before or {}
+        self.spent_s = {k: before.get(k, (0.0, 0.0))[0] for k in range(heads)}
         self.started = self.last_tick = self.clock()
-        self.charged = {k: 0.0 for k in range(heads)}
-        self.charged[0] = spent_s  # a resumed solo run goes on counting its earlier attempts
+        self.charged = {k: before.get(k, (0.0, 0.0))[1] for k in range(heads)}
         self.interval_iters, self.interval_s, self.eval_s = 0, 0.0, 0.0
 
     def tick(self, heads=(0,)):
@@ -91,11 +107,11 @@ class RunCost:
     def snapshot(self, runner, head=0):
         """The cost metrics of ``head`` now (call ``tick`` first: time after the last tick is
         not charged yet); ends the img_per_s interval."""
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = _world()
         loader = getattr(runner, 'data_loader', None)  # not there yet in before_run (a resume)
         batch = getattr(getattr(loader, '_dataloader', None), 'batch_size', None) or 1
         worker_hours = self.charged.get(head, 0.0) * world / 3600
-        cost = {'cost.train_s': self.spent_s + (self.last_tick - self.started),
+        cost = {'cost.train_s': self.spent_s.get(head, 0.0) + (self.last_tick - self.started),
                 'cost.worker_hours': worker_hours,
                 'cost.gpu_hours': worker_hours * self.gpus_per_rank,
                 'cost.peak_rss_gb': peak_rss_bytes() / 1e9}

@@ -24,7 +24,7 @@ from mmcv.runner.dist_utils import get_dist_info
 from ..ranks import from_rank0
 from . import run_context
 from .backbone_updates import BackboneUpdates
-from .cost import RunCost
+from .cost import RunCost, earlier
 
 EVAL_KEYS = ('mIoU', 'mAcc', 'aAcc')
 
@@ -47,6 +47,16 @@ def append_record(path, metrics):
     """One line, whole or not at all (a full disk leaves no half line for a resume to follow)."""
     from orchestrator.files import append_whole  # the same rule as the sweep's journal
     append_whole(path, json.dumps(metrics) + '\n')
+
+
+def read_records(path):
+    """The evaluation records in ``path`` (a line a killed attempt left half-written: none)."""
+    with open(path) as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                pass
 
 
 @HOOKS.register_module()
@@ -93,16 +103,10 @@ class EvalMetricsHook(Hook):
         path = osp.join(runner.work_dir, self.out_file)
         history = []
         if runner.iter > 0 and get_dist_info()[0] == 0 and osp.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        history.append(json.loads(line))
-                    except json.JSONDecodeError:  # a line the killed attempt left half-written
-                        pass
+            history = list(read_records(path))
         self._updates.start(runner.model)  # after ToBFloat16Hook (49): the weights as trained
         # the earlier attempts' training time goes on counting
-        self._cost.start(next((r['cost.train_s'] for r in reversed(history)
-                               if 'cost.train_s' in r), 0.0))
+        self._cost.start(before={0: earlier(history)})
         hook = self._eval_hook(runner)
         if hook is not None:  # its evaluations are not training time (cost.img_per_s)
             evaluate = hook._do_evaluate

@@ -46,14 +46,26 @@ class BackboneChanged(RuntimeError):
     """A checkpoint without its frozen backbone met another backbone than it was trained on."""
 
 
+def backbone_identity(backbone):
+    """Where a frozen backbone's weights come from, as its checkpoints' ``meta`` names it."""
+    weights = getattr(backbone, 'pretrained', None)
+    if isinstance(weights, str) and os.path.isfile(weights):
+        return dict(weights=os.path.abspath(weights), weights_sha256=file_sha256(weights))
+    return dict(weights=None, state_sha256=tensors_sha256(backbone))
+
+
+def check_backbone(saved, backbone, where):
+    """Refuse a checkpoint trained on another frozen backbone than ``backbone``."""
+    identity = backbone_identity(backbone)
+    if saved is not None and saved != identity:
+        raise BackboneChanged(
+            f'the checkpoint resumed in {where} was trained on the frozen backbone '
+            f'{saved}, this model has {identity}: its weight file changed since')
+    return identity
+
+
 @HOOKS.register_module()
 class FrozenBackboneCheckpointHook(Hook):
-
-    def _identity(self, backbone):
-        weights = getattr(backbone, 'pretrained', None)
-        if isinstance(weights, str) and os.path.isfile(weights):
-            return dict(weights=os.path.abspath(weights), weights_sha256=file_sha256(weights))
-        return dict(weights=None, state_sha256=tensors_sha256(backbone))
 
     @staticmethod
     def _resumed_from(runner):
@@ -72,12 +84,7 @@ class FrozenBackboneCheckpointHook(Hook):
             return  # a backbone that trains is saved like everything else
         if get_dist_info()[0] != 0:
             return  # rank 0 saves (and hashes a 12 GB file once per process), not every rank
-        saved = self._resumed_from(runner)
-        identity = self._identity(backbone)
-        if saved is not None and saved != identity:
-            raise BackboneChanged(
-                f'the checkpoint resumed in {runner.work_dir} was trained on the frozen backbone '
-                f'{saved}, this model has {identity}: its weight file changed since')
+        identity = check_backbone(self._resumed_from(runner), backbone, runner.work_dir)
         save = runner.save_checkpoint
 
         def save_without_backbone(out_dir, *args, meta=None, **kwargs):

@@ -27,8 +27,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ranks import all_reduce_values, distributed, from_rank0
 from . import run_context
-from .cost import RunCost
-from .eval_metrics import append_record, metrics_record
+from .cost import RunCost, earlier
+from .eval_metrics import append_record, metrics_record, read_records
 from .stop_request import TrainingStopped
 
 
@@ -55,11 +55,23 @@ class MultiHeadEvalHook(Hook):
             build_dataset(self.val, dict(test_mode=True)), samples_per_gpu=1,
             workers_per_gpu=self.workers_per_gpu, dist=distributed(), shuffle=False,
             seed=self.seed, persistent_workers=self.workers_per_gpu > 0)
-        self._cost.start(heads=len(self.work_dirs))
+        histories = [[] for _ in self.work_dirs]
         if get_dist_info()[0] == 0:
-            for d in self.work_dirs:
+            for k, d in enumerate(self.work_dirs):
                 os.makedirs(d, exist_ok=True)
-                open(osp.join(d, self.out_file), 'w').close()
+                path = osp.join(d, self.out_file)
+                if runner.iter == 0:  # a fresh run starts a fresh file
+                    open(path, 'w').close()
+                elif osp.isfile(path):  # a continued group (group_checkpoint.py) appends
+                    histories[k] = list(read_records(path))
+        # each head goes on counting what its earlier attempts cost
+        self._cost.start(heads=len(self.work_dirs),
+                         before={k: earlier(h) for k, h in enumerate(histories)})
+        # the checkpoint at N comes before the evaluation at N: one a kill came between is done
+        missing = from_rank0([k for k, h in enumerate(histories)
+                              if not any(r.get('iter') == runner.iter for r in h)])
+        if runner.iter > 0 and missing:
+            self._evaluate(runner, runner.iter, only=set(missing))
 
     def after_train_iter(self, runner):
         segmentor = getattr(runner.model, 'module', runner.model)
@@ -74,7 +86,8 @@ class MultiHeadEvalHook(Hook):
         if (runner.iter + 1) % self.interval == 0 or last:
             self._evaluate(runner, runner.iter + 1)
 
-    def _evaluate(self, runner, iteration):
+    def _evaluate(self, runner, iteration, only=None):
+        """Evaluate the active heads; record and report those in ``only`` (None: all)."""
         model = runner.model
         segmentor = getattr(model, 'module', model)
         if distributed():
@@ -91,7 +104,7 @@ class MultiHeadEvalHook(Hook):
         else:
             shares = [per_image]
         if get_dist_info()[0] == 0:
-            metrics = self._metrics(runner, shares, iteration)
+            metrics = self._metrics(runner, shares, iteration, only)
         metrics = from_rank0(metrics)
         self._cost.end_interval()
         for k, m in metrics.items():
@@ -118,14 +131,15 @@ class MultiHeadEvalHook(Hook):
             model.train()
         return per_image
 
-    def _metrics(self, runner, shares, iteration):
+    def _metrics(self, runner, shares, iteration, only=None):
         """Rank 0: every head's scores over the whole validation set, from all ranks' shares
         (a sampler pads the last share with repeated images: each image counts once)."""
         dataset = self.dataloader.dataset
         per_image = {}
         for share in shares:
             per_image.update(share)
-        heads = sorted({k for r in per_image.values() for k in r})
+        heads = sorted({k for r in per_image.values() for k in r
+                        if only is None or k in only})
         results = {k: [per_image[i][k] for i in sorted(per_image)] for k in heads}
         lrs = {g['head']: g['lr'] for g in runner.optimizer.param_groups}
         with self._cost.evaluating():

@@ -27,6 +27,18 @@ class _SoloView(nn.Module):
         self.decode_head = head
 
 
+def solo_optimizer(model, k, cfg):
+    """Head k's optimizer as its solo run builds it (its own constructor over the solo view):
+    its parameter groups, names and hyperparameters, the frozen backbone's groups included.
+    Also the layout of head k's optimizer state in its checkpoints (group_checkpoint.py)."""
+    cfg = copy.deepcopy(dict(cfg))
+    constructor = cfg.pop('constructor', 'DefaultOptimizerConstructor')
+    paramwise = cfg.pop('paramwise_cfg', None)
+    return build_optimizer_constructor(dict(type=constructor, optimizer_cfg=cfg,
+                                            paramwise_cfg=paramwise))(
+        _SoloView(model, model.heads[k]))
+
+
 @OPTIMIZER_BUILDERS.register_module()
 class MultiHeadOptimizerConstructor:
 
@@ -37,12 +49,7 @@ class MultiHeadOptimizerConstructor:
         model = getattr(model, 'module', model)
         groups, types = [], set()
         for k, (head, cfg) in enumerate(zip(model.heads, self.heads)):
-            cfg = copy.deepcopy(dict(cfg))
-            constructor = cfg.pop('constructor', 'DefaultOptimizerConstructor')
-            paramwise = cfg.pop('paramwise_cfg', None)
-            solo = build_optimizer_constructor(dict(type=constructor, optimizer_cfg=cfg,
-                                                    paramwise_cfg=paramwise))(
-                _SoloView(model, head))
+            solo = solo_optimizer(model, k, cfg)
             types.add(type(solo))
             mine = {id(p) for p in head.parameters()}
             for group in solo.param_groups:  # torch filled in every hyperparameter
