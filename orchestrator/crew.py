@@ -213,6 +213,7 @@ class TrainWorker:
         frozen-backbone pass per batch; each trial's reports and stop requests are its own."""
         import torch
 
+        from mmseg_custom.hooks import BackboneChanged
         from orchestrator import worker
         from orchestrator.errors import TrialFailed, disk_full
         cfgs, reports, stops = zip(*[self._prepare(job, rank) for job in jobs])
@@ -224,6 +225,8 @@ class TrainWorker:
                                           source=jobs[0].source, gpus_per_rank=self.gpu_share)
             except torch.cuda.OutOfMemoryError as e:  # not yet split into smaller groups
                 raise TrialFailed(_out_of_memory(e)) from None
+            except BackboneChanged as e:  # the reason itself
+                raise TrialFailed(str(e)) from None
             except Exception as e:
                 if disk_full(e, group_dir) is None:
                     raise
@@ -391,8 +394,8 @@ class WorkerPool:
         that has not left has come back; those whose checkpoints are of another iteration than
         most, or a member left alone, get None (they continue alone, from their own files)."""
         record = self.group_runs.get(group)
-        if record is None or trial_id in record['left']:
-            return None
+        if record is None or trial_id in record['left'] or trial_id not in record['members']:
+            return None  # not in the group's latest run: it goes on alone
         self._await_placements()
         async with self._cond():
             chunk = self.continuing.get(group)
@@ -437,13 +440,16 @@ class WorkerPool:
         iteration = max(counts, key=lambda it: (counts[it], it))
         members = [m for m in chunk['members'] if chunk['iterations'][m[0]] == iteration]
         result = None
-        if len(members) >= 2:
-            record = self.group_runs[chunk['group']]
-            result = await self._start(members, record['key'], chunk['group'])
-            print(f'trial group {chunk["group"]}: {len(members)} heads continue from their '
-                  f'checkpoints at iteration {iteration}', flush=True)
-        chunk['result'] = {m[0]: result for m in members}
-        chunk['ready'].set()
+        try:
+            if len(members) >= 2:
+                record = self.group_runs[chunk['group']]
+                result = await self._start(members, record['key'], chunk['group'])
+                if isinstance(result, GroupRun):
+                    print(f'trial group {chunk["group"]}: {len(members)} heads continue from '
+                          f'their checkpoints at iteration {iteration}', flush=True)
+        finally:  # whatever happened, nobody waits forever
+            chunk['result'] = {m[0]: result for m in members}
+            chunk['ready'].set()
 
     async def _deadline(self, key, chunk):
         """A member that never comes (its trial failed to start) must not hold the others
@@ -462,8 +468,11 @@ class WorkerPool:
             await self._launch(chunk, key)
 
     async def _launch(self, chunk, key):
-        chunk['result'] = await self._start(chunk['members'], key)
-        chunk['ready'].set()
+        try:
+            chunk['result'] = ('lost', 'the trial group could not start')
+            chunk['result'] = await self._start(chunk['members'], key)
+        finally:  # whatever happened, nobody waits forever
+            chunk['ready'].set()
 
     async def _start(self, members, key, group=None):
         """Lease a crew and start a trial group's run on it (``group``: the id of the group it
@@ -471,20 +480,22 @@ class WorkerPool:
         ``('lost', reason)`` when the crew cannot start it (a worker died while idle): the crew
         is rebuilt, nobody waits forever."""
         from orchestrator.files import write_json_atomic
-        cid, workers = await self.acquire('+'.join(m[0] for m in members))
-        jobs = [m[1] for m in members]
+        jobs, ids = [m[1] for m in members], [m[0] for m in members]
         first = jobs[0].trial_dir
         group = group or os.path.basename(first)
         group_dir = os.path.join(os.path.dirname(os.path.dirname(first)), 'groups', group)
+        try:  # what a --resume continues (driver.py)
+            os.makedirs(group_dir, exist_ok=True)
+            write_json_atomic(os.path.join(group_dir, GROUP_FILE), dict(key=key, members=ids))
+        except OSError as e:  # a full disk: the members' own attempts say it
+            return ('lost', f'{group_dir}: {e}')
+        cid, workers = await self.acquire('+'.join(ids))
         try:
             init = await asyncio.wait_for(workers[0].rendezvous.remote(len(workers)), CALL_S)
         except Exception as e:  # a dead or unresponsive worker
             await self.release_broken(cid, type(e).__name__)
             return ('lost', f'{type(e).__name__}: {str(e).splitlines()[0][:200]}')
-        ids = [m[0] for m in members]
         self.group_runs[group] = dict(key=key, members=ids, left=set())
-        os.makedirs(group_dir, exist_ok=True)  # what a --resume continues (driver.py)
-        write_json_atomic(os.path.join(group_dir, GROUP_FILE), dict(key=key, members=ids))
         runs = [w.run_trial_group.remote(jobs, rank, len(workers), init, group_dir)
                 for rank, w in enumerate(workers)]
         holders = {m[0]: m[2] for m in members}

@@ -409,9 +409,10 @@ def _groups_to_continue(sweep, chunks):
         try:
             with open(path) as f:
                 record = json.load(f)
-        except (OSError, ValueError):  # unreadable: its members continue alone
+            ended = [t for t in record['members']
+                     if statuses.get(t) not in ('RUNNING', 'KILLED')]
+        except (OSError, ValueError, KeyError, TypeError):  # its members continue alone
             continue
-        ended = [t for t in record['members'] if statuses.get(t) not in ('RUNNING', 'KILLED')]
         group_runs[osp.basename(osp.dirname(path))] = dict(record, left=ended)
         started[record['key']] = started.get(record['key'], 0) + 1
     chunks = {key: sizes[started.get(key, 0):] for key, sizes in chunks.items()}

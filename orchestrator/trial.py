@@ -269,6 +269,7 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
             if continuing and _train_in_trial_group(pool, job, forward, continuing=continuing):
                 return None
             if grouped and not continuing and restarts == 0 and \
+                    readable_latest(overrides['work_dir'], set_aside=False)[0] is None and \
                     _train_in_trial_group(pool, job, forward, key=group_key(spec, config)):
                 return None
             return _train_alone(pool, job, forward)

@@ -39,7 +39,7 @@ from mmseg_custom.models.backbones.internvit_weights import BackboneWeightsError
 from mmseg_custom.models.head_rng import isolate_head_rng, reinit_head
 
 from orchestrator.checkpoints import readable_latest, remove_partial_writes
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, TrialFailed
 from orchestrator.preflight import check_data_paths
 
 
@@ -240,8 +240,8 @@ def _pick_group_resume(cfgs, work_dirs, rank, logger):
     if not any(paths):
         return None
     if None in paths or len({osp.basename(p) for p in paths}) > 1:
-        raise RuntimeError('trial group members saved at different iterations: '
-                           + ', '.join(osp.basename(p or 'none') for p in paths))
+        raise TrialFailed('trial group members saved at different iterations: '
+                          + ', '.join(osp.basename(p or 'none') for p in paths))
     return paths
 
 

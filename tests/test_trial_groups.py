@@ -172,6 +172,30 @@ def test_a_groups_checkpoints_are_its_heads_solo_checkpoints_and_it_continues_fr
         assert final[k]['mIoU'] == _history(alone[k])[-1]['mIoU']
 
 
+def test_a_groups_checkpoint_in_warmup_with_per_parameter_groups_is_the_solo_checkpoint(
+        synthetic_root, tmp_path):
+    """With a paramwise_cfg (one optimizer group per parameter: the frozen backbone's groups
+    hold no head parameter) and a linear warmup running at the checkpoint, every group's
+    hyperparameters (the frozen ones' scheduled lr too) are what the solo run saves."""
+    def cfg(v):
+        c = _cfg(synthetic_root, **copy.deepcopy(v))
+        c.optimizer.paramwise_cfg = dict(custom_keys={'backbone': dict(lr_mult=0.1)})
+        c.lr_config.update(warmup='linear', warmup_iters=8, warmup_ratio=0.1)
+        return c
+    variants = VARIANTS[:2]
+    for k, v in enumerate(variants):
+        worker.train(cfg(v), str(tmp_path / f'solo{k}'))
+    worker.train_group([cfg(v) for v in variants], [str(tmp_path / f'h{k}') for k in range(2)],
+                       str(tmp_path / 'group'))
+    for k in range(2):
+        for it in (6, 12):  # 6: in the warmup
+            grouped = _checkpoint(tmp_path / f'h{k}' / f'iter_{it}.pth')
+            _assert_same_checkpoint(grouped, _checkpoint(tmp_path / f'solo{k}' / f'iter_{it}.pth'))
+            groups, state = grouped['optimizer']['param_groups'], grouped['optimizer']['state']
+            assert len(groups) > len(state)  # one group per parameter: frozen ones without state
+            assert all(g['lr'] < g['initial_lr'] for g in groups)  # all scheduled (poly, warmup)
+
+
 # -- the same through `orchestrator sweep`: grouped and not, on the session's Ray cluster ------
 
 SEARCHED = ['model.decode_head.num_convs', 'model.decode_head.with_norm', 'optimizer.lr']

@@ -67,7 +67,7 @@ class RunCost:
         if gpus_per_rank is None:
             gpus_per_rank = 1.0 if torch.cuda.is_available() else 0.0
         self.gpus_per_rank, self.clock = float(gpus_per_rank), clock
-        self.spent_s = 0.0  # earlier attempts of a resumed run
+        self.spent_s = {}  # head -> train_s of earlier attempts (a resumed run)
         self.started = self.last_tick = None
         self.charged = {}  # head -> seconds charged to it (solo: head 0, all the time)
         self.interval_iters, self.interval_s, self.eval_s = 0, 0.0, 0.0

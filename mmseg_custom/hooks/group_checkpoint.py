@@ -19,7 +19,8 @@ from mmcv.runner.dist_utils import get_dist_info
 from torch import nn
 
 from ..optimizers.multi_head import solo_optimizer
-from .frozen_backbone import backbone_identity, check_backbone
+from ..ranks import from_rank0
+from .frozen_backbone import BackboneChanged, backbone_identity, check_backbone
 
 HEAD_PREFIX = 'decode_head.'
 
@@ -89,12 +90,20 @@ class TrialGroupCheckpointHook(Hook):
     def _restore(self, runner, segmentor):
         iterations = {_iteration(p) for p in self.resume_from}
         assert len(iterations) == 1, f'group members saved at {sorted(iterations)}'
-        checkpoint = None
-        for k, path in enumerate(self.resume_from):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-            if get_dist_info()[0] == 0:
-                check_backbone(checkpoint['meta'].get('frozen_backbone'), segmentor.backbone,
-                               self.work_dirs[k])
+        checkpoints = [torch.load(p, map_location='cpu', weights_only=False)
+                       for p in self.resume_from]
+        refused = None
+        if get_dist_info()[0] == 0:  # one backbone for all heads: checked (hashed) once
+            try:
+                for k, checkpoint in enumerate(checkpoints):
+                    check_backbone(checkpoint['meta'].get('frozen_backbone'),
+                                   segmentor.backbone, self.work_dirs[k])
+            except BackboneChanged as e:
+                refused = str(e)
+        refused = from_rank0(refused)  # every rank refuses, none waits in a collective
+        if refused:
+            raise BackboneChanged(refused)
+        for k, checkpoint in enumerate(checkpoints):
             head = {n[len(HEAD_PREFIX):]: v for n, v in checkpoint['state_dict'].items()
                     if n.startswith(HEAD_PREFIX)}
             segmentor.heads[k].load_state_dict(head, strict=True)
@@ -107,7 +116,7 @@ class TrialGroupCheckpointHook(Hook):
             self._solo[k].state.clear()
         # as mmseg's resume with compat's shim: iter_N.pth continues with iteration N + 1
         runner._iter = runner._inner_iter = iterations.pop()
-        runner._epoch = checkpoint['meta']['epoch']
+        runner._epoch = checkpoints[0]['meta']['epoch']
         runner.logger.info(f'trial group of {len(self.resume_from)} heads continuing after '
                            f'iteration {runner.iter} from their checkpoints')
 
