@@ -88,8 +88,20 @@ def _reads(path, token):
         return False
 
 
+def _answer(ref):
+    """What one node's read returned, or None for a node that left the cluster since ray.nodes()
+    listed it (its death not yet noticed there): it runs nothing of this sweep."""
+    import ray
+    try:
+        return ray.get(ref)
+    except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError,
+            ray.exceptions.WorkerCrashedError):
+        return None
+
+
 def check_shared_storage(directory, nodes, source):
-    """ConfigError unless every node in ``nodes`` sees the file the driver writes in ``directory``."""
+    """The nodes of ``nodes`` still in the cluster; ConfigError unless each sees the file the
+    driver writes in ``directory``."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     os.makedirs(directory, exist_ok=True)
@@ -102,8 +114,8 @@ def check_shared_storage(directory, nodes, source):
         refs = [reads.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
             n['node_id'], soft=False)).remote(marker, token) for n in nodes]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STORAGE_CHECK_TIMEOUT_S)
-        blind = [n['name'] for n, ref in zip(nodes, refs)
-                 if ref not in ready or not ray.get(ref)]
+        answers = [_answer(ref) if ref in ready else False for ref in refs]
+        blind = [n['name'] for n, seen in zip(nodes, answers) if seen is False]
     finally:
         os.remove(marker)
     if blind:
@@ -111,3 +123,4 @@ def check_shared_storage(directory, nodes, source):
             f'{source}: output: {directory} is not the same directory on node(s) '
             f'{", ".join(blind)}: a sweep on a cluster needs its output on a filesystem every '
             'node mounts (NFS, a shared volume); pass --output with such a path')
+    return [n for n, seen in zip(nodes, answers) if seen is not None]

@@ -345,8 +345,10 @@ def _attach_cluster(sweep, env_vars):
         sweep_log.write(held.text())
     try:
         nodes = cluster.cluster_nodes()
+        planning.resource_plan(sweep.spec, nodes)  # an impossible plan: refused before any file
+        nodes = cluster.check_shared_storage(osp.dirname(sweep.sweep_dir), nodes,
+                                             sweep.spec.source)  # less nodes that just left
         sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(sweep.spec, nodes)
-        cluster.check_shared_storage(osp.dirname(sweep.sweep_dir), nodes, sweep.spec.source)
     except BaseException:
         ray.shutdown()
         raise

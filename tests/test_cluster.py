@@ -173,6 +173,25 @@ def test_impossible_plan_on_the_cluster_fails_fast(two_nodes, synthetic_root, tm
     assert not (tmp_path / 'out').exists() and not ray.is_initialized()
 
 
+def test_a_node_that_left_since_it_was_listed_is_left_out_of_the_storage_check(
+        ray_address, tmp_path):
+    """A node ray.nodes() still lists as alive but the cluster can no longer schedule on (killed
+    a moment ago; here an ID no node has): the check answers for the nodes that are there.
+    Before: the driver died with a TaskUnschedulableError traceback (seen in CI, when a test's
+    killed node was still listed as the next sweep started)."""
+    import ray
+    from orchestrator.cluster import check_shared_storage, cluster_nodes
+    ray.init(address=ray_address, log_to_driver=False)
+    try:
+        nodes = cluster_nodes()
+        gone = dict(name='192.0.2.99 (0a0a0a0a)', node_id='0a' * 28, resources={'CPU': 2.0})
+        assert gone['node_id'] not in {n['NodeID'] for n in ray.nodes()}
+        assert check_shared_storage(str(tmp_path), [gone, *nodes], 'space.yaml') == nodes
+    finally:
+        ray.shutdown()
+    assert list(tmp_path.iterdir()) == []  # its marker file removed
+
+
 def test_dry_run_shows_the_clusters_packing(two_nodes, synthetic_root, tmp_path, capsys):
     address, ids = two_nodes
     path = _space(tmp_path, synthetic_root, 'plan',

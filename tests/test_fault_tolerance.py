@@ -533,9 +533,9 @@ def _with_fault(tmp, **fault):
     return base
 
 
-def _failure_reason(output):
+def _failure_reason(output, errors=''):
     """The reason column of the end-of-sweep table's one failed trial."""
-    assert '1 of 1 trials failed' in output, output[-3000:]
+    assert '1 of 1 trials failed' in output, (output + errors)[-3000:]
     rows = [line for line in output.split('1 of 1 trials failed', 1)[1].splitlines()
             if line.startswith('|')]  # its header, then its row
     return rows[1].strip('| ').rsplit(' | ', 1)[1].strip()
@@ -554,7 +554,7 @@ def test_a_solo_trial_out_of_gpu_memory_fails_with_the_reason_and_is_not_retried
     run = subprocess.run([ORCHESTRATOR, 'sweep', str(path), '--address', ray_address],
                          env=cli_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, (run.stdout + run.stderr)[-3000:]
-    assert _failure_reason(run.stdout) == ('CUDA out of memory: Tried to allocate 2.00 GiB '
+    assert _failure_reason(run.stdout, run.stderr) == ('CUDA out of memory: Tried to allocate 2.00 GiB '
                                            '(injected at iteration 10 on rank 1)'), run.stdout
     assert not list((tmp_path / 'out' / 'oom' / 'trials').glob('*/restarts.jsonl'))
 
@@ -572,7 +572,7 @@ def test_a_rank_stalled_past_the_collective_timeout_fails_its_trial_with_the_rea
     run = subprocess.run([ORCHESTRATOR, 'sweep', str(path), '--address', ray_address],
                          env=cli_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, (run.stdout + run.stderr)[-3000:]
-    reason = _failure_reason(run.stdout)
+    reason = _failure_reason(run.stdout, run.stderr)
     assert reason.startswith('RuntimeError: ') and 'Timed out waiting 5000ms' in reason, reason
 
 
