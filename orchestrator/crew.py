@@ -215,7 +215,7 @@ class TrainWorker:
 
         from mmseg_custom.hooks import BackboneChanged
         from orchestrator import worker
-        from orchestrator.errors import TrialFailed, disk_full
+        from orchestrator.errors import GroupOutOfMemory, TrialFailed, disk_full
         cfgs, reports, stops = zip(*[self._prepare(job, rank) for job in jobs])
         with self._process_group(rank, world_size, init_method,
                                  jobs[0].collective_timeout_s):
@@ -223,8 +223,8 @@ class TrainWorker:
                 return worker.train_group(list(cfgs), [c.work_dir for c in cfgs], group_dir,
                                           callbacks=list(reports), should_stops=list(stops),
                                           source=jobs[0].source, gpus_per_rank=self.gpu_share)
-            except torch.cuda.OutOfMemoryError as e:  # not yet split into smaller groups
-                raise TrialFailed(_out_of_memory(e)) from None
+            except torch.cuda.OutOfMemoryError as e:  # the members continue in halves
+                raise GroupOutOfMemory(_out_of_memory(e)) from None
             except BackboneChanged as e:  # the reason itself
                 raise TrialFailed(str(e)) from None
             except Exception as e:
@@ -321,6 +321,9 @@ class WorkerPool:
         self.group_runs = {g: dict(r, left=set(r.get('left', ()))) for g, r in
                            (group_runs or {}).items()}
         self.continuing = {}  # group id -> its forming continuation
+        for record in self.group_runs.values():  # what the memory plan learnt before --resume
+            if record.get('out_of_memory'):
+                self._cap(record['key'], (record['out_of_memory'] + 1) // 2)
         self.launched = 0
         self.join_wait_s = join_wait_s
         self.stop_reason = None  # set by stop_sweep: the driver polls it (driver._watch_pool)
@@ -388,28 +391,32 @@ class WorkerPool:
         await chunk['ready'].wait()
         return chunk['result']
 
-    async def rejoin(self, trial_id, group, iteration, job, holder):
+    async def rejoin(self, trial_id, group, iteration, job, holder, halve=False):
         """Continue trial group ``group`` from its members' checkpoints at ``iteration``
-        (group_checkpoint.py): after a lost worker or on --resume. It starts when every member
-        that has not left has come back; those whose checkpoints are of another iteration than
-        most, or a member left alone, get None (they continue alone, from their own files)."""
+        (group_checkpoint.py): after a lost worker, on --resume, or in halves after the group ran
+        out of GPU memory (``halve``). It starts when every member that has not left has come
+        back; those whose checkpoints are of another iteration than most, or a member left
+        alone, get None (they continue alone, from their own files)."""
         record = self.group_runs.get(group)
         if record is None or trial_id in record['left'] or trial_id not in record['members']:
             return None  # not in the group's latest run: it goes on alone
+        if halve:  # the heads it trained when it ran out
+            record.setdefault('out_of_memory', len(record['members']) - len(record['left']))
         self._await_placements()
         async with self._cond():
             chunk = self.continuing.get(group)
             if chunk is None or chunk['launching']:
                 chunk = self.continuing[group] = dict(
                     group=group, size=len(record['members']), members=[], iterations={},
-                    launching=False, result={}, ready=asyncio.Event())
+                    launching=False, result={}, ready={})
                 asyncio.ensure_future(self._deadline(group, chunk))
             chunk['members'].append((trial_id, job, holder))
             chunk['iterations'][trial_id] = iteration
+            chunk['ready'][trial_id] = asyncio.Event()
             launch = chunk['launching'] = self._all_back(chunk)
         if launch:
             await self._continue(chunk)
-        await chunk['ready'].wait()
+        await chunk['ready'][trial_id].wait()
         return chunk['result'].get(trial_id)
 
     def _all_back(self, chunk):
@@ -433,23 +440,68 @@ class WorkerPool:
             await self._continue(chunk)
 
     async def _continue(self, chunk):
-        """Start the continuation with the members of the most common iteration (2 or more)."""
+        """Start the continuation with the members of the most common iteration (2 or more);
+        after the group ran out of GPU memory, as two groups of half its heads each."""
         counts = {}
         for it in chunk['iterations'].values():
             counts[it] = counts.get(it, 0) + 1
         iteration = max(counts, key=lambda it: (counts[it], it))
         members = [m for m in chunk['members'] if chunk['iterations'][m[0]] == iteration]
-        result = None
+        group, record = chunk['group'], self.group_runs[chunk['group']]
+        parts = [(group, members)]
+        if record.get('out_of_memory'):
+            parts = self._halves(group, record, members, iteration)
         try:
-            if len(members) >= 2:
-                record = self.group_runs[chunk['group']]
-                result = await self._start(members, record['key'], chunk['group'])
-                if isinstance(result, GroupRun):
-                    print(f'trial group {chunk["group"]}: {len(members)} heads continue from '
-                          f'their checkpoints at iteration {iteration}', flush=True)
+            for _, part in parts:  # alone at once, not after a group waited for a crew
+                if len(part) < 2:
+                    self._answer(chunk, part, None)
+            for name, part in parts:
+                if len(part) >= 2:
+                    result = await self._start(part, record['key'], name,
+                                               parent=None if name == group else group)
+                    self._answer(chunk, part, result)
         finally:  # whatever happened, nobody waits forever
-            chunk['result'] = {m[0]: result for m in members}
-            chunk['ready'].set()
+            self._answer(chunk, chunk['members'], None, unanswered_only=True)
+
+    @staticmethod
+    def _answer(chunk, members, result, unanswered_only=False):
+        for trial_id, _, _ in members:
+            if unanswered_only and chunk['ready'][trial_id].is_set():
+                continue
+            chunk['result'][trial_id] = result
+            chunk['ready'][trial_id].set()
+
+    def _halves(self, group, record, members, iteration):
+        """The members of a group that ran out of GPU memory in two groups (the first the
+        larger); later groups of its kind hold at most as many heads as the first."""
+        from orchestrator.files import write_json_atomic
+        half = (len(members) + 1) // 2
+        parts = [(f'{group}.1', members[:half]), (f'{group}.2', members[half:])]
+        self._cap(record['key'], half)
+        self.notices.append(
+            f'trial group {group}: out of GPU memory with {record["out_of_memory"]} heads; '
+            f'they continue from iteration {iteration} as ' +
+            ' and '.join(f'{len(p)} alone' if len(p) == 1 else f'group {name} ({len(p)} heads)'
+                         for name, p in parts if p) +
+            f'; later groups of its kind hold at most {half} heads')
+        with contextlib.suppress(OSError):  # a --resume splits it again (driver.py)
+            write_json_atomic(os.path.join(self._group_dir(members[0][1], group), GROUP_FILE),
+                              dict(key=record['key'], members=record['members'],
+                                   out_of_memory=record['out_of_memory']))
+        return parts
+
+    def _cap(self, key, heads):
+        """Chunks of ``key`` not yet forming hold at most ``heads`` (one already forming keeps
+        its size: it splits in turn if it runs out)."""
+        from orchestrator.grouping import capped
+        sizes = self.trial_groups.get(key)
+        if sizes is not None:
+            begun = len(self.forming.get(key, []))
+            self.trial_groups[key] = sizes[:begun] + capped(sizes[begun:], heads)
+
+    @staticmethod
+    def _group_dir(job, group):
+        return os.path.join(os.path.dirname(os.path.dirname(job.trial_dir)), 'groups', group)
 
     async def _deadline(self, key, chunk):
         """A member that never comes (its trial failed to start) must not hold the others
@@ -474,19 +526,19 @@ class WorkerPool:
         finally:  # whatever happened, nobody waits forever
             chunk['ready'].set()
 
-    async def _start(self, members, key, group=None):
+    async def _start(self, members, key, group=None, parent=None):
         """Lease a crew and start a trial group's run on it (``group``: the id of the group it
-        continues; a new one is named after its first member). Returns its GroupRun, or
-        ``('lost', reason)`` when the crew cannot start it (a worker died while idle): the crew
-        is rebuilt, nobody waits forever."""
+        continues, or of a half of ``parent``; a new one is named after its first member).
+        Returns its GroupRun, or ``('lost', reason)`` when the crew cannot start it (a worker
+        died while idle): the crew is rebuilt, nobody waits forever."""
         from orchestrator.files import write_json_atomic
         jobs, ids = [m[1] for m in members], [m[0] for m in members]
-        first = jobs[0].trial_dir
-        group = group or os.path.basename(first)
-        group_dir = os.path.join(os.path.dirname(os.path.dirname(first)), 'groups', group)
+        group = group or os.path.basename(jobs[0].trial_dir)
+        group_dir = self._group_dir(jobs[0], group)
         try:  # what a --resume continues (driver.py)
             os.makedirs(group_dir, exist_ok=True)
-            write_json_atomic(os.path.join(group_dir, GROUP_FILE), dict(key=key, members=ids))
+            write_json_atomic(os.path.join(group_dir, GROUP_FILE), dict(
+                key=key, members=ids, **({'parent': parent} if parent else {})))
         except OSError as e:  # a full disk: the members' own attempts say it
             return ('lost', f'{group_dir}: {e}')
         cid, workers = await self.acquire('+'.join(ids))

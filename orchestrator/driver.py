@@ -402,8 +402,9 @@ def _start_crews(sweep, signals):
 
 def _groups_to_continue(sweep, chunks):
     """On --resume: the trial groups that ran (their ``group.json``), each continued from its
-    members' checkpoints by the members the journal does not show ended (crew.rejoin), and the
-    chunks not yet started, which the trials that never ran form as planned."""
+    members' checkpoints by the members the journal does not show ended (crew.rejoin; in halves
+    if it ran out of GPU memory), and the chunks not yet started, which the trials that never
+    ran form as planned (the pool caps them where a group of their kind ran out)."""
     from orchestrator.crew import GROUP_FILE
     statuses = sweep.journal.last_statuses()
     group_runs, started = {}, {}
@@ -416,9 +417,11 @@ def _groups_to_continue(sweep, chunks):
         except (OSError, ValueError, KeyError, TypeError):  # its members continue alone
             continue
         group_runs[osp.basename(osp.dirname(path))] = dict(record, left=ended)
-        started[record['key']] = started.get(record['key'], 0) + 1
+        if 'parent' not in record:  # a half of a group that ran out of memory: no chunk of its own
+            started[record['key']] = started.get(record['key'], 0) + 1
     chunks = {key: sizes[started.get(key, 0):] for key, sizes in chunks.items()}
-    going_on = sum(len(r['members']) > len(r['left']) for r in group_runs.values())
+    going_on = sum(len(r['members']) > len(r['left']) and not r.get('out_of_memory')
+                   for r in group_runs.values())
     print(f'trial groups: {going_on} continue from their checkpoints', file=sweep.out)
     return {key: sizes for key, sizes in chunks.items() if sizes}, group_runs
 

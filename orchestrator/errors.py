@@ -14,6 +14,11 @@ class TrialFailed(RuntimeError):
     rather than a traceback; the message is the reason."""
 
 
+class GroupOutOfMemory(TrialFailed):
+    """A trial group's run ran out of GPU memory: its members continue in halves (crew.py), and
+    later groups of the kind hold fewer heads; the message is torch's reason."""
+
+
 def failure_reason(error_text):
     """A failed trial's reason as MLflow's tag and the end-of-sweep table say it: the error's
     last line, a TrialFailed's without its class (its message is the reason itself)."""

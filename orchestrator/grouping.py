@@ -258,8 +258,7 @@ def plan(spec, base, rows, gpu_bytes=None):
         planned.members.append([memories[names[i]] for i in members])
         cap = heads_per_group(budget, planned.members[-1])
         caps.append(cap)
-        n = math.ceil(len(members) / cap)
-        sizes = [len(members) // n + (1 if i < len(members) % n else 0) for i in range(n)]
+        sizes = even_chunks(len(members), cap)
         if max(sizes) < 2:  # room for one head only
             continue
         planned.chunks[key] = sizes
@@ -269,6 +268,18 @@ def plan(spec, base, rows, gpu_bytes=None):
             start += size
     planned.cap = min(caps)
     return planned
+
+
+def even_chunks(count, cap):
+    """``count`` trials in the fewest chunks of at most ``cap``, their sizes as even as can be."""
+    n = math.ceil(count / max(cap, 1))
+    return [count // n + (1 if i < count % n else 0) for i in range(n)]
+
+
+def capped(sizes, cap):
+    """The chunks ``sizes`` re-cut to at most ``cap`` heads each (a group of that kind ran out
+    of GPU memory with more); chunks of one are left out: their trials train alone."""
+    return [s for s in even_chunks(sum(sizes), cap) if s >= 2] if sum(sizes) else []
 
 
 def plan_groups(spec, base, rows, gpu_bytes=None):

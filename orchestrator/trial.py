@@ -14,7 +14,7 @@ from ray import tune
 
 from orchestrator.checkpoints import readable_latest
 from orchestrator.crew import CALL_S, GRACE_S, TrialJob
-from orchestrator.errors import DiskFull, TrialFailed, disk_full
+from orchestrator.errors import DiskFull, GroupOutOfMemory, TrialFailed, disk_full
 from orchestrator.fewshot import write_split_file
 from orchestrator.files import append_whole, read_jsonl, write_json_atomic
 from orchestrator.grouping import flat_config, group_key
@@ -80,7 +80,8 @@ def _failure(runs, pool):
         return WorkersLost(f'a worker process died: {str(died[0]).splitlines()[0]}')
     reasoned = [e for e in raised if isinstance(e.cause, TrialFailed)]
     if reasoned:
-        return TrialFailed(str(reasoned[0].cause))  # its reason, without the remote traceback
+        cause = reasoned[0].cause  # its reason, without the remote traceback
+        return type(cause)(str(cause))
     if silent:
         return WorkersLost(f'{silent} worker(s) did not answer for {GRACE_S + 5:g} s after the '
                            'run failed')
@@ -135,15 +136,15 @@ def _group_to_continue(out_dir, work_dir):
     return group, _iteration(path)
 
 
-def _train_in_trial_group(pool, job, forward, key=None, continuing=None):
+def _train_in_trial_group(pool, job, forward, key=None, continuing=None, halve=False):
     """One attempt inside the trial's trial group (grouping.py), on the crew its last member
     leased: a new one (``key``) or the one it trained in (``continuing``: group id and the
-    iteration of its checkpoint, group_checkpoint.py). False when the pool has no trial group
-    for it (the trial then trains alone)."""
+    iteration of its checkpoint, group_checkpoint.py; ``halve``: in half of it, as it ran out
+    of GPU memory). False when the pool has no trial group for it (it then trains alone)."""
     trial_id = job.trial_id
     holder = ray.get_runtime_context().current_actor
-    joined = ray.get(pool.rejoin.remote(trial_id, *continuing, job, holder) if continuing else
-                     pool.join.remote(trial_id, key, job, holder))
+    joined = ray.get(pool.rejoin.remote(trial_id, *continuing, job, holder, halve) if continuing
+                     else pool.join.remote(trial_id, key, job, holder))
     if joined is None:
         return False
     if joined[0] == 'lost':  # the crew could not start it: this trial goes alone
@@ -159,7 +160,7 @@ def _train_in_trial_group(pool, job, forward, key=None, continuing=None):
     leaves = True
     try:
         _poll(runs, workers, trial_id, forward, pool)
-    except WorkersLost:
+    except (WorkersLost, GroupOutOfMemory):
         leaves = False  # it comes back (run_trial): the group continues from its checkpoints
         raise
     finally:  # finished, failed, or stopped by Tune (ASHA): this head stops, the others go on
@@ -257,7 +258,7 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
                    base_filename=base_filename, source=spec.source,
                    collective_timeout_s=spec.collective_timeout_s,
                    **({'abandoned_after_s': abandoned_after_s} if abandoned_after_s else {}))
-    restarts = 0
+    restarts, halve = 0, False
 
     def forward(metrics):
         tune.report(dict(metrics, restarts=restarts))
@@ -265,8 +266,10 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
     while True:
         _replay_history(overrides['work_dir'])
         continuing = grouped and _group_to_continue(out_dir, overrides['work_dir'])
+        halving, halve = halve, False
         try:
-            if continuing and _train_in_trial_group(pool, job, forward, continuing=continuing):
+            if continuing and _train_in_trial_group(pool, job, forward, continuing=continuing,
+                                                    halve=halving):
                 return None
             if grouped and not continuing and restarts == 0 and \
                     readable_latest(overrides['work_dir'], set_aside=False)[0] is None and \
@@ -279,6 +282,10 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
             _stop_the_sweep(pool, disk_full(e, out_dir))
         except DiskFull as e:
             _stop_the_sweep(pool, e)
+        except GroupOutOfMemory as e:  # bounded: a group of one trains alone
+            halve = True
+            print(f'trial {trial_id}: its trial group ran out of GPU memory ({e}); it continues '
+                  'in a group of half the heads', flush=True)
         except WorkersLost as e:
             if restarts >= spec.worker_retries:
                 if continuing:

@@ -525,10 +525,10 @@ def test_a_lost_node_restarts_its_trial_from_its_checkpoint_on_the_nodes_left(
     assert json.loads((victim / 'placement.json').read_text())['ranks'][0]['node_id'] != node_id
 
 
-def _with_fault(tmp, **fault):
-    """The tiny config with a FaultInjectionHook (mmseg_custom/hooks/fault_injection.py)."""
+def _with_fault(tmp, config='tiny_fcn_synthetic.py', **fault):
+    """A tiny config with a FaultInjectionHook (mmseg_custom/hooks/fault_injection.py)."""
     base = tmp / 'faulty.py'
-    base.write_text(f"_base_ = [{str(ROOT / 'configs' / 'tiny_fcn_synthetic.py')!r}]\n"
+    base.write_text(f"_base_ = [{str(ROOT / 'configs' / config)!r}]\n"
                     f"custom_hooks = [dict(type='FaultInjectionHook', **{fault!r})]\n")
     return base
 
@@ -557,6 +557,62 @@ def test_a_solo_trial_out_of_gpu_memory_fails_with_the_reason_and_is_not_retried
     assert _failure_reason(run.stdout, run.stderr) == ('CUDA out of memory: Tried to allocate 2.00 GiB '
                                            '(injected at iteration 10 on rank 1)'), run.stdout
     assert not list((tmp_path / 'out' / 'oom' / 'trials').glob('*/restarts.jsonl'))
+
+
+def test_a_trial_group_out_of_gpu_memory_continues_in_halves_and_later_groups_are_smaller(
+        tmp_path, synthetic_root, ray_address, cli_env):
+    """Six heads planned as two groups of 3 on one crew; a run of more than 2 heads raises
+    torch.cuda.OutOfMemoryError before iteration 50 (injected, as torch raises it; after the
+    heads' checkpoints at 40). The first group goes on from 40 as a group of 2 and one head
+    alone; the second group is planned anew at 2 heads (the third trial alone) and never runs
+    out. Before: the group's three trials FAILED with 'CUDA out of memory: ...'."""
+    base = _with_fault(tmp_path, 'tiny_vit_frozen_fcn_synthetic.py', at_iter=50, rank=0,
+                       out_of_memory=True, heads_above=2)
+    path = _space(tmp_path, synthetic_root, 'groupoom',
+                  {'model.decode_head.num_convs': {'grid': [0, 1, 2]},
+                   'optimizer.lr': {'grid': [0.003, 0.001]}}, iters=80, evaluations=2,
+                  base_config=str(base), grouping={'memory_gb': 0.005},
+                  resources={'workers_per_trial': 2, 'cpus_per_worker': 1,
+                             'max_concurrent_trials': 1})
+    run = subprocess.run([ORCHESTRATOR, 'sweep', str(path), '--address', ray_address],
+                         env=cli_env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    # the plan it started from: two groups of three
+    assert 'group 0: trials 0,1,2 (all)' in run.stdout and 'group 1: trials 3,4,5 (all)' in run.stdout
+    (split,) = re.findall(r'^trial group (\S+): out of GPU memory.*$', run.stdout, re.M)
+    first = split
+    assert re.search(
+        rf'^trial group {first}: out of GPU memory with 3 heads; they continue from iteration '
+        rf'40 as group {first}\.1 \(2 heads\) and 1 alone; later groups of its kind hold at '
+        r'most 2 heads$', run.stdout, re.M), run.stdout[-3000:]
+    client, (parent,), children = _runs(tmp_path, 'groupoom')
+    assert parent.info.status == 'FINISHED' and len(children) == 6
+    for child in children:
+        assert child.info.status == 'FINISHED'
+        assert _steps(client, child) == [40, 80], child.data.tags['trial_id']
+        assert child.data.metrics['restarts'] == 0  # not a lost worker
+    sweep = tmp_path / 'out' / 'groupoom'
+    groups = {g.name: json.loads((g / 'group.json').read_text())
+              for g in (sweep / 'groups').iterdir()}
+    (second,) = set(groups) - {first, f'{first}.1'}
+    assert len(groups[first]['members']) == 3 and groups[first]['out_of_memory'] == 3
+    assert groups[f'{first}.1']['parent'] == first
+    assert set(groups[f'{first}.1']['members']) < set(groups[first]['members'])
+    assert len(groups[second]['members']) == 2 and 'out_of_memory' not in groups[second]
+
+    def log(directory):
+        return '\n'.join(p.read_text() for p in sorted(directory.glob('*.log')))
+    assert log(sweep / 'groups' / first).count('fault injection') == 1
+    half = log(sweep / 'groups' / f'{first}.1')
+    assert half.count('trial group of 2 heads continuing after iteration 40 ') == 1, half[-2000:]
+    assert 'fault injection' not in half and 'Iter [80/80]' in half
+    assert 'fault injection' not in log(sweep / 'groups' / second)
+    # the head of the first group left alone went on from its checkpoint at 40, in its own dir
+    (alone,) = set(groups[first]['members']) - set(groups[f'{first}.1']['members'])
+    solo = log(sweep / 'trials' / alone / 'mmseg')
+    assert solo.count('resumed from') == 1 and 'Iter [60/80]' in solo, solo[-2000:]
+    assert 'Iter [20/80]' not in solo and 'Iter [40/80]' not in solo
+    assert json.loads((sweep / 'trials' / alone / 'placement.json').read_text())['group'] is None
 
 
 def test_a_rank_stalled_past_the_collective_timeout_fails_its_trial_with_the_reason(

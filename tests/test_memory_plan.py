@@ -121,3 +121,12 @@ def test_a_group_of_mixed_variants_holds_the_sum_of_its_heads(setting):
     # the logits-only estimate this replaces was far below what a group of convs holds
     logits_only = len(cfgs) * 2 * 150 * 64 * 64 * 12
     assert logits_only < 0.8 * measured
+
+
+def test_chunks_recut_after_a_group_ran_out_of_memory():
+    """What is left of a kind's planned chunks, re-cut to at most the heads a half held: even
+    sizes (8 trials at 3: 3, 3, 2), and a chunk of one is no group (its trial trains alone)."""
+    assert grouping.capped([4, 4], 3) == [3, 3, 2]
+    assert grouping.capped([3], 2) == [2]  # 2 + 1: the one alone
+    assert grouping.capped([2, 2], 1) == []
+    assert grouping.capped([], 2) == []

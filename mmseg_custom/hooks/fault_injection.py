@@ -13,20 +13,26 @@ from mmcv.runner import HOOKS, Hook
 class FaultInjectionHook(Hook):
     """Before iteration ``at_iter`` (1-based) on rank ``rank`` (``RANK``, as torch.distributed
     sets it), once per process: sleep ``stall_s`` seconds, then, with ``out_of_memory``, raise
-    ``torch.cuda.OutOfMemoryError``."""
+    ``torch.cuda.OutOfMemoryError``. With ``heads_above``, only in a trial group training more
+    heads than that (memory grows with a group's heads: a smaller group fits)."""
 
-    def __init__(self, at_iter, rank=0, stall_s=0.0, out_of_memory=False):
+    def __init__(self, at_iter, rank=0, stall_s=0.0, out_of_memory=False, heads_above=None):
         self.at_iter, self.rank, self.stall_s = at_iter, rank, stall_s
-        self.out_of_memory = out_of_memory
+        self.out_of_memory, self.heads_above = out_of_memory, heads_above
         self._done = False
 
     def before_train_iter(self, runner):
         if self._done or runner.iter + 1 != self.at_iter or \
                 int(os.environ.get('RANK', 0)) != self.rank:
             return
+        model = getattr(runner.model, 'module', runner.model)
+        heads = sum(getattr(model, 'active', [True]))
+        if self.heads_above is not None and heads <= self.heads_above:
+            return
         self._done = True
-        runner.logger.info(f'fault injection: rank {self.rank} before iteration {self.at_iter}: '
-                           f'stall {self.stall_s:g} s, out of memory: {self.out_of_memory}')
+        runner.logger.info(f'fault injection: rank {self.rank} before iteration {self.at_iter} '
+                           f'({heads} head(s)): stall {self.stall_s:g} s, out of memory: '
+                           f'{self.out_of_memory}')
         time.sleep(self.stall_s)
         if self.out_of_memory:
             raise torch.cuda.OutOfMemoryError(
