@@ -47,6 +47,7 @@ RENDEZVOUS_S = 300.0  # how long ranks wait for each other when a run starts
 CALL_S = 120.0  # a worker's or the pool's answer to a short call (where, rendezvous, drain)
 JOIN_WAIT_S = 300.0  # a trial group's members start one after another; one later is lost
 ROOM_WAIT_S = 30.0  # a crew not placed after this long says that it waits for room
+ROOM_TIMEOUT_S = 600.0  # fault_tolerance.room_timeout_s: no crew placed, trials waiting
 # The head node's own resource: the pool and the trial processes (no CPU of their own) run there
 ON_HEAD = {'node:__internal_head__': 0.001}
 GROUP_FILE = 'group.json'  # in a trial group's directory: its key and members (--resume)
@@ -299,9 +300,12 @@ class WorkerPool:
     """Leases crews to trials (an async actor: waiting trials do not block it)."""
 
     def __init__(self, n_crews, n_workers, bundle, strategy='PACK', trial_groups=None,
-                 join_wait_s=JOIN_WAIT_S, room_wait_s=None, group_runs=None):
+                 join_wait_s=JOIN_WAIT_S, room_wait_s=None, group_runs=None,
+                 room_timeout_s=ROOM_TIMEOUT_S):
         self.n_workers, self.bundle, self.strategy = n_workers, dict(bundle), strategy
         self.room_wait_s = room_wait_s or ROOM_WAIT_S
+        self.room_timeout_s, self.waiting, self._room_watch = room_timeout_s, 0, None
+        self._room_seen = time.time()  # last time a crew was placed or nobody waited
         self.notices = []  # lines for the sweep's terminal (the driver polls them: notices_from)
         self.crews = [_start_crew(n_workers, self.bundle, strategy) for _ in range(n_crews)]
         self.free = []  # placed and not leased
@@ -339,6 +343,23 @@ class WorkerPool:
         while self._unwatched:
             cid = self._unwatched.pop()
             asyncio.ensure_future(self._when_placed(cid, self.crews[cid][0]))
+        if self._room_watch is None:
+            self._room_watch = asyncio.ensure_future(self._watch_room())
+
+    async def _watch_room(self):
+        """Trials waiting while no crew is placed (the nodes that could hold one are gone) for
+        ``room_timeout_s``: the sweep stops, resumable, rather than wait forever."""
+        from orchestrator.errors import NO_ROOM_EXIT, SweepStop
+        while True:
+            await asyncio.sleep(min(1.0, self.room_timeout_s / 4))
+            now = time.time()
+            if self.placed or not self.waiting:
+                self._room_seen = now
+            elif now - self._room_seen >= self.room_timeout_s and self.stop_reason is None:
+                self.stop_reason = SweepStop(
+                    f'no node of the cluster could hold a crew ({self.n_workers} x '
+                    f'{self.bundle}) for {self.room_timeout_s:g} s while trials waited',
+                    remedy='add a node that can hold one', exit_code=NO_ROOM_EXIT)
 
     async def _when_placed(self, cid, pg):
         ready = asyncio.ensure_future(_settled(pg.ready()))
@@ -360,7 +381,11 @@ class WorkerPool:
     async def acquire(self, trial_id):
         self._await_placements()
         async with self._cond():
-            await self._cond().wait_for(lambda: self.free)
+            self.waiting += 1
+            try:
+                await self._cond().wait_for(lambda: self.free)
+            finally:
+                self.waiting -= 1
             cid = self.free.pop(0)
             self.holder[cid] = trial_id
         return cid, self.crews[cid][1]

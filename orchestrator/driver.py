@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from orchestrator import cluster, fine_tuning, grouping
 from orchestrator import plan as planning
-from orchestrator.errors import ConfigError, DiskFull, disk_full
+from orchestrator.errors import ConfigError, DiskFull, disk_full, remedy
 from orchestrator.files import append_whole
 from orchestrator.interrupts import StopSignals, SweepInterrupted
 from orchestrator.preflight import check_data_paths, check_weights_path
@@ -397,7 +397,8 @@ def _start_crews(sweep, signals):
     sweep.pool = WorkerPool.options(name=sweep.pool_name, resources=ON_HEAD).remote(
         sweep.max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec),
         trial_groups=chunks, group_runs=group_runs,
-        room_wait_s=_seconds_from_env('ORCHESTRATOR_ROOM_WAIT_S'))
+        room_wait_s=_seconds_from_env('ORCHESTRATOR_ROOM_WAIT_S'),
+        room_timeout_s=spec.room_timeout_s)
 
 
 def _groups_to_continue(sweep, chunks):
@@ -642,7 +643,7 @@ def _what_stopped(sweep, running, resume_command):
 
 def _print_interrupted(sweep, signals, running, resume_command):
     """One line: what stopped the sweep, what it interrupted and how to continue; exit 128 +
-    the signal's number, or DiskFull's code."""
+    the signal's number, or the sweep's own stop's (errors.remedy)."""
     what, then = _what_stopped(sweep, running, resume_command)
     marked = ('MLflow runs marked KILLED' if sweep.marked else
               'MLflow runs stay RUNNING until then')
@@ -650,9 +651,10 @@ def _print_interrupted(sweep, signals, running, resume_command):
         print(f'interrupted by {signals.name}: {what}; {marked}; {then}', file=sweep.out,
               flush=True)
         return signals.exit_code
-    print(f'error: {signals.reason}; the sweep stopped: {what}; {marked}; free space there, '
-          f'then {then}', file=sweep.out, flush=True)
-    return DiskFull.exit_code
+    todo, code = remedy(signals.reason)
+    print(f'error: {signals.reason}; the sweep stopped: {what}; {marked}; {todo}, then {then}',
+          file=sweep.out, flush=True)
+    return code
 
 
 def _end_at_once(sweep, resume_command, first, signum, reason):
@@ -777,10 +779,11 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     except KeyboardInterrupt as e:  # a second signal while the first one's stop was under way
         # (also one Python handles after the handlers were restored)
         signum = getattr(e, 'signum', None) or signals.signum
-        if signum is None and signals.reason:  # the sweep's own stop (a full disk)
-            print(f'error: {signals.reason}; the sweep stopped: free space there, then resume '
-                  f'with: {resume_command}', file=out, flush=True)
-            return DiskFull.exit_code
+        if signum is None and signals.reason:  # the sweep's own stop (a full disk, no room)
+            todo, code = remedy(signals.reason)
+            print(f'error: {signals.reason}; the sweep stopped: {todo}, then resume with: '
+                  f'{resume_command}', file=out, flush=True)
+            return code
         signum = signum or signal.SIGINT
         print(f'interrupted by {signal.Signals(signum).name}: ended at once (MLflow writes not '
               f'yet delivered wait in the journal); resume with: {resume_command}', file=out,

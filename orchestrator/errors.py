@@ -42,6 +42,25 @@ class DiskFull(TrialFailed):
         return DiskFull, (self.path,)
 
 
+class SweepStop(str):
+    """Why the sweep stopped itself, resumable (its text), what the user does before resuming,
+    and the exit code; a plain string reason is a full disk."""
+
+    def __new__(cls, text, remedy='free space there', exit_code=DiskFull.exit_code):
+        stop = super().__new__(cls, text)
+        stop.remedy, stop.exit_code = remedy, exit_code
+        return stop
+
+
+NO_ROOM_EXIT = 5  # no node of the cluster can hold a crew (crew.WorkerPool._watch_room)
+
+
+def remedy(reason):
+    """(what to do before resuming, exit code) for the sweep's own stop ``reason``."""
+    return (getattr(reason, 'remedy', 'free space there'),
+            getattr(reason, 'exit_code', DiskFull.exit_code))
+
+
 def disk_full(error, path):
     """``DiskFull(path)`` when ``error`` (or what it was raised from: torch and mmcv wrap the
     OSError) says the device is full, else None."""

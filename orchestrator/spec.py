@@ -62,6 +62,7 @@ class SweepSpec:
     max_concurrent_trials: typing.Optional[int]
     worker_retries: int
     collective_timeout_s: float
+    room_timeout_s: float
     float32_master_weights: bool
     grouping: bool
     grouping_memory_gb: typing.Optional[float]  # None: the GPU's memory less the model's
@@ -262,6 +263,7 @@ def load_spec(path):
         gpus_per_worker=res.gpus_per_worker, max_concurrent_trials=res.max_concurrent_trials,
         worker_retries=file.fault_tolerance.worker_retries,
         collective_timeout_s=file.fault_tolerance.collective_timeout_s,
+        room_timeout_s=file.fault_tolerance.room_timeout_s,
         float32_master_weights=file.fine_tuning.float32_master_weights,
         grouping=grouping.enabled, grouping_memory_gb=grouping.memory_gb,
         tracking_uri=tracking.uri, experiment=tracking.experiment or name,

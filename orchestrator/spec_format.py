@@ -229,6 +229,9 @@ class FaultTolerance(Section):
     than rank 0 takes to write a 6B fine-tune's 35 GB checkpoint at 50 MB/s: README)."""
     worker_retries: Count = 2
     collective_timeout_s: Positive = 1800
+    # trials waiting while no node can hold a crew (the nodes planned on are gone) stop the
+    # sweep, resumable, after this long: an autoscaler's new node has time to arrive
+    room_timeout_s: Positive = 600
 
 
 class FineTuning(Section):

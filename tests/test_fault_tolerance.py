@@ -448,34 +448,67 @@ def _tree(pid):
     return below
 
 
-@pytest.fixture
-def extra_node(ray_address):
-    """A second node (2 CPUs) in its own process group, removed at the end if still alive. A
-    lost machine is `ray start` and every process below it killed at once (_tree): Ray's workers
-    are in process groups of their own, and one that outlived its raylet went on training and
-    writing checkpoints into the trial's directory for seconds."""
+def _start_node(ray_address, cpus):
+    """A node of ``cpus`` CPUs joined to the session's cluster, in its own process group, and
+    its Ray node ID once the head lists it."""
     import ray
+    ray.init(address=ray_address, log_to_driver=False)
+    try:
+        before = {n['NodeID'] for n in ray.nodes()}  # a lost node may still be listed alive
+    finally:
+        ray.shutdown()
     node = subprocess.Popen([str(Path(sys.executable).with_name('ray')), 'start',
-                             f'--address={ray_address}', '--num-cpus=2', '--num-gpus=0',
+                             f'--address={ray_address}', f'--num-cpus={cpus}', '--num-gpus=0',
                              '--block', '--disable-usage-stats'], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     ray.init(address=ray_address, log_to_driver=False)
     try:
-        def others():  # alive nodes besides the session's head
-            return [n for n in ray.nodes() if n['Alive']
-                    and 'node:__internal_head__' not in n['Resources']]
+        def others():  # the node that joined
+            return [n for n in ray.nodes() if n['Alive'] and n['NodeID'] not in before]
         deadline = time.time() + 60
         while not others() and time.time() < deadline:
             time.sleep(0.5)
         alive = others()
         assert len(alive) == 1, ray.nodes()
-        node_id = alive[0]['NodeID']
+        return node, alive[0]['NodeID']
+    except BaseException:
+        os.killpg(node.pid, signal.SIGKILL)
+        raise
     finally:
         ray.shutdown()
-    yield node, node_id
-    if node.poll() is None:
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait(timeout=60)
+
+
+def _lose(node):
+    """The machine goes: its `ray start` and every process below it killed at once (_tree)."""
+    processes = _tree(node.pid)  # Ray's workers have process groups of their own
+    for pid in [node.pid, *processes]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    node.wait(timeout=30)
+
+
+@pytest.fixture
+def nodes(ray_address):
+    """``nodes(cpus)``: extra nodes of the session's cluster, removed at the end if still alive.
+    A lost machine is `ray start` and every process below it killed at once (_lose): Ray's
+    workers are in process groups of their own, and one that outlived its raylet went on
+    training and writing checkpoints into the trial's directory for seconds."""
+    started = []
+
+    def start(cpus=2):
+        started.append(_start_node(ray_address, cpus))
+        return started[-1]
+    yield start
+    for node, _ in started:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=60)
+
+
+@pytest.fixture
+def extra_node(nodes):
+    """A second node (2 CPUs)."""
+    return nodes(2)
 
 
 def test_a_lost_node_restarts_its_trial_from_its_checkpoint_on_the_nodes_left(
@@ -500,11 +533,7 @@ def test_a_lost_node_restarts_its_trial_from_its_checkpoint_on_the_nodes_left(
     driver = _sweep(path, ray_address, dict(cli_env, ORCHESTRATOR_ROOM_WAIT_S='2'))
     _wait_for(lambda: placed_there() and list(placed_there().glob('mmseg/iter_60.pth')), driver)
     victim = placed_there()
-    processes = _tree(node.pid)  # Ray's workers have process groups of their own
-    for pid in [node.pid, *processes]:  # all at once, as a machine goes
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    node.wait(timeout=30)
+    _lose(node)
     killed_at = time.time()
     saved = max(int(p.stem.split('_')[1]) for p in (victim / 'mmseg').glob('iter_*.pth'))
     output = driver.communicate(timeout=420)[0]
@@ -523,6 +552,46 @@ def test_a_lost_node_restarts_its_trial_from_its_checkpoint_on_the_nodes_left(
     assert log.count('Iter [20/240]') == 1 and log.count('Iter [240/240]') == 1
     # it finished on the node left
     assert json.loads((victim / 'placement.json').read_text())['ranks'][0]['node_id'] != node_id
+
+
+def test_a_sweep_whose_crews_no_node_can_hold_any_more_stops_resumable(
+        tmp_path, synthetic_root, ray_address, nodes, cli_env):
+    """A crew of one 3-CPU worker fits only the extra node (the head has 2 CPUs); that node is
+    lost after the trial's first checkpoint. The rebuilt crew can be placed nowhere: after
+    ``fault_tolerance.room_timeout_s`` (5 s here) the sweep stops with one line, exit 5, and
+    once a node that can hold the crew has joined, the printed --resume finishes it from the
+    checkpoint. Before: the trial waited for a crew forever."""
+    node, _ = nodes(3)
+    path = _space(tmp_path, synthetic_root, 'noroom', {'model.decode_head.num_convs': {'grid': [1]}},
+                  iters=240, evaluations=4,
+                  resources={'workers_per_trial': 1, 'cpus_per_worker': 3},
+                  fault_tolerance={'worker_retries': 1, 'room_timeout_s': 5})
+    work = tmp_path / 'out' / 'noroom' / 'trials'
+    driver = _sweep(path, ray_address, dict(cli_env, ORCHESTRATOR_ROOM_WAIT_S='2'))
+    _wait_for(lambda: list(work.glob('*/mmseg/iter_60.pth')), driver)
+    _lose(node)
+    killed_at = time.time()
+    output = driver.communicate(timeout=300)[0]
+    print(f'no room: node lost -> sweep stopped in {time.time() - killed_at:.1f} s')
+    assert driver.returncode == 5, output[-3000:]
+    line = _last_line(output)
+    assert re.fullmatch(
+        r"error: no node of the cluster could hold a crew \(1 x \{'CPU': 3\.0\}\) for 5 s "
+        r"while trials waited; the sweep stopped: 1 trial\(s\) stopped at their latest "
+        r"checkpoint \(\w+\); MLflow runs marked KILLED; add a node that can hold one, then "
+        r"resume with: .*", line), output[-3000:]
+    assert 'Traceback' not in output
+    (trial,) = list(work.iterdir())
+    nodes(3)
+    command = shlex.split(line.split('resume with: ', 1)[1])
+    resumed = subprocess.run([ORCHESTRATOR, *command[1:]], env=cli_env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    client, (parent,), (child,) = _runs(tmp_path, 'noroom')
+    assert parent.info.status == child.info.status == 'FINISHED'
+    assert _steps(client, child) == [60, 120, 180, 240]
+    log = '\n'.join(p.read_text() for p in sorted((trial / 'mmseg').glob('*.log')))
+    assert log.count('Iter [20/240]') == 1 and log.count('Iter [240/240]') == 1
 
 
 def _with_fault(tmp, config='tiny_fcn_synthetic.py', **fault):
