@@ -611,6 +611,14 @@ class WorkerPool:
         self._await_placements()
         self.rebuilt += 1
 
+    async def add_crews(self, n):
+        """``n`` more crews, for nodes that joined the cluster (driver._grow): leased once
+        placed, as every crew."""
+        for _ in range(n):
+            self.crews.append(_start_crew(self.n_workers, self.bundle, self.strategy))
+            self._unwatched.append(len(self.crews) - 1)
+        self._await_placements()
+
     def killed_here(self, actor_ids):
         """Which of these actors (ids in hex) the pool killed in a run: not lost processes."""
         return [a for a in actor_ids if a in self.killed]

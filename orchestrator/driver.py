@@ -19,7 +19,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from orchestrator import cluster, fine_tuning, grouping
+from orchestrator import cluster, concurrency, fine_tuning, grouping
 from orchestrator import plan as planning
 from orchestrator.errors import ConfigError, DiskFull, disk_full, remedy
 from orchestrator.files import append_whole
@@ -29,6 +29,9 @@ from orchestrator.spec import check_sweep_name, load_spec
 from orchestrator.tables import format_table, ranked_results
 
 EXIT_TRACKING_PENDING = 3  # every trial ran, but some MLflow writes wait in the journal
+
+
+NODES_CHECK_S = 10.0  # how often the driver looks for nodes that joined (_grow)
 
 
 def _search_alg(spec):
@@ -201,6 +204,7 @@ class _Sweep:
     max_concurrent: int = None  # crews: how many trials (or trial groups) train at once
     plan_lines: list = None
     groups: object = None  # grouping.GroupPlan
+    space: dict = None  # Tune's param space (nested for trial groups)
     pool_name: str = None
     pool: object = None  # the WorkerPool's handle: the actor lives as long as it is held
     started: bool = False  # the parent run is RUNNING: an interruption marks it KILLED
@@ -480,7 +484,32 @@ def _param_space(sweep):
                                                          sweep.max_concurrent)
         print(f'trial groups: at most {live_trials} trials alive at once '
               f'({sweep.max_concurrent} crew(s) x up to {largest} heads per group)', file=out)
+    sweep.space = space
     return space, live_trials
+
+
+def _live_trials(sweep, crews):
+    """How many trials Tune keeps alive for ``crews`` crews (_param_space's rule)."""
+    if not sweep.groups.chunks:
+        return crews
+    return grouping.live_trial_bound(sweep.spec, sweep.space, sweep.groups.chunks, crews)[0]
+
+
+def _grow(sweep):
+    """Crews for the nodes that joined since the plan (Tune's limit raised with them): the
+    line to show, or None. A node lost meanwhile changes nothing here (its crew waits)."""
+    import ray
+    try:
+        crews, _ = planning.resource_plan(sweep.spec, cluster.cluster_nodes())
+    except ConfigError:  # no node can hold a worker just now: the pool waits for room
+        return None
+    if crews <= sweep.max_concurrent:
+        return None
+    ray.get(sweep.pool.add_crews.remote(crews - sweep.max_concurrent), timeout=30)
+    before, sweep.max_concurrent = sweep.max_concurrent, crews
+    concurrency.set_limit(_live_trials(sweep, crews))
+    return (f'the cluster grew ({len(cluster.cluster_nodes())} nodes): {crews} crews, '
+            f'{crews} trials (or trial groups) train at once, {before} before')
 
 
 def _build_tuner(sweep):
@@ -507,16 +536,17 @@ def _build_tuner(sweep):
         # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own, on
         # the head node (a lost worker node takes its crews, not the trials driving them)
         {'cpu': 0, 'memory': 256 * 1024 ** 2, **ON_HEAD})
-    if sweep.resume:
+    if sweep.resume:  # its searcher's limit is this start's (concurrency.py)
+        concurrency.set_limit(live_trials)
         return tune.Tuner.restore(sweep.experiment_path, trainable,
                                   resume_unfinished=True), live
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-            search_alg=_search_alg(spec), scheduler=_scheduler(
-                spec, planning.full_data_iterations(spec, sweep.base_cfg)),
-            max_concurrent_trials=live_trials, reuse_actors=True),
+            search_alg=concurrency.search_alg(_search_alg(spec), live_trials),
+            scheduler=_scheduler(spec, planning.full_data_iterations(spec, sweep.base_cfg)),
+            reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name,
                                   storage_path=osp.dirname(sweep.experiment_path),
                                   callbacks=[callback, live,
@@ -525,16 +555,26 @@ def _build_tuner(sweep):
 
 
 @contextlib.contextmanager
-def _watch_pool(pool, signals, every_s=2.0):
+def _watch_pool(sweep, signals, every_s=2.0):
     """While Tune fits: a trial's request to stop the sweep (a full disk, sent to the pool)
     becomes a stop of Tune's loop, as a first signal is (StopSignals.request); the pool's
-    notices (a crew waiting for room) are printed (its own prints reach only Ray's logs)."""
+    notices (a crew waiting for room) are printed (its own prints reach only Ray's logs);
+    every NODES_CHECK_S, nodes that joined get crews (_grow)."""
     import ray
     done = threading.Event()
+    pool = sweep.pool
 
     def watch():
-        shown = 0
+        shown, checked = 0, time.time()
         while not done.wait(every_s):
+            if time.time() - checked >= NODES_CHECK_S:
+                checked = time.time()
+                try:
+                    grew = _grow(sweep)
+                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                    grew = None  # a busy or ending pool: the next check
+                if grew and signals.say is not None:
+                    signals.say(grew)
             try:
                 reason, notices = ray.get([pool.stop_requested.remote(),
                                            pool.notices_from.remote(shown)], timeout=30)
@@ -564,7 +604,7 @@ def _fit(sweep, tuner, live, signals):
     spec = sweep.spec
     signals.fitting = True
     try:
-        with _watch_pool(sweep.pool, signals):
+        with _watch_pool(sweep, signals):
             results = tuner.fit()
     finally:
         signals.fitting = False

@@ -594,6 +594,45 @@ def test_a_sweep_whose_crews_no_node_can_hold_any_more_stops_resumable(
     assert log.count('Iter [20/240]') == 1 and log.count('Iter [240/240]') == 1
 
 
+def _log_span(trial_dir):
+    """(first, last) time stamp of the trial's mmseg logs, written by its rank 0 as it trained."""
+    import datetime
+    stamps = [datetime.datetime.strptime(line[:23], '%Y-%m-%d %H:%M:%S,%f')
+              for log in (trial_dir / 'mmseg').glob('*.log') for line in log.read_text().splitlines()
+              if re.match(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ', line)]
+    return min(stamps), max(stamps)
+
+
+def test_a_node_that_joins_while_the_sweep_runs_adds_a_crew(
+        tmp_path, synthetic_root, ray_address, nodes, cli_env):
+    """One 2-CPU crew fits the head; a 2-CPU node joins after the first trial started: the
+    sweep gives it a crew and Tune one more trial at once, so trials train on both nodes at the
+    same time. Before: the plan made at the start held (one trial at a time, the node idle)."""
+    path = _space(tmp_path, synthetic_root, 'grow',
+                  {'model.decode_head.num_convs': {'grid': [0, 1, 2, 3]}}, iters=320,
+                  evaluations=2, resources={'workers_per_trial': 1, 'cpus_per_worker': 2})
+    trials = tmp_path / 'out' / 'grow' / 'trials'
+    driver = _sweep(path, ray_address, cli_env)
+    _wait_for(lambda: list(trials.glob('*/placement.json')), driver)
+    _, node_id = nodes(2)
+    output = driver.communicate(timeout=400)[0]
+    assert driver.returncode == 0, output[-3000:]
+    assert '=> 1 concurrent trial(s)' in output
+    assert re.search(r'^the cluster grew \(2 nodes\): 2 crews, 2 trials \(or trial groups\) '
+                     r'train at once, 1 before$', output, re.M), output[-3000:]
+    placed = {t.name: json.loads((t / 'placement.json').read_text())['ranks'][0]['node_id']
+              for t in trials.iterdir()}
+    there = [t for t, n in placed.items() if n == node_id]
+    assert there and len(there) < 4, placed
+    # one trial on the new node trained while one on the head did
+    spans = {t: _log_span(trials / t) for t in placed}
+    assert any(spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+               for a in there for b in placed if b not in there), spans
+    client, (parent,), children = _runs(tmp_path, 'grow')
+    assert parent.info.status == 'FINISHED'
+    assert sorted(c.info.status for c in children) == ['FINISHED'] * 4
+
+
 def _with_fault(tmp, config='tiny_fcn_synthetic.py', **fault):
     """A tiny config with a FaultInjectionHook (mmseg_custom/hooks/fault_injection.py)."""
     base = tmp / 'faulty.py'
