@@ -560,3 +560,26 @@ def test_compare_puts_the_same_configurations_of_two_sweeps_side_by_side(sweeps,
         else:
             assert float(cells[-5]) == pytest.approx(a.data.metrics['mIoU'], abs=1e-4)
         assert float(cells[-3]) == pytest.approx(b.data.metrics['mIoU'], abs=1e-4)
+
+
+def test_a_resume_after_a_group_ran_out_of_memory_counts_its_halves_as_no_chunk(tmp_path):
+    """--resume reads groups/*/group.json: a group that ran out (out_of_memory) and its half
+    (parent) are one planned chunk, not two, so the next planned chunk still forms; the split
+    group itself is not counted among the groups that continue (its half is)."""
+    import io
+    import json
+    import types
+
+    from orchestrator.driver import _groups_to_continue
+    records = {'g': dict(key='k', members=['a', 'b', 'c'], out_of_memory=3),
+               'g.1': dict(key='k', members=['a', 'b'], parent='g')}
+    for name, record in records.items():
+        (tmp_path / 'groups' / name).mkdir(parents=True)
+        (tmp_path / 'groups' / name / 'group.json').write_text(json.dumps(record))
+    out = io.StringIO()
+    sweep = types.SimpleNamespace(sweep_dir=str(tmp_path), out=out, journal=types.SimpleNamespace(
+        last_statuses=lambda: {'a': 'KILLED', 'b': 'KILLED', 'c': 'KILLED'}))
+    chunks, group_runs = _groups_to_continue(sweep, {'k': [3, 3]})
+    assert chunks == {'k': [3]}  # the second planned chunk (the pool caps it: out_of_memory)
+    assert set(group_runs) == {'g', 'g.1'} and group_runs['g']['out_of_memory'] == 3
+    assert out.getvalue() == 'trial groups: 1 continue from their checkpoints\n'
