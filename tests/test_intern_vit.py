@@ -45,6 +45,25 @@ def test_504_crop_gives_36x36_tokens_and_other_sizes_interpolate_positions():
     assert tuple(backbone(torch.randn(1, 3, 56, 56))[0].shape) == (1, 64, 4, 4)
 
 
+def test_the_pass_stops_after_the_last_block_read_with_the_same_features():
+    """out_indices=[1] of 4 blocks: blocks 2 and 3 are not run, and block 1's features are
+    bit-for-bit those of a pass through all 4 blocks (out_indices=[1, 3], same weights).
+    Before: every pass ran all blocks (InternVL's linear probe: 48 for block 44's output)."""
+    torch.manual_seed(0)
+    whole = build_backbone(dict(TINY, depth=4, out_indices=[1, 3])).eval()
+    short = build_backbone(dict(TINY, depth=4, out_indices=[1])).eval()
+    short.load_state_dict(whole.state_dict())
+    ran = []
+    for i, block in enumerate(short.blocks):
+        block.register_forward_hook(lambda *_, i=i: ran.append(i))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        (features,) = short(x)
+        reference = whole(x)[0]
+    assert ran == [0, 1]
+    assert torch.equal(features, reference)
+
+
 def test_parameter_names_are_internvl_checkpoint_names():
     names = set(build_backbone(dict(TINY)).state_dict())
     assert {'cls_token', 'pos_embed', 'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight',

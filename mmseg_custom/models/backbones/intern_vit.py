@@ -325,7 +325,9 @@ class InternViT(BaseModule):
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self._pos_embed(h, w)
         outs = []
-        for i, block in enumerate(self.blocks):
+        # the blocks after the last one read feed no output: not computed (InternVL's linear
+        # probe reads block 44 of 48, so 3 of every pass's 48 blocks were thrown away)
+        for i, block in enumerate(self.blocks[:max(self.out_indices) + 1]):
             if self.with_cp and self.training and x.requires_grad:
                 x = checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
