@@ -102,6 +102,23 @@ def _answer(ref):
 def check_shared_storage(directory, nodes, source):
     """The nodes of ``nodes`` still in the cluster; ConfigError unless each sees the file the
     driver writes in ``directory``."""
+    present, blind = storage_check(directory, nodes)
+    if blind:
+        raise blind_storage(directory, blind, source)
+    return present
+
+
+def blind_storage(directory, blind, source):
+    """The error for nodes that do not see ``directory`` as the driver does."""
+    return ConfigError(
+        f'{source}: output: {directory} is not the same directory on node(s) '
+        f'{", ".join(n["name"] for n in blind)}: a sweep on a cluster needs its output on a '
+        'filesystem every node mounts (NFS, a shared volume); pass --output with such a path')
+
+
+def storage_check(directory, nodes):
+    """(the nodes still in the cluster that see the file the driver writes in ``directory``,
+    those that do not)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     os.makedirs(directory, exist_ok=True)
@@ -115,12 +132,7 @@ def check_shared_storage(directory, nodes, source):
             n['node_id'], soft=False)).remote(marker, token) for n in nodes]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=STORAGE_CHECK_TIMEOUT_S)
         answers = [_answer(ref) if ref in ready else False for ref in refs]
-        blind = [n['name'] for n, seen in zip(nodes, answers) if seen is False]
     finally:
         os.remove(marker)
-    if blind:
-        raise ConfigError(
-            f'{source}: output: {directory} is not the same directory on node(s) '
-            f'{", ".join(blind)}: a sweep on a cluster needs its output on a filesystem every '
-            'node mounts (NFS, a shared volume); pass --output with such a path')
-    return [n for n, seen in zip(nodes, answers) if seen is not None]
+    return ([n for n, seen in zip(nodes, answers) if seen],
+            [n for n, seen in zip(nodes, answers) if seen is False])

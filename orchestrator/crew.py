@@ -44,6 +44,7 @@ WATCH_S = 2.0  # how often the pool checks that a trial's process is alive
 # driver, trial and pool are all gone reaches it. ORCHESTRATOR_ABANDONED_AFTER_S overrides it.
 ABANDONED_AFTER_S = 120.0
 RENDEZVOUS_S = 300.0  # how long ranks wait for each other when a run starts
+HALT_S = 5.0  # how long a stopping sweep waits for its trial groups' workers to take the stop
 CALL_S = 120.0  # a worker's or the pool's answer to a short call (where, rendezvous, drain)
 JOIN_WAIT_S = 300.0  # a trial group's members start one after another; one later is lost
 ROOM_WAIT_S = 30.0  # a crew not placed after this long says that it waits for room
@@ -128,9 +129,12 @@ class TrainWorker:
         with self._lock:
             self._state(trial_id)['polled'] = time.time()
 
-    def request_stop(self, trial_id):
+    def request_stop(self, *trial_ids):
+        """Stop these trials' runs (heads, in a trial group) at their next iteration; several
+        in one call stop at the same one (under one lock: the stop hook reads them together)."""
         with self._lock:
-            self._state(trial_id)['stop'] = True
+            for trial_id in trial_ids:
+                self._state(trial_id)['stop'] = True
 
     def _prepare(self, job, rank):
         """The trial's mmcv config (rank 0 keeps a copy in the trial's directory) and its
@@ -234,6 +238,12 @@ class TrainWorker:
                 raise disk_full(e, group_dir) from None
 
 
+def _group_file(record):
+    """A trial group's ``group.json`` (what a --resume reads: driver._groups_to_continue):
+    its record less what only this run knows (the members that left)."""
+    return {k: v for k, v in record.items() if k != 'left'}
+
+
 def _first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
@@ -305,7 +315,7 @@ class WorkerPool:
         self.n_workers, self.bundle, self.strategy = n_workers, dict(bundle), strategy
         self.room_wait_s = room_wait_s or ROOM_WAIT_S
         self.room_timeout_s, self.waiting, self._room_watch = room_timeout_s, 0, None
-        self._room_seen = time.time()  # last time a crew was placed or nobody waited
+        self._room_seen = None  # last time a crew was placed or nobody waited
         self.notices = []  # lines for the sweep's terminal (the driver polls them: notices_from)
         self.crews = [_start_crew(n_workers, self.bundle, strategy) for _ in range(n_crews)]
         self.free = []  # placed and not leased
@@ -325,12 +335,15 @@ class WorkerPool:
         self.group_runs = {g: dict(r, left=set(r.get('left', ()))) for g, r in
                            (group_runs or {}).items()}
         self.continuing = {}  # group id -> its forming continuation
+        self._caps = {}  # key -> most heads a chunk of it holds (a group of it ran out: _cap)
         for record in self.group_runs.values():  # what the memory plan learnt before --resume
             if record.get('out_of_memory'):
                 self._cap(record['key'], (record['out_of_memory'] + 1) // 2)
         self.launched = 0
         self.join_wait_s = join_wait_s
         self.stop_reason = None  # set by stop_sweep: the driver polls it (driver._watch_pool)
+        self.halted = False  # the sweep is stopping (halt_groups)
+        self.group_heads = {}  # crew id -> the trial ids of the trial group it trains
 
     def _cond(self):
         if self._changed is None:
@@ -344,6 +357,7 @@ class WorkerPool:
             cid = self._unwatched.pop()
             asyncio.ensure_future(self._when_placed(cid, self.crews[cid][0]))
         if self._room_watch is None:
+            self._room_seen = time.time()
             self._room_watch = asyncio.ensure_future(self._watch_room())
 
     async def _watch_room(self):
@@ -358,7 +372,8 @@ class WorkerPool:
             elif now - self._room_seen >= self.room_timeout_s and self.stop_reason is None:
                 self.stop_reason = SweepStop(
                     f'no node of the cluster could hold a crew ({self.n_workers} x '
-                    f'{self.bundle}) for {self.room_timeout_s:g} s while trials waited',
+                    f'{self.bundle}) for {self.room_timeout_s:g} s while trials waited (the '
+                    'nodes that could are gone, or busy with other work)',
                     remedy='add a node that can hold one', exit_code=NO_ROOM_EXIT)
 
     async def _when_placed(self, cid, pg):
@@ -383,7 +398,8 @@ class WorkerPool:
         async with self._cond():
             self.waiting += 1
             try:
-                await self._cond().wait_for(lambda: self.free)
+                # a stopping sweep starts no run (Tune stops the trials that wait)
+                await self._cond().wait_for(lambda: self.free and not self.halted)
             finally:
                 self.waiting -= 1
             cid = self.free.pop(0)
@@ -423,6 +439,11 @@ class WorkerPool:
         back; those whose checkpoints are of another iteration than most, or a member left
         alone, get None (they continue alone, from their own files)."""
         record = self.group_runs.get(group)
+        if record is not None and trial_id in record.get('split', {}):
+            # split after it ran out of memory (its trial's placement may still name it): the
+            # member continues in the half it was given, or alone (None)
+            group, halve = record['split'][trial_id], False
+            record = self.group_runs.get(group)
         if record is None or trial_id in record['left'] or trial_id not in record['members']:
             return None  # not in the group's latest run: it goes on alone
         if halve:  # the heads it trained when it ran out
@@ -474,7 +495,7 @@ class WorkerPool:
         members = [m for m in chunk['members'] if chunk['iterations'][m[0]] == iteration]
         group, record = chunk['group'], self.group_runs[chunk['group']]
         parts = [(group, members)]
-        if record.get('out_of_memory'):
+        if record.get('out_of_memory') and not record.get('split'):
             parts = self._halves(group, record, members, iteration)
         try:
             for _, part in parts:  # alone at once, not after a group waited for a crew
@@ -482,8 +503,9 @@ class WorkerPool:
                     self._answer(chunk, part, None)
             for name, part in parts:
                 if len(part) >= 2:
-                    result = await self._start(part, record['key'], name,
-                                               parent=None if name == group else group)
+                    result = await self._start(
+                        part, record['key'], name,
+                        parent=record.get('parent') if name == group else group)
                     self._answer(chunk, part, result)
         finally:  # whatever happened, nobody waits forever
             self._answer(chunk, chunk['members'], None, unanswered_only=True)
@@ -502,27 +524,39 @@ class WorkerPool:
         from orchestrator.files import write_json_atomic
         half = (len(members) + 1) // 2
         parts = [(f'{group}.1', members[:half]), (f'{group}.2', members[half:])]
-        self._cap(record['key'], half)
+        cap = self._cap(record['key'], (record['out_of_memory'] + 1) // 2)
         self.notices.append(
             f'trial group {group}: out of GPU memory with {record["out_of_memory"]} heads; '
             f'they continue from iteration {iteration} as ' +
             ' and '.join(f'{len(p)} alone' if len(p) == 1 else f'group {name} ({len(p)} heads)'
                          for name, p in parts if p) +
-            f'; later groups of its kind hold at most {half} heads')
-        with contextlib.suppress(OSError):  # a --resume splits it again (driver.py)
-            write_json_atomic(os.path.join(self._group_dir(members[0][1], group), GROUP_FILE),
-                              dict(key=record['key'], members=record['members'],
-                                   out_of_memory=record['out_of_memory']))
+            f'; later groups of its kind hold at most {cap} heads')
+        # Each member's half, kept (and in group.json, for a --resume) before any half starts:
+        # a half that cannot start, or an interruption before it does, continues the same half
+        record['split'] = {m[0]: (name if len(p) >= 2 else None) for name, p in parts for m in p}
+        groups = os.path.dirname(self._group_dir(members[0][1], group))
+        for name, part in parts:
+            if len(part) >= 2:
+                self.group_runs[name] = dict(key=record['key'], members=[m[0] for m in part],
+                                             left=set(), parent=group)
+        with contextlib.suppress(OSError):  # without them a --resume splits it again
+            for name in (group, *(n for n, p in parts if len(p) >= 2)):
+                os.makedirs(os.path.join(groups, name), exist_ok=True)
+                write_json_atomic(os.path.join(groups, name, GROUP_FILE),
+                                  _group_file(self.group_runs[name]))
         return parts
 
     def _cap(self, key, heads):
-        """Chunks of ``key`` not yet forming hold at most ``heads`` (one already forming keeps
-        its size: it splits in turn if it runs out)."""
+        """Chunks of ``key`` not yet forming hold at most ``heads``, or the smallest cap of
+        ``key`` so far (one already forming keeps its size: it splits in turn if it runs out).
+        Returns the cap."""
         from orchestrator.grouping import capped
+        heads = self._caps[key] = min(heads, self._caps.get(key, heads))
         sizes = self.trial_groups.get(key)
         if sizes is not None:
             begun = len(self.forming.get(key, []))
             self.trial_groups[key] = sizes[:begun] + capped(sizes[begun:], heads)
+        return heads
 
     @staticmethod
     def _group_dir(job, group):
@@ -560,10 +594,10 @@ class WorkerPool:
         jobs, ids = [m[1] for m in members], [m[0] for m in members]
         group = group or os.path.basename(jobs[0].trial_dir)
         group_dir = self._group_dir(jobs[0], group)
+        record = dict(key=key, members=ids, left=set(), **({'parent': parent} if parent else {}))
         try:  # what a --resume continues (driver.py)
             os.makedirs(group_dir, exist_ok=True)
-            write_json_atomic(os.path.join(group_dir, GROUP_FILE), dict(
-                key=key, members=ids, **({'parent': parent} if parent else {})))
+            write_json_atomic(os.path.join(group_dir, GROUP_FILE), _group_file(record))
         except OSError as e:  # a full disk: the members' own attempts say it
             return ('lost', f'{group_dir}: {e}')
         cid, workers = await self.acquire('+'.join(ids))
@@ -572,9 +606,13 @@ class WorkerPool:
         except Exception as e:  # a dead or unresponsive worker
             await self.release_broken(cid, type(e).__name__)
             return ('lost', f'{type(e).__name__}: {str(e).splitlines()[0][:200]}')
-        self.group_runs[group] = dict(key=key, members=ids, left=set())
+        self.group_runs[group] = record
         runs = [w.run_trial_group.remote(jobs, rank, len(workers), init, group_dir)
                 for rank, w in enumerate(workers)]
+        self.group_heads[cid] = ids
+        if self.halted:  # started as the sweep stops: it stops at once, as one
+            for w in workers:
+                w.request_stop.remote(*ids)
         holders = {m[0]: m[2] for m in members}
         asyncio.ensure_future(self.release_when_done(cid, runs, holders=holders, group=group))
         self.launched += 1
@@ -611,10 +649,10 @@ class WorkerPool:
         self._await_placements()
         self.rebuilt += 1
 
-    async def add_crews(self, n):
-        """``n`` more crews, for nodes that joined the cluster (driver._grow): leased once
-        placed, as every crew."""
-        for _ in range(n):
+    async def grow_to(self, n):
+        """``n`` crews in all, for nodes that joined the cluster (driver._grow): the new ones
+        leased once placed, as every crew."""
+        for _ in range(n - len(self.crews)):
             self.crews.append(_start_crew(self.n_workers, self.bundle, self.strategy))
             self._unwatched.append(len(self.crews) - 1)
         self._await_placements()
@@ -626,6 +664,7 @@ class WorkerPool:
     async def _free(self, cid):
         async with self._cond():
             self.holder.pop(cid, None)
+            self.group_heads.pop(cid, None)
             if cid in self.placed:
                 self.free.append(cid)
             self._cond().notify_all()
@@ -665,6 +704,21 @@ class WorkerPool:
         for watch in watches:
             watch.cancel()
         await self._free(cid)
+
+    async def halt_groups(self):
+        """The sweep stops (a signal, or its own stop): each running trial group's heads stop
+        at one iteration, before Tune stops their trials one by one (each death would stop its
+        head alone, a few iterations apart, and a checkpoint could then be saved for some heads
+        and not others: a --resume continues a group only from one iteration). Their trials
+        then wait for Tune (trial._held_for_the_stop)."""
+        self.halted = True
+        calls = [w.request_stop.remote(*ids) for cid, ids in self.group_heads.items()
+                 for w in self.crews[cid][1]]
+        await asyncio.wait([asyncio.ensure_future(_settled(c)) for c in calls] or
+                           [asyncio.ensure_future(asyncio.sleep(0))], timeout=HALT_S)
+
+    def is_halted(self):
+        return self.halted
 
     def stop_sweep(self, reason):
         """A trial asks the driver to stop the sweep (a full disk); the first reason is kept."""

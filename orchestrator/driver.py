@@ -207,6 +207,7 @@ class _Sweep:
     space: dict = None  # Tune's param space (nested for trial groups)
     pool_name: str = None
     pool: object = None  # the WorkerPool's handle: the actor lives as long as it is held
+    nodes_seen: set = field(default_factory=set)  # node IDs planned on or refused (_grow)
     started: bool = False  # the parent run is RUNNING: an interruption marks it KILLED
     marked: bool = True  # after an interruption: its runs' KILLED status is in the journal
     closed: tuple = None  # after the first stop's close: (trials marked, marked) for a second
@@ -349,6 +350,7 @@ def _attach_cluster(sweep, env_vars):
         sweep_log.write(held.text())
     try:
         nodes = cluster.cluster_nodes()
+        sweep.nodes_seen.update(n['node_id'] for n in nodes)
         planning.resource_plan(sweep.spec, nodes)  # an impossible plan: refused before any file
         nodes = cluster.check_shared_storage(osp.dirname(sweep.sweep_dir), nodes,
                                              sweep.spec.source)  # less nodes that just left
@@ -385,8 +387,9 @@ def _start_crews(sweep, signals):
     spec = sweep.spec
     if not sweep.address:
         sweep.log = _init_ray(sweep.sweep_dir)
-        sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(
-            spec, cluster.cluster_nodes())
+        nodes = cluster.cluster_nodes()
+        sweep.nodes_seen.update(n['node_id'] for n in nodes)
+        sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(spec, nodes)
     signals.install()
     sweep.log.on_full = signals.request
     print('\n'.join(sweep.plan_lines), file=sweep.out, flush=True)
@@ -496,20 +499,41 @@ def _live_trials(sweep, crews):
 
 
 def _grow(sweep):
-    """Crews for the nodes that joined since the plan (Tune's limit raised with them): the
-    line to show, or None. A node lost meanwhile changes nothing here (its crew waits)."""
-    import ray
+    """Crews for nodes that joined since the plan (Tune's limit raised with them): the line to
+    show, or None. Only a node ID not listed before counts, once it has passed the storage
+    check (which also leaves out nodes listed but gone); the cluster is then planned as it is
+    now. A node lost meanwhile changes nothing here: its crew waits for room (a node that
+    joins later places it, and adds no crew of its own)."""
+    nodes = cluster.cluster_nodes()
+    joined = [n for n in nodes if n['node_id'] not in sweep.nodes_seen]
+    if not joined:
+        return None
+    sweep.nodes_seen.update(n['node_id'] for n in joined)
+    output = osp.dirname(sweep.sweep_dir)
+    present, blind = cluster.storage_check(output, nodes)
+    lines = [f'node {n["name"]} joined the cluster but does not see {output} as this driver '
+             'does: no crew on it (mount the shared output there, then start it again)'
+             for n in blind if n in joined]
     try:
-        crews, _ = planning.resource_plan(sweep.spec, cluster.cluster_nodes())
+        crews, _ = planning.resource_plan(sweep.spec, present)
     except ConfigError:  # no node can hold a worker just now: the pool waits for room
-        return None
-    if crews <= sweep.max_concurrent:
-        return None
-    ray.get(sweep.pool.add_crews.remote(crews - sweep.max_concurrent), timeout=30)
-    before, sweep.max_concurrent = sweep.max_concurrent, crews
-    concurrency.set_limit(_live_trials(sweep, crews))
-    return (f'the cluster grew ({len(cluster.cluster_nodes())} nodes): {crews} crews, '
-            f'{crews} trials (or trial groups) train at once, {before} before')
+        crews = 0
+    if crews > sweep.max_concurrent:
+        sweep.pool.grow_to.remote(crews)  # the pool adds what it lacks: asked twice, adds once
+        lines.append(f'node {", ".join(n["name"] for n in joined if n in present)} joined the '
+                     f'cluster: {crews} crews, {crews} trials (or trial groups) train at once, '
+                     f'{sweep.max_concurrent} before')
+        sweep.max_concurrent = crews
+        concurrency.set_limit(_live_trials(sweep, crews))
+    return '\n'.join(lines) or None
+
+
+def _halt_groups(sweep):
+    """A first stop: the trial groups' heads stop together, before Tune stops their trials one
+    by one (crew.halt_groups says why)."""
+    import ray
+    with contextlib.suppress(Exception):  # a pool gone or busy: the trials stop as they die
+        ray.get(sweep.pool.halt_groups.remote(), timeout=8)
 
 
 def _build_tuner(sweep):
@@ -571,8 +595,8 @@ def _watch_pool(sweep, signals, every_s=2.0):
                 checked = time.time()
                 try:
                     grew = _grow(sweep)
-                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                    grew = None  # a busy or ending pool: the next check
+                except Exception:  # a busy or ending cluster: nodes not yet seen, next check
+                    grew = None
                 if grew and signals.say is not None:
                     signals.say(grew)
             try:
@@ -649,10 +673,11 @@ def _print_outcome(sweep, header, rows, failed):
 
 def _close_interrupted(sweep, signals, resume_command):
     """After a stop: the runs of the trials that were training, and the parent, end KILLED and
-    say why (from the journal's own records: MLflow may be unreachable). On a full disk the
-    journal may take nothing more: the runs then stay RUNNING until the resume."""
-    said = (f'{signals.name or "a full disk"} at {time.strftime("%Y-%m-%d %H:%M:%S")}: stopped '
-            f'at the latest checkpoint; `{resume_command}` continues it')
+    say why (the signal, or the sweep's own reason; from the journal's own records: MLflow may
+    be unreachable). On a full disk the journal may take nothing more: the runs then stay
+    RUNNING until the resume."""
+    said = (f'{signals.name or signals.reason} at {time.strftime("%Y-%m-%d %H:%M:%S")}: '
+            f'stopped at the latest checkpoint; `{resume_command}` continues it')
     running = sweep.journal.mark_killed(said, wait_s=-1)  # delivered as the delivery stops
     sweep.marked = running is not None
     if running is None:
@@ -754,6 +779,7 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
             warming = background.submit(sweep.journal.warm)
             try:
                 _start_crews(sweep, signals)
+                signals.before_stop = functools.partial(_halt_groups, sweep)
                 _open_parent_run(sweep, warming)
                 tuner, live = _build_tuner(sweep)
                 signals.say = functools.partial(_say_now, out, live=live)

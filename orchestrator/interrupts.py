@@ -6,11 +6,13 @@ handler calls Tune's. Before Tune's loop starts the handler raises ``SweepInterr
 A second signal ends the process from the handler (``end_at_once``: the driver's last words,
 then ``os._exit``): an exception raised there can land in a garbage-collector callback or a
 library's ``except``, which swallows it with a traceback. Ray's handlers are replaced: its C++
-one answered SIGTERM with a crash dump and SIGABRT, its Python one with ``sys.exit``. The driver
-then closes the MLflow runs (driver.py) and exits 128 + the signal's number.
+one answered SIGTERM with a crash dump and SIGABRT, its Python one with ``sys.exit``. Before
+Tune's stop, ``before_stop`` stops each trial group's heads at one iteration (crew.halt_groups).
+The driver then closes the MLflow runs (driver.py) and exits 128 + the signal's number.
 """
 import os
 import signal
+import threading
 
 STOPS = (signal.SIGINT, signal.SIGTERM)
 # Tune's SIGINT handler would replace ours; with it off Tune still handles SIGUSR1
@@ -37,6 +39,7 @@ class StopSignals:
         self._stopping = False
         self.end_at_once = None  # the driver's: (first, this signal, reason) -> exits
         self.say = None  # the driver's: prints a line from the handler
+        self.before_stop = None  # the driver's: what must stop before Tune stops the trials
 
     @property
     def name(self):
@@ -66,6 +69,7 @@ class StopSignals:
                 return
             if signal.getsignal(signal.SIGUSR1) != self._handle:  # Tune's: a graceful stop
                 self._stopping = True
+                self._before_stop()
             os.kill(os.getpid(), signal.SIGUSR1)
 
     def _handle(self, signum, frame):
@@ -83,4 +87,13 @@ class StopSignals:
         if self.signum and self.say is not None:
             self.say(f'{self.name}: stopping the trials at their latest checkpoint (a second '
                      'one ends the sweep at once, still resumable)')
+        self._before_stop()
         tune_handler(signal.SIGUSR1, frame)  # Tune stops at its next step
+
+    def _before_stop(self, within_s=10.0):
+        """``before_stop``, in a thread of its own (a handler may have interrupted the main
+        thread inside Ray's client), waited for ``within_s`` at most."""
+        if self.before_stop is not None:
+            helper = threading.Thread(target=self.before_stop, name='before-stop', daemon=True)
+            helper.start()
+            helper.join(within_s)

@@ -22,7 +22,7 @@ from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
 from orchestrator.plan import resolve, train_image_dir
 
 POLL_S = 1.0
-HOLD_S = 600  # a trial that found the disk full waits this long for the sweep to stop
+HOLD_S = 600  # a trial waits this long for a stopping sweep to stop it (a full disk, a halt)
 PLACEMENT = 'placement.json'
 
 
@@ -157,9 +157,16 @@ def _train_in_trial_group(pool, job, forward, key=None, continuing=None, halve=F
     if where:
         _write_placement(job.trial_dir, where, group=dict(id=osp.basename(group_dir),
                                                           size=joined.size))
-    leaves = True
+    leaves, last = True, {}
+
+    def forwarded(metrics):
+        last.update(metrics)
+        forward(metrics)
     try:
-        _poll(runs, workers, trial_id, forward, pool)
+        _poll(runs, workers, trial_id, forwarded, pool)
+        if last.get('iter') != last.get('max_iters') and ray.get(pool.is_halted.remote()):
+            leaves = False  # its head stopped with the group's as the sweep stops: not done
+            _held_for_the_stop()
     except (WorkersLost, GroupOutOfMemory):
         leaves = False  # it comes back (run_trial): the group continues from its checkpoints
         raise
@@ -223,6 +230,14 @@ def _replay_history(work_dir):
     if osp.isfile(path):  # a line the killed attempt left half-written is not replayed
         for metrics in read_jsonl(path):
             tune.report(metrics)
+
+
+def _held_for_the_stop():
+    """The sweep is stopping (crew.halt_groups) and this trial's run ended with it: it waits,
+    still running for Tune, which stops it, so that --resume continues it (returning would
+    record it finished)."""
+    time.sleep(HOLD_S)
+    raise TrialFailed(f'the sweep did not stop this trial within {HOLD_S} s of halting it')
 
 
 def _stop_the_sweep(pool, error):

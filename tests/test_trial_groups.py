@@ -403,6 +403,44 @@ def test_a_group_whose_member_never_comes_starts_without_it(ray_address, synthet
         ray.shutdown()
 
 
+def test_members_of_a_split_group_continue_in_the_half_they_were_given(
+        ray_address, synthetic_root, tmp_path):
+    """A group of 4 ran out of GPU memory and was split: a, b into g.1 (which could not start),
+    c, d into g.2 (running). a and b come back naming g (their placements were written before
+    the split): they continue as g.1, together, a half of g still (group.json keeps its
+    parent: a --resume counts no new chunk). Before: they waited for c and d, then were halved
+    again, each alone."""
+    import ray
+
+    from orchestrator.crew import TrialJob, WorkerPool
+    from orchestrator.plan import plain
+    jobs = {}
+    for k, tid in enumerate('ab'):
+        cfg = _cfg(synthetic_root, **copy.deepcopy(VARIANTS[k]))
+        jobs[tid] = TrialJob(base=plain(cfg), overrides={'work_dir': str(tmp_path / 'trials' / tid
+                                                                      / 'mmseg')},
+                             base_filename=cfg.filename, trial_dir=str(tmp_path / 'trials' / tid),
+                             source='test', trial_id=tid)
+        (tmp_path / 'trials' / tid).mkdir(parents=True)
+    split = dict(a='g.1', b='g.1', c='g.2', d='g.2')
+    runs = {'g': dict(key='k', members=list('abcd'), out_of_memory=4, split=split),
+            'g.1': dict(key='k', members=['a', 'b'], parent='g'),
+            'g.2': dict(key='k', members=['c', 'd'], parent='g')}
+    ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+    try:
+        pool = WorkerPool.remote(1, 1, {'CPU': 1.0}, group_runs=runs, join_wait_s=3)
+        back = ray.get([pool.rejoin.remote(t, 'g', 0, jobs[t], None) for t in 'ab'], timeout=120)
+        assert [(r.group_dir.rsplit('/', 1)[1], r.size) for r in back] == [('g.1', 2)] * 2
+        ray.get(back[0].runs, timeout=300)
+        assert not (tmp_path / 'groups' / 'g.2').exists()  # nothing of g.2 rewritten
+        written = json.loads((tmp_path / 'groups' / 'g.1' / 'group.json').read_text())
+        assert dict(written, members=sorted(written['members'])) == dict(
+            key='k', members=['a', 'b'], parent='g')  # members in their order of arrival
+        ray.kill(pool)
+    finally:
+        ray.shutdown()
+
+
 # -- bounded grouped sweeps: live Tune trials <= worker slots x group size -----------------------
 
 def test_tune_creates_a_groups_members_one_after_another():
