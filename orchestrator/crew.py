@@ -131,7 +131,7 @@ class TrainWorker:
 
     def request_stop(self, *trial_ids):
         """Stop these trials' runs (heads, in a trial group) at their next iteration; several
-        in one call stop at the same one (under one lock: the stop hook reads them together)."""
+        in one call stop at the same one (under the lock that _read_together reads them in)."""
         with self._lock:
             for trial_id in trial_ids:
                 self._state(trial_id)['stop'] = True
@@ -213,6 +213,21 @@ class TrainWorker:
                     raise
                 raise disk_full(e, cfg.work_dir) from None
 
+    def _read_together(self, stops):
+        """The heads' stop questions answered from one reading of all of them, taken under the
+        lock when head 0 is asked (HeadControlHook asks heads 0, 1, ... each iteration): heads
+        that request_stop stopped in one call stop at one iteration."""
+        seen = [False] * len(stops)
+
+        def ask(k):
+            def should_stop():
+                if k == 0:
+                    with self._lock:
+                        seen[:] = [stop() for stop in stops]
+                return seen[k]
+            return should_stop
+        return [ask(k) for k in range(len(stops))]
+
     def run_trial_group(self, jobs, rank, world_size, init_method, group_dir):
         """Train a trial group (``jobs``: its trials, head-side values apart) as ``rank``: one
         frozen-backbone pass per batch; each trial's reports and stop requests are its own."""
@@ -222,6 +237,7 @@ class TrainWorker:
         from orchestrator import worker
         from orchestrator.errors import GroupOutOfMemory, TrialFailed, disk_full
         cfgs, reports, stops = zip(*[self._prepare(job, rank) for job in jobs])
+        stops = self._read_together(stops)
         with self._process_group(rank, world_size, init_method,
                                  jobs[0].collective_timeout_s):
             try:

@@ -32,6 +32,8 @@ EXIT_TRACKING_PENDING = 3  # every trial ran, but some MLflow writes wait in the
 
 
 NODES_CHECK_S = 10.0  # how often the driver looks for nodes that joined (_grow)
+HALT_DELAY_ENV = 'ORCHESTRATOR_TEST_HALT_DELAY_S'  # tests only: Tune stops the trials this
+# many seconds after the groups halted (a driver slow to stop them, as on a loaded head node)
 
 
 def _search_alg(spec):
@@ -208,6 +210,7 @@ class _Sweep:
     pool_name: str = None
     pool: object = None  # the WorkerPool's handle: the actor lives as long as it is held
     nodes_seen: set = field(default_factory=set)  # node IDs planned on or refused (_grow)
+    nodes_usable: set = field(default_factory=set)  # those planned on
     started: bool = False  # the parent run is RUNNING: an interruption marks it KILLED
     marked: bool = True  # after an interruption: its runs' KILLED status is in the journal
     closed: tuple = None  # after the first stop's close: (trials marked, marked) for a second
@@ -354,6 +357,7 @@ def _attach_cluster(sweep, env_vars):
         planning.resource_plan(sweep.spec, nodes)  # an impossible plan: refused before any file
         nodes = cluster.check_shared_storage(osp.dirname(sweep.sweep_dir), nodes,
                                              sweep.spec.source)  # less nodes that just left
+        sweep.nodes_usable.update(n['node_id'] for n in nodes)
         sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(sweep.spec, nodes)
     except BaseException:
         ray.shutdown()
@@ -389,6 +393,7 @@ def _start_crews(sweep, signals):
         sweep.log = _init_ray(sweep.sweep_dir)
         nodes = cluster.cluster_nodes()
         sweep.nodes_seen.update(n['node_id'] for n in nodes)
+        sweep.nodes_usable.update(n['node_id'] for n in nodes)
         sweep.max_concurrent, sweep.plan_lines = planning.resource_plan(spec, nodes)
     signals.install()
     sweep.log.on_full = signals.request
@@ -499,32 +504,36 @@ def _live_trials(sweep, crews):
 
 
 def _grow(sweep):
-    """Crews for nodes that joined since the plan (Tune's limit raised with them): the line to
-    show, or None. Only a node ID not listed before counts, once it has passed the storage
-    check (which also leaves out nodes listed but gone); the cluster is then planned as it is
-    now. A node lost meanwhile changes nothing here: its crew waits for room (a node that
-    joins later places it, and adds no crew of its own)."""
+    """Crews for nodes that joined since the plan (Tune's limit raised with them): the lines to
+    show, or None. A node ID not listed before is checked (storage_check: one that does not see
+    the output is not counted, one listed but gone neither), then the sweep is planned on the
+    nodes counted so far that are still listed. A node lost meanwhile changes nothing here: its
+    crew waits for room (a node that joins later places it, and adds no crew of its own)."""
+    import ray
     nodes = cluster.cluster_nodes()
     joined = [n for n in nodes if n['node_id'] not in sweep.nodes_seen]
     if not joined:
         return None
-    sweep.nodes_seen.update(n['node_id'] for n in joined)
     output = osp.dirname(sweep.sweep_dir)
-    present, blind = cluster.storage_check(output, nodes)
-    lines = [f'node {n["name"]} joined the cluster but does not see {output} as this driver '
-             'does: no crew on it (mount the shared output there, then start it again)'
-             for n in blind if n in joined]
+    present, blind = cluster.storage_check(output, joined)
+    usable = {n['node_id'] for n in present} | sweep.nodes_usable
     try:
-        crews, _ = planning.resource_plan(sweep.spec, present)
+        crews, _ = planning.resource_plan(sweep.spec, [n for n in nodes
+                                                       if n['node_id'] in usable])
     except ConfigError:  # no node can hold a worker just now: the pool waits for room
         crews = 0
-    if crews > sweep.max_concurrent:
-        sweep.pool.grow_to.remote(crews)  # the pool adds what it lacks: asked twice, adds once
-        lines.append(f'node {", ".join(n["name"] for n in joined if n in present)} joined the '
-                     f'cluster: {crews} crews, {crews} trials (or trial groups) train at once, '
+    lines = [f'node {n["name"]} joined the cluster but does not see {output} as this driver '
+             'does: not counted in the plan (mount the shared output there, then start it '
+             'again)' for n in blind]
+    if crews > sweep.max_concurrent:  # raised (an error: all of it again at the next check)
+        ray.get(sweep.pool.grow_to.remote(crews), timeout=30)
+        lines.append(f'node {", ".join(n["name"] for n in present)} joined the cluster: '
+                     f'{crews} crews, {crews} trials (or trial groups) train at once, '
                      f'{sweep.max_concurrent} before')
         sweep.max_concurrent = crews
         concurrency.set_limit(_live_trials(sweep, crews))
+    sweep.nodes_seen.update(n['node_id'] for n in joined)
+    sweep.nodes_usable = usable
     return '\n'.join(lines) or None
 
 
@@ -534,6 +543,7 @@ def _halt_groups(sweep):
     import ray
     with contextlib.suppress(Exception):  # a pool gone or busy: the trials stop as they die
         ray.get(sweep.pool.halt_groups.remote(), timeout=8)
+    time.sleep(float(os.environ.get(HALT_DELAY_ENV, 0)))
 
 
 def _build_tuner(sweep):
@@ -582,23 +592,20 @@ def _build_tuner(sweep):
 def _watch_pool(sweep, signals, every_s=2.0):
     """While Tune fits: a trial's request to stop the sweep (a full disk, sent to the pool)
     becomes a stop of Tune's loop, as a first signal is (StopSignals.request); the pool's
-    notices (a crew waiting for room) are printed (its own prints reach only Ray's logs);
-    every NODES_CHECK_S, nodes that joined get crews (_grow)."""
+    notices (a crew waiting for room) are printed (its own prints reach only Ray's logs). In a
+    thread of its own (a storage check may take a while), every NODES_CHECK_S, nodes that
+    joined get crews (_grow)."""
     import ray
     done = threading.Event()
     pool = sweep.pool
 
+    def say(line):
+        if line and signals.say is not None:
+            signals.say(line)
+
     def watch():
-        shown, checked = 0, time.time()
+        shown = 0
         while not done.wait(every_s):
-            if time.time() - checked >= NODES_CHECK_S:
-                checked = time.time()
-                try:
-                    grew = _grow(sweep)
-                except Exception:  # a busy or ending cluster: nodes not yet seen, next check
-                    grew = None
-                if grew and signals.say is not None:
-                    signals.say(grew)
             try:
                 reason, notices = ray.get([pool.stop_requested.remote(),
                                            pool.notices_from.remote(shown)], timeout=30)
@@ -608,18 +615,26 @@ def _watch_pool(sweep, signals, every_s=2.0):
                 return
             shown += len(notices)
             for line in notices:
-                if signals.say is not None:
-                    signals.say(line)
+                say(line)
             if reason:
                 signals.request(reason)
                 return
-    thread = threading.Thread(target=watch, name='watch-pool', daemon=True)
-    thread.start()
+
+    def grow():
+        while not done.wait(NODES_CHECK_S):
+            try:
+                say(_grow(sweep))
+            except Exception:  # a busy or ending cluster: the nodes are looked at again next time
+                pass
+    threads = [threading.Thread(target=watch, name='watch-pool', daemon=True),
+               threading.Thread(target=grow, name='grow-pool', daemon=True)]
+    for thread in threads:
+        thread.start()
     try:
         yield
     finally:
         done.set()
-        thread.join(timeout=35)
+        threads[0].join(timeout=35)  # the grower may be in a storage check: it is a daemon
 
 
 def _fit(sweep, tuner, live, signals):

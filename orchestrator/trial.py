@@ -164,7 +164,9 @@ def _train_in_trial_group(pool, job, forward, key=None, continuing=None, halve=F
         forward(metrics)
     try:
         _poll(runs, workers, trial_id, forwarded, pool)
-        if last.get('iter') != last.get('max_iters') and ray.get(pool.is_halted.remote()):
+        finished = bool(last) and last.get('iter') == last.get('max_iters')  # its schedule's
+        # last evaluation (one at max_iters always comes); none yet in this attempt: not done
+        if not finished and ray.get(pool.is_halted.remote()):
             leaves = False  # its head stopped with the group's as the sweep stops: not done
             _held_for_the_stop()
     except (WorkersLost, GroupOutOfMemory):

@@ -18,6 +18,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from orchestrator.driver import HALT_DELAY_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 ORCHESTRATOR = str(Path(sys.executable).with_name('orchestrator'))
 
@@ -261,6 +263,40 @@ def test_an_interrupted_trial_group_continues_as_a_group_from_its_checkpoints(
     client, (parent,), children = _runs(tmp_path, 'groupresume')
     assert parent.info.status == 'FINISHED'
     _continued_as_a_group(tmp_path, 'groupresume', client, children, at)
+
+
+def test_a_trial_group_stopped_before_its_first_evaluation_is_not_recorded_finished(
+        tmp_path, synthetic_root, ray_address, cli_env):
+    """SIGTERM once the group trains, before its first evaluation (iteration 40; rank 0 held
+    before 30): its heads stop together, and its trials wait for Tune to stop them (here 4 s
+    later), so every child run is KILLED and the printed --resume trains each head's whole
+    schedule. Before, a trial with no evaluation yet counted as done when its head stopped
+    with the group: it returned, FINISHED in MLflow with no evaluation, never resumed."""
+    # rank 0 stalls 8 s before iteration 30 (each process, once): the stop comes before 40
+    base = _with_fault(tmp_path, 'tiny_vit_frozen_fcn_synthetic.py', at_iter=30, stall_s=8)
+    path = _space(tmp_path, synthetic_root, 'groupearly',
+                  {'model.decode_head.num_convs': {'grid': [0, 1, 2]}}, iters=160,
+                  evaluations=4, base_config=str(base))
+    groups = tmp_path / 'out' / 'groupearly' / 'groups'
+    # Tune stops the trials 4 s after the heads stopped: time for a trial to see its run end
+    driver = _sweep(path, ray_address, {**cli_env, HALT_DELAY_ENV: '4'})
+    _wait_for(lambda: any('Iter [20/160]' in p.read_text() for p in groups.glob('*/*.log')),
+              driver)
+    driver.send_signal(signal.SIGTERM)
+    output = driver.communicate(timeout=120)[0]
+    assert driver.returncode == 143, output[-3000:]
+    client, (parent,), children = _runs(tmp_path, 'groupearly')
+    assert sorted(c.info.status for c in children) == ['KILLED'] * 3
+    assert all(_steps(client, c) == [] for c in children)
+    command = shlex.split(_last_line(output).split('resume with: ', 1)[1])
+    resumed = subprocess.run([ORCHESTRATOR, *command[1:]], env=cli_env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    client, (parent,), children = _runs(tmp_path, 'groupearly')
+    assert parent.info.status == 'FINISHED'
+    for child in children:
+        assert child.info.status == 'FINISHED'
+        assert _steps(client, child) == [40, 80, 120, 160], child.data.tags['trial_id']
 
 
 def test_a_trial_group_that_lost_a_worker_continues_as_a_group_from_its_checkpoints(

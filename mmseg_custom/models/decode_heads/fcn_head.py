@@ -7,12 +7,17 @@ Differences from mmseg's FCNHead (everything else is mmseg's behaviour, checks i
   and autocast is off inside, so bf16 backbone features give fp32 logits.
 - ``num_convs=0`` (linear probing) keeps mmseg's ``in_channels == channels`` assertion, with a
   message naming both values.
+- ``losses`` computes mmseg's loss and accuracy a band of label rows at a time
+  (``chunked_loss.py``: no logits at label size), where that is exact; ``fused_loss=False``
+  keeps mmseg's own.
 """
 import torch
 import torch.nn as nn
 from mmcv.cnn import ConvModule
 from mmseg.models.builder import HEADS
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+
+from . import chunked_loss
 
 
 @HEADS.register_module(force=True)
@@ -25,6 +30,8 @@ class FCNHead(BaseDecodeHead):
         concat_input (bool): Concatenate input and conv output before ``conv_cat``. Default: True.
         dilation (int): Dilation of the convs. Default: 1.
         with_norm (bool): SyncBatchNorm on the features before ``cls_seg``. Default: False.
+        fused_loss (bool): The banded loss path (chunked_loss.py) where it is exact; False:
+            mmseg's. Default: True.
     """
 
     def __init__(self, num_convs=2, kernel_size=3, concat_input=True, dilation=1,
@@ -36,6 +43,7 @@ class FCNHead(BaseDecodeHead):
         self.concat_input = concat_input
         self.kernel_size = kernel_size
         self.with_norm = with_norm
+        self.fused_loss = kwargs.pop('fused_loss', True)  # the spec's signature, unchanged
         super().__init__(**kwargs)
         if num_convs == 0:
             assert self.in_channels == self.channels, (
@@ -73,3 +81,9 @@ class FCNHead(BaseDecodeHead):
         with torch.autocast(device_type=device_type, enabled=False):
             feats = self.norm(self._forward_feature(inputs))
             return self.cls_seg(feats)
+
+    def losses(self, seg_logit, seg_label):
+        """mmseg's loss dict (``loss_ce``, ``acc_seg``), banded where exact."""
+        if self.fused_loss and chunked_loss.applies(self):
+            return chunked_loss.losses(self, seg_logit, seg_label)
+        return super().losses(seg_logit, seg_label)

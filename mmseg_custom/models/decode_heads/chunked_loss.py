@@ -1,0 +1,99 @@
+"""A decode head's loss and accuracy at label size, a band of rows at a time.
+
+mmseg's ``BaseDecodeHead.losses`` resizes the logits to the label's size (150 classes x 504 x 504
+is 38 M float32 values per image, 152 MB), then cross-entropy, its backward and the accuracy
+each read and write tensors of that size again: on a GPU the loss path of a linear head costs
+more than the head. Here each band of output rows is resized, scored and differentiated while
+it is small, and only the gradient of the small logits is kept:
+no tensor at label size exists. Same loss, gradient and accuracy as mmseg's (to floating-point
+rounding: sums in another order; tests/test_chunked_loss.py compares them), for the case the
+study uses: one ``CrossEntropyLoss`` (softmax, mean, class weights and ``avg_non_ignore`` as
+configured), no pixel sampler. Anything else takes mmseg's own path (``applies``).
+"""
+import torch
+import torch.nn.functional as F
+from mmseg.models.losses import CrossEntropyLoss
+
+BAND_BYTES = 8 * 2 ** 20  # one band's float32 logits at label size (a few such live at once)
+
+
+def applies(head):
+    """Whether ``head``'s losses are what ``losses`` computes."""
+    loss = head.loss_decode
+    return (isinstance(loss, CrossEntropyLoss) and not loss.use_sigmoid and not loss.use_mask
+            and loss.reduction == 'mean' and head.sampler is None)
+
+
+def losses(head, seg_logit, seg_label):
+    """``BaseDecodeHead.losses(seg_logit, seg_label)`` for a head that ``applies``."""
+    loss = head.loss_decode
+    logits = seg_logit.float()
+    label = seg_label.squeeze(1)
+    n, c = logits.shape[:2]
+    rows = max(1, BAND_BYTES // (4 * n * c * label.shape[2]))
+    weight = None if loss.class_weight is None else logits.new_tensor(loss.class_weight)
+    total, correct = _BandedCrossEntropy.apply(logits, label, weight, head.ignore_index,
+                                               head.align_corners, rows)
+    eps = torch.finfo(torch.float32).eps
+    labelled = (label != head.ignore_index).sum().item()
+    if loss.avg_non_ignore:  # as mmseg's cross_entropy: the mean over labelled pixels
+        mean = total / (labelled + eps)
+    else:  # torch's reduction='none' then mean: over every pixel, ignored ones at 0
+        mean = total / label.numel()
+    accuracy = (correct.float() + eps) * (100.0 / (labelled + eps))
+    return {loss.loss_name: loss.loss_weight * mean, 'acc_seg': accuracy.reshape(1)}
+
+
+class _BandedCrossEntropy(torch.autograd.Function):
+    """(sum of the pixels' cross-entropy, pixels whose top class is their label) of the logits
+    resized to the label's size; the gradient of the sum is computed band by band in the
+    forward (each band's resize, loss and backward while it is small) and kept at logit size."""
+
+    @staticmethod
+    def forward(ctx, logits, label, weight, ignore_index, align_corners, rows):
+        height, width = label.shape[1:]
+        source = logits.detach().requires_grad_()
+        grad = torch.zeros_like(logits)
+        total = logits.new_zeros(())
+        correct = torch.zeros((), dtype=torch.long, device=logits.device)
+        # float32 throughout, as mmseg's path under autocast (its resize and loss stay float32)
+        with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
+            for top in range(0, height, rows):
+                band = _resized_rows(source, (height, width), top, min(height, top + rows),
+                                     align_corners)
+                target = label[:, top:top + rows]
+                loss = F.cross_entropy(band, target, weight=weight, reduction='sum',
+                                       ignore_index=ignore_index)
+                grad += torch.autograd.grad(loss, source)[0]
+                total += loss.detach()
+                with torch.no_grad():  # mmseg's accuracy: topk(1), labelled pixels only
+                    top_class = band.topk(1, dim=1)[1].squeeze(1)
+                    correct += ((top_class == target) & (target != ignore_index)).sum()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(correct)
+        return total, correct
+
+    @staticmethod
+    def backward(ctx, grad_total, _):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None, None, None
+
+
+def _resized_rows(x, size, top, bottom, align_corners):
+    """Rows ``top:bottom`` of ``F.interpolate(x, size, mode='bilinear', align_corners=...)``:
+    the rows are blended here with torch's source coordinates, then the columns by torch itself
+    (at an unchanged height its row coordinates are the rows themselves)."""
+    in_height = x.shape[2]
+    out_height, width = size
+    rows = torch.arange(top, bottom, device=x.device, dtype=torch.float32)
+    if align_corners:
+        scale = (in_height - 1) / (out_height - 1) if out_height > 1 else 0.0
+        source = rows * scale
+    else:
+        source = ((rows + 0.5) * (in_height / out_height) - 0.5).clamp(min=0)
+    low = source.long().clamp(max=in_height - 1)
+    high = (low + 1).clamp(max=in_height - 1)
+    t = (source - low).view(1, 1, -1, 1)
+    blended = x.index_select(2, low) * (1 - t) + x.index_select(2, high) * t
+    return F.interpolate(blended, size=(bottom - top, width), mode='bilinear',
+                         align_corners=align_corners)
