@@ -3,10 +3,11 @@ banded path (mmseg_custom/models/decode_heads/chunked_loss.py), forward and back
 
 A linear head (InternVL's linear probe: 3200 channels in, 150 classes) on 36 x 36 features
 (504 px / patch 14), labels at 504 x 504, 2 images. Each side runs in a fresh process, the two
-alternating (fused, mmseg, fused, mmseg, ...), so neither gains from the other's warm-up; each
+alternating (fused, mmseg, mmseg, fused, ...), so neither gains from the other's warm-up; each
 measures the median wall time of ``--iters`` forward+backward passes of head + loss after one
 warm-up, and the peak memory of those passes (CUDA: torch's peak allocated; CPU: the process's
-peak resident set, reset before them through /proc/self/clear_refs). Writes a markdown table.
+peak resident set, reset before them through /proc/self/clear_refs). Each side leads every other
+round. Writes a markdown table.
 
     .venv/bin/python benchmarks/loss_path.py --out benchmarks/results/loss_path_cpu.md
 """
@@ -72,7 +73,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--iters', type=int, default=3)
-    parser.add_argument('--rounds', type=int, default=2)
+    parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--classes', type=int, default=150)
     parser.add_argument('--feature', type=int, default=36)
@@ -85,8 +86,8 @@ def main():
         print(json.dumps(measure(args.side == 'fused', args.device, args.iters, *shape)))
         return
     runs = {'fused': [], 'mmseg': []}
-    for _ in range(args.rounds):
-        for side in ('fused', 'mmseg'):
+    for r in range(args.rounds):  # each side leads every other round
+        for side in (('fused', 'mmseg') if r % 2 == 0 else ('mmseg', 'fused')):
             out = subprocess.run([sys.executable, __file__, '--side', side, *sys.argv[1:]],
                                  cwd=ROOT, capture_output=True, text=True, check=True).stdout
             runs[side].append(json.loads(out.strip().splitlines()[-1]))

@@ -66,6 +66,7 @@ class TrialJob:
     source: str  # the space file, for error messages
     abandoned_after_s: float = ABANDONED_AFTER_S
     collective_timeout_s: float = 1800.0  # fault_tolerance.collective_timeout_s
+    val_feature_cache: tuple = ()  # (directory, bytes) tiers: val_cache.py, () none
 
 
 class GroupRun(NamedTuple):
@@ -154,6 +155,8 @@ class TrainWorker:
             return state['stop'] or abandoned
 
         cfg = merged_config(job.base, job.overrides, job.base_filename)
+        if job.val_feature_cache:  # worker.py adds the hook that reads it
+            cfg.val_feature_cache = [list(tier) for tier in job.val_feature_cache]
         if rank == 0:
             cfg.dump(os.path.join(job.trial_dir, 'resolved_config.py'))
         return cfg, (report if rank == 0 else None), should_stop
@@ -213,10 +216,15 @@ class TrainWorker:
                     raise
                 raise disk_full(e, cfg.work_dir) from None
 
+    def drop_val_features(self, directories):
+        from mmseg_custom.hooks.val_features import drop
+        drop(directories)
+
     def _read_together(self, stops):
         """The heads' stop questions answered from one reading of all of them, taken under the
-        lock when head 0 is asked (HeadControlHook asks heads 0, 1, ... each iteration): heads
-        that request_stop stopped in one call stop at one iteration."""
+        lock when head 0 is asked: heads that request_stop stopped in one call stop at one
+        iteration. This relies on HeadControlHook asking heads 0, 1, ... in order at every
+        iteration (its docstring says so)."""
         seen = [False] * len(stops)
 
         def ask(k):
@@ -730,6 +738,14 @@ class WorkerPool:
         self.halted = True
         calls = [w.request_stop.remote(*ids) for cid, ids in self.group_heads.items()
                  for w in self.crews[cid][1]]
+        await asyncio.wait([asyncio.ensure_future(_settled(c)) for c in calls] or
+                           [asyncio.ensure_future(asyncio.sleep(0))], timeout=HALT_S)
+
+    async def drop_val_features(self, directories):
+        """The sweep ends: each node's validation feature cache goes (val_cache.py); a worker
+        per crew removes it where it runs (a node's crews share one; a crew gone has none)."""
+        calls = [workers[0].drop_val_features.remote(directories)
+                 for _, workers in self.crews if workers]
         await asyncio.wait([asyncio.ensure_future(_settled(c)) for c in calls] or
                            [asyncio.ensure_future(asyncio.sleep(0))], timeout=HALT_S)
 

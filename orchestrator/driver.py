@@ -19,7 +19,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from orchestrator import cluster, concurrency, fine_tuning, grouping
+from orchestrator import cluster, concurrency, fine_tuning, grouping, val_cache
 from orchestrator import plan as planning
 from orchestrator.errors import ConfigError, DiskFull, disk_full, remedy
 from orchestrator.files import append_whole
@@ -244,6 +244,8 @@ def _print_dry_run(spec, base_cfg, address, out, seconds_per_iteration=None,
     print('\n'.join(grouping.dry_run_lines(spec, base, trials, planned=groups)), file=out)
     for line in fine_tuning.memory_lines(spec, base, trials):
         print(line, file=out)
+    print('\n'.join(val_cache.dry_run_lines(spec, base, trials, osp.join(spec.output, spec.name))),
+          file=out)
     if seconds_per_iteration:
         print('\n'.join(planning.estimate_lines(
             spec, schedules, [members for _, members in groups.shown], seconds_per_iteration,
@@ -503,12 +505,13 @@ def _live_trials(sweep, crews):
     return grouping.live_trial_bound(sweep.spec, sweep.space, sweep.groups.chunks, crews)[0]
 
 
-def _grow(sweep):
+def _grow(sweep, going=lambda: True):
     """Crews for nodes that joined since the plan (Tune's limit raised with them): the lines to
     show, or None. A node ID not listed before is checked (storage_check: one that does not see
     the output is not counted, one listed but gone neither), then the sweep is planned on the
     nodes counted so far that are still listed. A node lost meanwhile changes nothing here: its
-    crew waits for room (a node that joins later places it, and adds no crew of its own)."""
+    crew waits for room (a node that joins later places it, and adds no crew of its own).
+    Nothing grows once ``going()`` is false (the sweep ends or stops)."""
     import ray
     nodes = cluster.cluster_nodes()
     joined = [n for n in nodes if n['node_id'] not in sweep.nodes_seen]
@@ -525,6 +528,8 @@ def _grow(sweep):
     lines = [f'node {n["name"]} joined the cluster but does not see {output} as this driver '
              'does: not counted in the plan (mount the shared output there, then start it '
              'again)' for n in blind]
+    if not going():
+        return None
     if crews > sweep.max_concurrent:  # raised (an error: all of it again at the next check)
         ray.get(sweep.pool.grow_to.remote(crews), timeout=30)
         lines.append(f'node {", ".join(n["name"] for n in present)} joined the cluster: '
@@ -543,7 +548,18 @@ def _halt_groups(sweep):
     import ray
     with contextlib.suppress(Exception):  # a pool gone or busy: the trials stop as they die
         ray.get(sweep.pool.halt_groups.remote(), timeout=8)
-    time.sleep(float(os.environ.get(HALT_DELAY_ENV, 0)))
+    with contextlib.suppress(ValueError):  # a test's setting, never a user's
+        time.sleep(float(os.environ.get(HALT_DELAY_ENV, 0)))
+
+
+def _drop_val_features(sweep):
+    """The sweep's validation feature cache leaves every node with a crew (val_cache.py): a
+    tmpfs holds RAM."""
+    import ray
+    directories = [d for d, _ in val_cache.roots(sweep.spec, sweep.sweep_dir)]
+    if directories and sweep.pool is not None:
+        with contextlib.suppress(Exception):  # a pool gone: its workers' nodes with it
+            ray.get(sweep.pool.drop_val_features.remote(directories), timeout=10)
 
 
 def _build_tuner(sweep):
@@ -620,12 +636,17 @@ def _watch_pool(sweep, signals, every_s=2.0):
                 signals.request(reason)
                 return
 
+    def going():  # neither ended nor stopping (a signal, the sweep's own stop)
+        return not (done.is_set() or signals.signum or signals.reason)
+
     def grow():
         while not done.wait(NODES_CHECK_S):
             try:
-                say(_grow(sweep))
+                lines = _grow(sweep, going)
             except Exception:  # a busy or ending cluster: the nodes are looked at again next time
-                pass
+                continue
+            if going():
+                say(lines)
     threads = [threading.Thread(target=watch, name='watch-pool', daemon=True),
                threading.Thread(target=grow, name='grow-pool', daemon=True)]
     for thread in threads:
@@ -634,7 +655,8 @@ def _watch_pool(sweep, signals, every_s=2.0):
         yield
     finally:
         done.set()
-        threads[0].join(timeout=35)  # the grower may be in a storage check: it is a daemon
+        for thread in threads:  # the grower may still be in a storage check: it adds nothing
+            thread.join(timeout=35)  # after this, and as a daemon it does not hold the exit
 
 
 def _fit(sweep, tuner, live, signals):
@@ -823,6 +845,7 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
                 try:
                     sweep.journal.stop_delivery()
                 finally:  # also after a second signal in the delivery's last attempt
+                    _drop_val_features(sweep)
                     ray.shutdown()
     return sweep, outcome, interrupted
 

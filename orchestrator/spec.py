@@ -66,6 +66,7 @@ class SweepSpec:
     float32_master_weights: bool
     grouping: bool
     grouping_memory_gb: typing.Optional[float]  # None: the GPU's memory less the model's
+    val_feature_cache: typing.Optional[dict]  # its section's values; None: not cached
     tracking_uri: typing.Optional[str]
     experiment: str
     output: str
@@ -266,6 +267,10 @@ def load_spec(path):
         room_timeout_s=file.fault_tolerance.room_timeout_s,
         float32_master_weights=file.fine_tuning.float32_master_weights,
         grouping=grouping.enabled, grouping_memory_gb=grouping.memory_gb,
+        val_feature_cache=(dict(file.val_feature_cache.model_dump(exclude={'enabled'}),
+                                disk_dir=file.val_feature_cache.disk_dir and
+                                rel(file.val_feature_cache.disk_dir))
+                           if file.val_feature_cache.enabled else None),
         tracking_uri=tracking.uri, experiment=tracking.experiment or name,
         output=rel(file.output) if file.output else osp.abspath('runs'))
     _check_rules(spec, file)

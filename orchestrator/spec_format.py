@@ -248,6 +248,18 @@ class Grouping(Section):
     memory_gb: Optional[Gigabytes] = None
 
 
+class ValFeatureCache(Section):
+    """A frozen backbone's outputs for the validation inputs, computed once per sweep on each
+    node and read back by every later evaluation there (the same scores: README): in memory (a
+    tmpfs, /dev/shm) up to memory_gb, then on local disk (disk_dir, default the system's temp
+    directory) up to disk_gb; a filesystem is never filled past 90 %. Removed at the sweep's
+    end."""
+    enabled: Flag = True
+    memory_gb: Gigabytes = 16
+    disk_gb: Gigabytes = 64
+    disk_dir: Optional[Path] = None
+
+
 class Tracking(Section):
     """Where MLflow records the sweep."""
     uri: Optional[TrackingUri] = None
@@ -295,6 +307,7 @@ class SpaceFile(Section):
     fault_tolerance: FaultTolerance = _section(FaultTolerance)
     fine_tuning: FineTuning = _section(FineTuning)
     grouping: Grouping = _section(Grouping)
+    val_feature_cache: ValFeatureCache = _section(ValFeatureCache)
     tracking: Tracking = _section(Tracking)
     output: Optional[OutputPath] = None
     references: Optional[References] = None

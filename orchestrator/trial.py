@@ -12,6 +12,7 @@ import time
 import ray
 from ray import tune
 
+from orchestrator import val_cache
 from orchestrator.checkpoints import readable_latest
 from orchestrator.crew import CALL_S, GRACE_S, TrialJob
 from orchestrator.errors import DiskFull, GroupOutOfMemory, TrialFailed, disk_full
@@ -274,6 +275,7 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
     job = TrialJob(trial_id=trial_id, trial_dir=out_dir, base=base, overrides=overrides,
                    base_filename=base_filename, source=spec.source,
                    collective_timeout_s=spec.collective_timeout_s,
+                   val_feature_cache=tuple(val_cache.roots(spec, output_dir)),
                    **({'abandoned_after_s': abandoned_after_s} if abandoned_after_s else {}))
     restarts, halve = 0, False
 

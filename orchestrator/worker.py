@@ -158,6 +158,18 @@ def _with_hooks(cfg, ours):
     return hooks + [h for h in ours if h['type'] not in present]
 
 
+def _val_feature_cache(cfg):
+    """The hook that keeps a frozen backbone's validation outputs (val_features.py), where the
+    sweep gave the run its cache (orchestrator/val_cache.py)."""
+    if not cfg.get('val_feature_cache'):
+        return []
+    model = cfg.model
+    return [dict(type='ValFeatureCacheHook', tiers=cfg.val_feature_cache,
+                 model=dict(backbone=model.backbone, pretrained=model.get('pretrained')),
+                 load_from=cfg.get('load_from'),
+                 priority=60)]  # before the evaluation hooks (80) start their first
+
+
 def _own_head_rng(heads, seed, cfg):
     """Each head's initial weights and dropout masks from streams of its own, then the data
     stream restarted at ``seed``: a head trains the same alone or in a group (head_rng.py)."""
@@ -296,6 +308,7 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None,
         dict(type='DivergenceHook', priority='VERY_HIGH'),  # before any step or save
         dict(type='FrozenBackboneCheckpointHook'),  # probes: no copies of a frozen backbone
         dict(type='BestCheckpointLinkHook')])  # save_best: a link, not a second copy
+    cfg.custom_hooks = _with_hooks(cfg, _val_feature_cache(cfg))
     if should_stop is not None:  # an all-reduce per iteration: only where someone may ask
         cfg.custom_hooks = _with_hooks(cfg, [dict(type='StopRequestHook', priority='LOWEST')])
     palette = None if model.PALETTE is None else [[int(c) for c in color]
@@ -365,7 +378,7 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
              work_dirs=list(work_dirs), seed=run.seed,
              workers_per_gpu=gcfg.data.get('workers_per_gpu', 2), gpus_per_rank=gpus_per_rank,
              priority=80),
-        dict(type='HeadControlHook', priority='LOWEST')])
+        dict(type='HeadControlHook', priority='LOWEST')] + _val_feature_cache(gcfg))
     if run.rank == 0:  # the config as it runs (plain values: it reloads; run_context.py)
         gcfg.dump(osp.join(gcfg.work_dir, 'config.py'))
     try:

@@ -220,6 +220,7 @@ def test_fewshot_space_dry_run_prints_internvls_protocol(capsys):
     assert code == 0
     assert '60 trials' in out and '8 GPU per trial' in out
     assert 'trial groups: none: the backbone is not frozen' in out  # fine-tuned
+    assert 'validation features: not cached (the backbone trains)' in out
     assert 'no float32 master weights (InternVL\'s protocol' in out
     rows = _plan_rows(out, 'lr_config.warmup_iters')
     assert len(rows) == 60
@@ -275,6 +276,11 @@ def test_linear_probe_space_dry_run_plans_subsets_and_trial_groups(capsys):
     assert 'trial groups: none: one head at most fits the memory for heads' in out
     assert 'no GPU memory known here' in out
     assert '10 on an 80 GB GPU (A100/H100), 12 on a 141 GB H200' in out
+    # InternViT-6B's block 44 for one 504 px crop: 3200 channels x (504 / 14)^2 in float32
+    per_input = 3200 * 36 * 36 * 4
+    line = next(x for x in out.splitlines() if x.startswith('validation features'))
+    assert f'{per_input / 1e6:.1f} MB per validation input' in line
+    assert f'so {16 * 10 ** 9 // per_input:,} in /dev/shm/' in line  # memory_gb: 16 by default
 
 
 def test_study_configs_have_internvls_settings():

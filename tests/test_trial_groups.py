@@ -324,6 +324,26 @@ def test_the_report_averages_only_trials_that_completed_their_schedule(sweeps):
             assert f'stopped early at iteration {max(steps)} of 40' in section
 
 
+def test_a_sweep_computes_each_validation_input_once_and_removes_the_cache_at_its_end(sweeps):
+    """The grouped sweep's one group reads its validation images' features from the cache at
+    every evaluation after the first (val_features.py; the scores are an uncached evaluation's:
+    test_val_features.py); the cache's directories are gone once the sweep ended."""
+    import re
+
+    from orchestrator import val_cache
+    from orchestrator.spec import load_spec
+    (_, g_client, _), _ = sweeps
+    sweep_dir = Path(g_client.tracking_uri[len('sqlite:///'):]).parent / 'groups'
+    (log,) = sweep_dir.glob('groups/*/*.log')
+    lines = [tuple(map(int, m)) for m in re.findall(
+        r'validation features: (\d+) read from the cache, (\d+) computed', log.read_text())]
+    # rank 0's log: its share of the 16 images on 2 ranks
+    assert len(lines) >= 2 and lines == [(8 * k, 8) for k in range(len(lines))]
+    spec, _ = load_spec(str(sweep_dir / 'space.yaml'))
+    tiers = val_cache.roots(spec, str(sweep_dir))
+    assert tiers and not any(Path(d).exists() for d, _ in tiers)
+
+
 # -- planning: which trials group, and how big a group may be --------------------------------
 
 def _planned(path='search_spaces/demo_grouped.yaml', **changes):

@@ -12,8 +12,9 @@ active in it), appends the dict to that head's
 The backbone runs once per validation input for all heads (the segmentor caches its features).
 Its validation loader is built from the config's ``val`` dataset, as mmseg builds its own.
 
-``HeadControlHook`` asks each head's ``should_stop`` after every iteration (answers all-reduced,
-so every rank switches the same heads off at the same iteration), reports a head that diverged
+``HeadControlHook`` asks each head's ``should_stop`` after every iteration, heads 0, 1, ... in
+that order (a crew reads all answers when head 0 is asked: crew._read_together), all-reduces the
+answers (every rank switches the same heads off at the same iteration), reports a head that diverged
 (``{'failed': 'diverged: ...'}`` to its listener) and ends the run when no head is left.
 """
 import os

@@ -17,17 +17,20 @@ from mmseg.models.losses import CrossEntropyLoss
 BAND_BYTES = 8 * 2 ** 20  # one band's float32 logits at label size (a few such live at once)
 
 
-def applies(head):
-    """Whether ``head``'s losses are what ``losses`` computes."""
+def applies(head, seg_logit):
+    """Whether ``head``'s losses of ``seg_logit`` are what ``losses`` computes (float32 logits:
+    mmseg's path keeps half-precision logits in their dtype; a subclass of the loss may compute
+    another one)."""
     loss = head.loss_decode
-    return (isinstance(loss, CrossEntropyLoss) and not loss.use_sigmoid and not loss.use_mask
-            and loss.reduction == 'mean' and head.sampler is None)
+    return (type(loss) is CrossEntropyLoss and not loss.use_sigmoid and not loss.use_mask
+            and loss.reduction == 'mean' and head.sampler is None
+            and seg_logit.dtype == torch.float32)
 
 
 def losses(head, seg_logit, seg_label):
     """``BaseDecodeHead.losses(seg_logit, seg_label)`` for a head that ``applies``."""
     loss = head.loss_decode
-    logits = seg_logit.float()
+    logits = seg_logit
     label = seg_label.squeeze(1)
     n, c = logits.shape[:2]
     rows = max(1, BAND_BYTES // (4 * n * c * label.shape[2]))
@@ -52,19 +55,21 @@ class _BandedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, label, weight, ignore_index, align_corners, rows):
         height, width = label.shape[1:]
-        source = logits.detach().requires_grad_()
         grad = torch.zeros_like(logits)
         total = logits.new_zeros(())
         correct = torch.zeros((), dtype=torch.long, device=logits.device)
-        # float32 throughout, as mmseg's path under autocast (its resize and loss stay float32)
         with torch.enable_grad(), torch.autocast(logits.device.type, enabled=False):
             for top in range(0, height, rows):
-                band = _resized_rows(source, (height, width), top, min(height, top + rows),
-                                     align_corners)
-                target = label[:, top:top + rows]
+                bottom = min(height, top + rows)
+                low, high, t = _source_rows(logits.shape[2], height, top, bottom, align_corners)
+                first, last = int(low[0]), int(high[-1]) + 1  # the logit rows the band reads
+                part = logits[:, :, first:last].detach().requires_grad_()
+                band = _blend(part, low - first, high - first, t, (bottom - top, width),
+                              align_corners)
+                target = label[:, top:bottom]
                 loss = F.cross_entropy(band, target, weight=weight, reduction='sum',
                                        ignore_index=ignore_index)
-                grad += torch.autograd.grad(loss, source)[0]
+                grad[:, :, first:last] += torch.autograd.grad(loss, part)[0]
                 total += loss.detach()
                 with torch.no_grad():  # mmseg's accuracy: topk(1), labelled pixels only
                     top_class = band.topk(1, dim=1)[1].squeeze(1)
@@ -79,13 +84,11 @@ class _BandedCrossEntropy(torch.autograd.Function):
         return grad * grad_total, None, None, None, None, None
 
 
-def _resized_rows(x, size, top, bottom, align_corners):
-    """Rows ``top:bottom`` of ``F.interpolate(x, size, mode='bilinear', align_corners=...)``:
-    the rows are blended here with torch's source coordinates, then the columns by torch itself
-    (at an unchanged height its row coordinates are the rows themselves)."""
-    in_height = x.shape[2]
-    out_height, width = size
-    rows = torch.arange(top, bottom, device=x.device, dtype=torch.float32)
+def _source_rows(in_height, out_height, top, bottom, align_corners):
+    """For output rows ``top:bottom`` of a bilinear resize from ``in_height`` rows: the two
+    source rows each blends (ascending) and the weight of the second, with torch's source
+    coordinates (computed on the CPU: the band's bounds are read without a device sync)."""
+    rows = torch.arange(top, bottom, dtype=torch.float32)
     if align_corners:
         scale = (in_height - 1) / (out_height - 1) if out_height > 1 else 0.0
         source = rows * scale
@@ -93,7 +96,20 @@ def _resized_rows(x, size, top, bottom, align_corners):
         source = ((rows + 0.5) * (in_height / out_height) - 0.5).clamp(min=0)
     low = source.long().clamp(max=in_height - 1)
     high = (low + 1).clamp(max=in_height - 1)
-    t = (source - low).view(1, 1, -1, 1)
-    blended = x.index_select(2, low) * (1 - t) + x.index_select(2, high) * t
-    return F.interpolate(blended, size=(bottom - top, width), mode='bilinear',
-                         align_corners=align_corners)
+    return low, high, source - low
+
+
+def _blend(x, low, high, t, size, align_corners):
+    """The rows blended from ``x``'s rows ``low`` and ``high``, then the columns resized by torch
+    itself (at an unchanged height its row coordinates are the rows themselves)."""
+    device = x.device
+    t = t.to(device).view(1, 1, -1, 1)
+    blended = (x.index_select(2, low.to(device)) * (1 - t)
+               + x.index_select(2, high.to(device)) * t)
+    return F.interpolate(blended, size=size, mode='bilinear', align_corners=align_corners)
+
+
+def _resized_rows(x, size, top, bottom, align_corners):
+    """Rows ``top:bottom`` of ``F.interpolate(x, size, mode='bilinear', align_corners=...)``."""
+    low, high, t = _source_rows(x.shape[2], size[0], top, bottom, align_corners)
+    return _blend(x, low, high, t, (bottom - top, size[1]), align_corners)

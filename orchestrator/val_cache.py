@@ -1,0 +1,64 @@
+"""A sweep's validation feature cache (mmseg_custom/hooks/val_features.py): where each node keeps
+it and within what budget (``val_feature_cache`` in the space file), what the dry run says of
+it, and its removal at the sweep's end. The directories are named by the sweep's directory, so a
+--resume finds what the interrupted sweep kept on a node still there."""
+import hashlib
+import os
+import os.path as osp
+import tempfile
+
+MEMORY_DIR = '/dev/shm'  # a tmpfs on Linux: RAM the node's processes share by path
+
+
+def roots(spec, sweep_dir):
+    """[(directory, bytes)]: the memory tier (where the node has a tmpfs), then the disk tier;
+    [] when the space file turns the cache off."""
+    settings = spec.val_feature_cache
+    if not settings:
+        return []
+    name = (f'orchestrator-val-features-{os.getuid()}',
+            hashlib.sha256(osp.abspath(sweep_dir).encode()).hexdigest()[:16])
+    tiers = []
+    if osp.isdir(MEMORY_DIR):
+        tiers.append((osp.join(MEMORY_DIR, *name), int(settings['memory_gb'] * 1e9)))
+    disk = settings.get('disk_dir') or tempfile.gettempdir()
+    tiers.append((osp.join(disk, *name), int(settings['disk_gb'] * 1e9)))
+    return tiers
+
+
+def input_bytes(base):
+    """Bytes of the frozen backbone's float32 outputs for one validation input (one crop of a
+    sliding-window test; None where the test runs on whole images of unknown size), from one
+    meta-device pass (meta_model.py: no weights, no arithmetic)."""
+    import torch
+
+    from orchestrator import meta_model
+    test = base['model'].get('test_cfg') or {}
+    if test.get('mode') != 'slide':
+        return None
+    try:
+        model = meta_model.segmentor(base['model'])
+        with torch.device('meta'):
+            out = model.backbone(torch.empty(1, 3, *test['crop_size']))
+    except Exception:  # a backbone the meta device cannot build: the line says less
+        return None
+    out = [out] if torch.is_tensor(out) else out
+    return sum(t.numel() * 4 for t in out)  # kept in float32, as the heads read them
+
+
+def dry_run_lines(spec, base, trials, sweep_dir):
+    from orchestrator.fine_tuning import frozen_backbone
+    tiers = roots(spec, sweep_dir)
+    if not tiers:
+        return ['validation features: not cached (val_feature_cache.enabled: false)']
+    if not any(frozen_backbone(base, row) for row in trials):
+        return ['validation features: not cached (the backbone trains)']
+    per_input = input_bytes(base)
+    where = ', then '.join(f'{d} up to {b / 1e9:g} GB' for d, b in tiers)
+    if per_input is None:
+        return [f'validation features of a frozen backbone: computed once per node, kept in '
+                f'{where}']
+    fits = ' and '.join(f'{b // per_input:,} in {d}' for d, b in tiers)
+    return [f'validation features of a frozen backbone: computed once per node, kept in '
+            f'{where}: {per_input / 1e6:.1f} MB per validation input (computed), so {fits}; '
+            f'inputs beyond those are computed at every evaluation']
