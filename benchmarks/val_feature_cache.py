@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from mmseg_custom.hooks.val_features import FeatureStore, _digest
+from mmseg_custom.feature_store import FeatureStore
+from mmseg_custom.hooks.val_features import _digest
 
 
 def _median_s(fn, n):
@@ -41,7 +42,7 @@ def main():
     tiers.append((f'{tempfile.gettempdir()} (disk tier)', tempfile.gettempdir()))
     for name, base in tiers:
         with tempfile.TemporaryDirectory(dir=base) as d:
-            store = FeatureStore([(d, 10 ** 9)])
+            store = FeatureStore('cache', [[d, 10 ** 9]])
             key = _digest(prefix, crop)
             store.put(key, dict(kind='list', tensors=[features]))
             rows.append((f'read one entry from {name}',

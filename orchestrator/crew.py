@@ -66,7 +66,7 @@ class TrialJob:
     source: str  # the space file, for error messages
     abandoned_after_s: float = ABANDONED_AFTER_S
     collective_timeout_s: float = 1800.0  # fault_tolerance.collective_timeout_s
-    val_feature_cache: tuple = ()  # (directory, bytes) tiers: val_cache.py, () none
+    val_feature_cache: dict = None  # where the workers keep it (val_cache.py); None: not
 
 
 class GroupRun(NamedTuple):
@@ -156,7 +156,7 @@ class TrainWorker:
 
         cfg = merged_config(job.base, job.overrides, job.base_filename)
         if job.val_feature_cache:  # worker.py adds the hook that reads it
-            cfg.val_feature_cache = [list(tier) for tier in job.val_feature_cache]
+            cfg.val_feature_cache = job.val_feature_cache
         if rank == 0:
             cfg.dump(os.path.join(job.trial_dir, 'resolved_config.py'))
         return cfg, (report if rank == 0 else None), should_stop
@@ -216,9 +216,9 @@ class TrainWorker:
                     raise
                 raise disk_full(e, cfg.work_dir) from None
 
-    def drop_val_features(self, directories):
-        from mmseg_custom.hooks.val_features import drop
-        drop(directories)
+    def drop_val_features(self, cache):
+        from mmseg_custom.feature_store import drop
+        drop(cache['name'], cache['tiers'])
 
     def _read_together(self, stops):
         """The heads' stop questions answered from one reading of all of them, taken under the
@@ -741,11 +741,10 @@ class WorkerPool:
         await asyncio.wait([asyncio.ensure_future(_settled(c)) for c in calls] or
                            [asyncio.ensure_future(asyncio.sleep(0))], timeout=HALT_S)
 
-    async def drop_val_features(self, directories):
-        """The sweep ends: each node's validation feature cache goes (val_cache.py); a worker
-        per crew removes it where it runs (a node's crews share one; a crew gone has none)."""
-        calls = [workers[0].drop_val_features.remote(directories)
-                 for _, workers in self.crews if workers]
+    async def drop_val_features(self, cache):
+        """The sweep ends: each node's validation feature cache goes (val_cache.py); every
+        worker removes it where it runs (a crew may span nodes; a node gone took its own)."""
+        calls = [w.drop_val_features.remote(cache) for _, workers in self.crews for w in workers]
         await asyncio.wait([asyncio.ensure_future(_settled(c)) for c in calls] or
                            [asyncio.ensure_future(asyncio.sleep(0))], timeout=HALT_S)
 

@@ -556,10 +556,10 @@ def _drop_val_features(sweep):
     """The sweep's validation feature cache leaves every node with a crew (val_cache.py): a
     tmpfs holds RAM."""
     import ray
-    directories = [d for d, _ in val_cache.roots(sweep.spec, sweep.sweep_dir)]
-    if directories and sweep.pool is not None:
+    cache = val_cache.settings(sweep.spec, sweep.sweep_dir)
+    if cache and sweep.pool is not None:
         with contextlib.suppress(Exception):  # a pool gone: its workers' nodes with it
-            ray.get(sweep.pool.drop_val_features.remote(directories), timeout=10)
+            ray.get(sweep.pool.drop_val_features.remote(cache), timeout=10)
 
 
 def _build_tuner(sweep):
@@ -655,8 +655,9 @@ def _watch_pool(sweep, signals, every_s=2.0):
         yield
     finally:
         done.set()
-        for thread in threads:  # the grower may still be in a storage check: it adds nothing
-            thread.join(timeout=35)  # after this, and as a daemon it does not hold the exit
+        threads[0].join(timeout=35)
+        threads[1].join(timeout=5)  # the grower may still be in a storage check: it adds
+        # nothing after this (going() is false), and as a daemon it does not hold the exit
 
 
 def _fit(sweep, tuner, live, signals):

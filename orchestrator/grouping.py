@@ -15,7 +15,7 @@ are split.
 """
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from orchestrator.fine_tuning import frozen_backbone, state_values
 
@@ -51,16 +51,19 @@ def group_key(spec, params):
 class HeadMemory:
     """What one head of a trial group holds at the training step's peak, in bytes: its
     weights and optimizer state (``state``, all the time), and either what its backward keeps
-    (``activations`` at feature size, its log-probabilities at label size: ``logits``) or,
-    once its backward has run and released those, its ``gradients``. A group holds all its
-    heads' at once (their losses are summed before one backward), plus LOSS_BACKWARD_LOGITS
-    label-size tensors of the head whose loss runs backward (``group_bytes``). Measured
-    against the CPU allocator's peak in tests/test_memory_plan.py."""
+    (``activations`` at feature size, and what its loss keeps, ``logits``: mmseg's loss its
+    log-probabilities at label size, the banded loss the gradient of its logits at feature
+    size) or, once its backward has run and released those, its ``gradients``. A group holds
+    all its heads' at once (their losses are summed before one backward), plus the ``loss``
+    working set of one head's loss at a time (mmseg's: LOSS_BACKWARD_LOGITS label-size
+    tensors; the banded loss's: BAND_TENSORS bands; ``group_bytes``). Measured against the CPU
+    allocator's peak in tests/test_memory_plan.py."""
     params: int
     state: int
     gradients: int
     activations: int
     logits: int
+    loss: int
 
     @property
     def total(self):
@@ -114,6 +117,8 @@ def head_memory(base, head_cfg, side):
     dropout's output and mask; the logits at feature size. Another head type: its parameters
     and logits only."""
     import torch
+
+    from mmseg_custom.models.decode_heads import chunked_loss
     from orchestrator import meta_model
     head = meta_model.head(head_cfg)
     params = sum(p.numel() for p in head.parameters())
@@ -137,7 +142,15 @@ def head_memory(base, head_cfg, side):
             activations += at_feature * c * FP32
         if head.dropout is not None:
             activations += at_feature * c * (FP32 + 1)  # output, and a bool mask
-    return HeadMemory(params, state, params * FP32, activations, label * classes * FP32)
+    if chunked_loss.covers(head):  # its loss a band of label rows at a time
+        crop_h, crop_w = _crop(base)
+        rows = min(crop_h, chunked_loss.band_rows(batch, classes, crop_w))
+        band = batch * classes * rows * crop_w * FP32
+        return HeadMemory(params, state, params * FP32, activations,
+                          at_feature * classes * FP32, chunked_loss.BAND_TENSORS * band)
+    logits = label * classes * FP32
+    return HeadMemory(params, state, params * FP32, activations, logits,
+                      LOSS_BACKWARD_LOGITS * logits)
 
 
 def head_memories(spec, base, rows):
@@ -203,8 +216,7 @@ def group_bytes(memories):
     larger of two phases: the backward (every head's share, and one head's loss backward on
     top) and the optimizer step (every head's state and gradients, and the step's temporary
     of one head's parameters, the size of its gradients)."""
-    backward = sum(m.total for m in memories) + LOSS_BACKWARD_LOGITS * max(
-        m.logits for m in memories)
+    backward = sum(m.total for m in memories) + max(m.loss for m in memories)
     step = sum(m.state + m.gradients for m in memories) + max(m.gradients for m in memories)
     return max(backward, step)
 
@@ -213,8 +225,7 @@ def heads_per_group(budget, memories):
     """The most heads of ``memories`` (the HeadMemory of each member) one group may hold
     within ``budget``: groups are filled in the order trials arrive, so any members may meet:
     counted as copies of the member that is largest in every part."""
-    worst = HeadMemory(*(max(getattr(m, f) for m in memories) for f in
-                         ('params', 'state', 'gradients', 'activations', 'logits')))
+    worst = HeadMemory(*(max(getattr(m, f.name) for m in memories) for f in fields(HeadMemory)))
     k = 1
     while k < len(memories) and group_bytes([worst] * (k + 1)) <= budget:
         k += 1
@@ -295,7 +306,7 @@ def _gb(n):
 def memory_lines(planned):
     """Each head variant's planned bytes, as the dry run lists them."""
     return [f'  head {name}: {m.params / 1e6:.2f} M params; weights + optimizer state '
-            f'{_gb(m.state)}, then activations {_gb(m.activations)} + logits at label size '
+            f'{_gb(m.state)}, then activations {_gb(m.activations)} + what its loss keeps '
             f'{_gb(m.logits)} or gradients {_gb(m.gradients)}: {_gb(m.total)}'
             for name, m in planned.memories.items()]
 

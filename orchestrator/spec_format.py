@@ -59,6 +59,7 @@ Label = allowed('a name for the legend', Annotated[StrictStr, Field(pattern=r'\S
 Ratio = allowed('a number in (0, 1]', number(gt=0, le=1))
 Positive = allowed('a number > 0', number(gt=0))
 Gigabytes = allowed('a number of GB > 0', number(gt=0))
+Budget = allowed('a number of GB >= 0 (0: not used)', number(ge=0))
 ReductionFactor = allowed('a number > 1', number(gt=1))
 # A worker is one training process driving one device (mmseg's DDP: one rank per GPU); Ray shares
 # a GPU between workers in fractions of one. More GPUs per trial: more workers.
@@ -252,11 +253,11 @@ class ValFeatureCache(Section):
     """A frozen backbone's outputs for the validation inputs, computed once per sweep on each
     node and read back by every later evaluation there (the same scores: README): in memory (a
     tmpfs, /dev/shm) up to memory_gb, then on local disk (disk_dir, default the system's temp
-    directory) up to disk_gb; a filesystem is never filled past 90 %. Removed at the sweep's
-    end."""
+    directory on each node) up to disk_gb; a filesystem is never filled past half. Removed at
+    the sweep's end."""
     enabled: Flag = True
-    memory_gb: Gigabytes = 16
-    disk_gb: Gigabytes = 64
+    memory_gb: Budget = 16
+    disk_gb: Budget = 64
     disk_dir: Optional[Path] = None
 
 

@@ -275,7 +275,7 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
     job = TrialJob(trial_id=trial_id, trial_dir=out_dir, base=base, overrides=overrides,
                    base_filename=base_filename, source=spec.source,
                    collective_timeout_s=spec.collective_timeout_s,
-                   val_feature_cache=tuple(val_cache.roots(spec, output_dir)),
+                   val_feature_cache=val_cache.settings(spec, output_dir),
                    **({'abandoned_after_s': abandoned_after_s} if abandoned_after_s else {}))
     restarts, halve = 0, False
 

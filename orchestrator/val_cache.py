@@ -1,29 +1,26 @@
 """A sweep's validation feature cache (mmseg_custom/hooks/val_features.py): where each node keeps
 it and within what budget (``val_feature_cache`` in the space file), what the dry run says of
-it, and its removal at the sweep's end. The directories are named by the sweep's directory, so a
---resume finds what the interrupted sweep kept on a node still there."""
+it, and its removal at the sweep's end (every end the driver sees: finished, failed, stopped by
+a first signal). The tiers' directories are resolved on each worker (the temp directory is a
+node's, or a job's under Slurm): the settings travel, not paths."""
 import hashlib
 import os
 import os.path as osp
-import tempfile
 
 MEMORY_DIR = '/dev/shm'  # a tmpfs on Linux: RAM the node's processes share by path
 
 
-def roots(spec, sweep_dir):
-    """[(directory, bytes)]: the memory tier (where the node has a tmpfs), then the disk tier;
-    [] when the space file turns the cache off."""
-    settings = spec.val_feature_cache
-    if not settings:
-        return []
-    name = (f'orchestrator-val-features-{os.getuid()}',
-            hashlib.sha256(osp.abspath(sweep_dir).encode()).hexdigest()[:16])
-    tiers = []
-    if osp.isdir(MEMORY_DIR):
-        tiers.append((osp.join(MEMORY_DIR, *name), int(settings['memory_gb'] * 1e9)))
-    disk = settings.get('disk_dir') or tempfile.gettempdir()
-    tiers.append((osp.join(disk, *name), int(settings['disk_gb'] * 1e9)))
-    return tiers
+def settings(spec, sweep_dir):
+    """``{'name', 'tiers'}`` as the workers take it (feature_store.py: a tier is [base or None
+    (the worker's temp directory), bytes]), or None when the space file turns the cache off."""
+    cache = spec.val_feature_cache
+    if not cache:
+        return None
+    name = osp.join(f'orchestrator-val-features-{os.getuid()}',
+                    hashlib.sha256(osp.abspath(sweep_dir).encode()).hexdigest()[:16])
+    tiers = [[MEMORY_DIR, int(cache['memory_gb'] * 1e9)]] if osp.isdir(MEMORY_DIR) else []
+    tiers.append([cache.get('disk_dir'), int(cache['disk_gb'] * 1e9)])
+    return dict(name=name, tiers=tiers)
 
 
 def input_bytes(base):
@@ -47,18 +44,20 @@ def input_bytes(base):
 
 
 def dry_run_lines(spec, base, trials, sweep_dir):
+    from mmseg_custom.feature_store import tier_dirs
     from orchestrator.fine_tuning import frozen_backbone
-    tiers = roots(spec, sweep_dir)
-    if not tiers:
+    cache = settings(spec, sweep_dir)
+    if not cache:
         return ['validation features: not cached (val_feature_cache.enabled: false)']
     if not any(frozen_backbone(base, row) for row in trials):
         return ['validation features: not cached (the backbone trains)']
-    per_input = input_bytes(base)
+    tiers = tier_dirs(cache['name'], cache['tiers'])
     where = ', then '.join(f'{d} up to {b / 1e9:g} GB' for d, b in tiers)
+    head = (f'validation features of a frozen backbone: computed once per node, kept in '
+            f'{where} (as this machine resolves them)')
+    per_input = input_bytes(base)
     if per_input is None:
-        return [f'validation features of a frozen backbone: computed once per node, kept in '
-                f'{where}']
+        return [head]
     fits = ' and '.join(f'{b // per_input:,} in {d}' for d, b in tiers)
-    return [f'validation features of a frozen backbone: computed once per node, kept in '
-            f'{where}: {per_input / 1e6:.1f} MB per validation input (computed), so {fits}; '
+    return [f'{head}: {per_input / 1e6:.1f} MB per validation input (computed), so {fits}; '
             f'inputs beyond those are computed at every evaluation']

@@ -164,7 +164,7 @@ def _val_feature_cache(cfg):
     if not cfg.get('val_feature_cache'):
         return []
     model = cfg.model
-    return [dict(type='ValFeatureCacheHook', tiers=cfg.val_feature_cache,
+    return [dict(type='ValFeatureCacheHook', **cfg.val_feature_cache,
                  model=dict(backbone=model.backbone, pretrained=model.get('pretrained')),
                  load_from=cfg.get('load_from'),
                  priority=60)]  # before the evaluation hooks (80) start their first

@@ -106,16 +106,23 @@ def setting():
     return base, side, heads
 
 
+LOSS_PATHS = {'mmseg loss': False, 'banded loss': True}  # FCNHead's fused_loss
+
+
+@pytest.mark.parametrize('loss_path', list(LOSS_PATHS))
 @pytest.mark.parametrize('variant', list(VARIANTS))
-def test_a_heads_planned_bytes_are_what_its_training_step_allocates(setting, variant):
+def test_a_heads_planned_bytes_are_what_its_training_step_allocates(setting, variant,
+                                                                     loss_path):
     base, side, heads = setting
-    measured = _measured(base, side, [heads[variant]])
-    assert _planned(base, side, [heads[variant]]) == pytest.approx(measured, rel=TOLERANCE)
+    cfg = dict(heads[variant], fused_loss=LOSS_PATHS[loss_path])
+    measured = _measured(base, side, [cfg])
+    assert _planned(base, side, [cfg]) == pytest.approx(measured, rel=TOLERANCE)
 
 
-def test_a_group_of_mixed_variants_holds_the_sum_of_its_heads(setting):
+@pytest.mark.parametrize('loss_path', list(LOSS_PATHS))
+def test_a_group_of_mixed_variants_holds_the_sum_of_its_heads(setting, loss_path):
     base, side, heads = setting
-    cfgs = list(heads.values())
+    cfgs = [dict(c, fused_loss=LOSS_PATHS[loss_path]) for c in heads.values()]
     measured = _measured(base, side, cfgs)
     assert _planned(base, side, cfgs) == pytest.approx(measured, rel=TOLERANCE)
     # the logits-only estimate this replaces was far below what a group of convs holds

@@ -2,6 +2,7 @@
 when trained alone (same batches, augmentations, initial weights, dropout masks, optimizer
 steps); a head that diverges or is stopped leaves the others untouched."""
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -330,6 +331,7 @@ def test_a_sweep_computes_each_validation_input_once_and_removes_the_cache_at_it
     test_val_features.py); the cache's directories are gone once the sweep ended."""
     import re
 
+    from mmseg_custom.feature_store import tier_dirs
     from orchestrator import val_cache
     from orchestrator.spec import load_spec
     (_, g_client, _), _ = sweeps
@@ -340,7 +342,9 @@ def test_a_sweep_computes_each_validation_input_once_and_removes_the_cache_at_it
     # rank 0's log: its share of the 16 images on 2 ranks
     assert len(lines) >= 2 and lines == [(8 * k, 8) for k in range(len(lines))]
     spec, _ = load_spec(str(sweep_dir / 'space.yaml'))
-    tiers = val_cache.roots(spec, str(sweep_dir))
+    cache = val_cache.settings(spec, str(sweep_dir))
+    tiers = tier_dirs(cache['name'], cache['tiers'])  # resolved here as on the one node
+    assert f'cached in {tiers[0][0]} (up to' in log.read_text()
     assert tiers and not any(Path(d).exists() for d, _ in tiers)
 
 
@@ -371,8 +375,8 @@ def test_a_group_too_big_for_the_memory_budget_is_split():
     spec, base_cfg = load_spec('search_spaces/demo_grouped.yaml')
     base = plan.plain(base_cfg)
     _, _, memories = grouping.head_memories(spec, base, plan.grid_trials(spec))
-    worst = grouping.HeadMemory(*(max(getattr(m, f) for m in memories.values()) for f in
-                                  ('params', 'state', 'gradients', 'activations', 'logits')))
+    worst = grouping.HeadMemory(*(max(getattr(m, f.name) for m in memories.values())
+                                  for f in dataclasses.fields(grouping.HeadMemory)))
     four = grouping.group_bytes([worst] * 4)  # room for 4 of its largest heads, not 5
     (chunks, shown), lines, _ = _planned(grouping_memory_gb=(four + 1) / 1024 ** 3)
     assert sorted(chunks.values()) == [[3, 3], [3, 3]]  # at most 4 heads: 6 -> 3 + 3
@@ -574,7 +578,11 @@ def test_heads_per_group_come_from_what_each_head_holds_and_the_gpu_left_beside_
     conv, norm = 3200 * 3200 * 9, 2 * 3200  # a ConvModule's weight (no bias) and its BN
     assert largest.params == 2 * (conv + norm) + (2 * conv + norm) + 3200 * 150 + 150 + norm
     assert largest.state + largest.gradients == 16 * largest.params  # fp32 w, grad, 2 moments
-    assert largest.logits == 2 * 150 * 504 * 504 * 4  # batch 2, 150 classes at 504 px, fp32
+    # its loss in bands (chunked_loss.py): it keeps the gradient of its logits at feature size
+    # (batch 2, 150 classes, 36 x 36, fp32), and 4 bands of 13 label rows (8 MiB / 604,800 B a
+    # row of 2 x 150 x 504 fp32) work at once: 1.2 % of mmseg's 3 x 304.8 MB at label size
+    assert largest.logits == 2 * 150 * 36 * 36 * 4
+    assert largest.loss == 4 * 2 * 150 * 13 * 504 * 4
     h200, h100 = 143771 * 1024 ** 2, 81559 * 1024 ** 2  # what nvidia-smi reports
     assert list(grouping.plan_groups(spec, base, rows, h200)[0].values()) == [[12]] * 15
     line = grouping.dry_run_lines(spec, base, rows, h200)[0]

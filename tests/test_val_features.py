@@ -1,9 +1,16 @@
-"""The validation feature cache (mmseg_custom/hooks/val_features.py): evaluations that read a
-frozen backbone's outputs from it score exactly as evaluations that compute them, sliding
-windows and flips included; a later evaluation, and a later run of another head on the same
-backbone, compute none; the memory tier's budget spills the rest to the disk tier."""
+"""The validation feature cache (mmseg_custom/hooks/val_features.py, feature_store.py):
+evaluations that read a frozen backbone's outputs from it score exactly as evaluations that
+compute them, sliding windows and flips included; a later evaluation, and a later run of another
+head on the same backbone, compute none, a run on another backbone computes all; the memory
+tier's budget spills the rest to the disk tier. The store never fails its caller and never uses
+what is not its user's alone."""
 import json
+import os
 import re
+import subprocess
+
+import pytest
+import torch
 
 from mmcv import Config
 
@@ -15,7 +22,7 @@ WINDOWS = 3 * 3 * 2  # a 64 px image in 32 px crops at stride 24, then its flip
 ENTRY = 64 * 4 * 4 * 4  # the tiny InternViT's float32 output for one 32 px crop
 
 
-def _cfg(root, tiers=None, **head):
+def _cfg(root, tiers=None, backbone=None, **head):
     cfg = Config.fromfile(CONFIG)
     for split in ('train', 'val', 'test'):
         cfg.data[split].data_root = str(root)
@@ -27,8 +34,9 @@ def _cfg(root, tiers=None, **head):
     cfg.evaluation.interval = 4
     cfg.checkpoint_config.interval = 4
     cfg.model.decode_head.update(head)
+    cfg.model.backbone.update(backbone or {})
     if tiers:
-        cfg.val_feature_cache = tiers
+        cfg.val_feature_cache = dict(name='cache', tiers=tiers)
     return cfg
 
 
@@ -45,22 +53,98 @@ def _cache_lines(path):
             re.findall(r'validation features: (\d+) read from the cache, (\d+) computed', text)]
 
 
+def _clear(path):
+    for f in path.iterdir():
+        if f.is_file():
+            f.unlink()
+
+
 def test_cached_evaluations_score_as_uncached_ones_and_later_ones_compute_nothing(
         synthetic_root, tmp_path):
     memory, disk = tmp_path / 'memory', tmp_path / 'disk'
     tiers = [[str(memory), 5 * ENTRY], [str(disk), 10 ** 9]]
     n = VAL_IMAGES * WINDOWS
-    for head in (dict(num_convs=1), dict(num_convs=0, with_norm=True, channels=64)):
-        worker.train(_cfg(synthetic_root, **head), str(tmp_path / 'plain'))
-        worker.train(_cfg(synthetic_root, tiers, **head), str(tmp_path / 'cached'))
+    runs = [(dict(num_convs=1), None, [(0, n), (n, n)]),  # computes each input once, reads it
+            # another head on the same backbone: reads everything the first run kept
+            (dict(num_convs=0, with_norm=True, channels=64), None, [(n, 0), (2 * n, 0)]),
+            # another backbone (block 0's output, not block 1's): nothing of it is kept
+            (dict(num_convs=1), dict(out_indices=[0]), [(0, n), (n, n)])]
+    for head, backbone, lines in runs:
+        worker.train(_cfg(synthetic_root, backbone=backbone, **head), str(tmp_path / 'plain'))
+        worker.train(_cfg(synthetic_root, tiers, backbone=backbone, **head),
+                     str(tmp_path / 'cached'))
         assert _scores(tmp_path / 'cached') == _scores(tmp_path / 'plain')
         assert len(_scores(tmp_path / 'plain')) == 2
-        if head['num_convs'] == 1:  # the first run computes each input once, then reads it
-            assert _cache_lines(tmp_path / 'cached') == [(0, n), (n, n)]
-        else:  # a later run of another head on the same backbone computes none
-            assert _cache_lines(tmp_path / 'cached') == [(n, 0), (2 * n, 0)]
-        for d in ('plain', 'cached'):
-            for f in (tmp_path / d).iterdir():
-                f.unlink() if f.is_file() else None
-    entries = [len([f for f in d.iterdir() if f.name != 'usage']) for d in (memory, disk)]
-    assert entries == [5, n - 5]  # the memory tier holds its budget, the disk the rest
+        assert _cache_lines(tmp_path / 'cached') == lines
+        _clear(tmp_path / 'plain')
+        _clear(tmp_path / 'cached')
+    entries = [len([f for f in (d / 'cache').iterdir() if f.name != 'usage'])
+               for d in (memory, disk)]
+    assert entries == [5, 2 * n - 5]  # the memory tier holds its budget, the disk the rest
+    assert {oct((d / 'cache').stat().st_mode & 0o777) for d in (memory, disk)} == {'0o700'}
+
+
+# -- the store alone ----------------------------------------------------------------------------
+
+def _entry(values=256):
+    return dict(kind='list', tensors=[torch.arange(values, dtype=torch.float32)])
+
+
+def _usage(directory):
+    return int((directory / 'usage').read_text())
+
+
+def test_a_key_kept_by_two_writers_is_counted_once_and_a_torn_entry_is_a_miss(tmp_path):
+    from mmseg_custom.feature_store import FeatureStore
+    a, b = (FeatureStore('c', [[str(tmp_path), 10 ** 6]]) for _ in range(2))
+    assert a.put('k', _entry()) == b.put('k', _entry()) == str(tmp_path / 'c')
+    assert _usage(tmp_path / 'c') == 256 * 4
+    assert torch.equal(b.get('k')['tensors'][0], torch.arange(256, dtype=torch.float32))
+    (tmp_path / 'c' / 'k').write_bytes(b'torn')
+    assert a.get('k') is None and not (tmp_path / 'c' / 'k').exists()
+
+
+def test_the_store_leaves_a_directory_that_is_not_its_users_alone(tmp_path):
+    """Another user's (here: one everybody may write in) or a link: not used, not removed."""
+    from mmseg_custom.feature_store import FeatureStore, drop
+    shared = tmp_path / 'shared' / 'c'
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    (tmp_path / 'elsewhere').mkdir()
+    (tmp_path / 'linked').mkdir()
+    (tmp_path / 'linked' / 'c').symlink_to(tmp_path / 'elsewhere')
+    for base in ('shared', 'linked'):
+        store = FeatureStore('c', [[str(tmp_path / base), 10 ** 6]])
+        assert store.tiers == [] and store.put('k', _entry()) is None
+        drop('c', [[str(tmp_path / base), 10 ** 6]])
+    assert shared.is_dir() and (tmp_path / 'linked' / 'c').is_symlink()
+    assert list((tmp_path / 'elsewhere').iterdir()) == []
+
+
+def test_a_usage_file_that_is_a_link_is_not_followed(tmp_path):
+    from mmseg_custom.feature_store import FeatureStore
+    victim = tmp_path / 'victim'
+    victim.write_text('keep me')
+    store = FeatureStore('c', [[str(tmp_path / 't'), 10 ** 6]])
+    (tmp_path / 't' / 'c' / 'usage').symlink_to(victim)
+    assert store.put('k', _entry()) is None
+    assert victim.read_text() == 'keep me'
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason='mounts a small tmpfs (root)')
+def test_a_full_tier_is_left_for_the_next_and_the_caller_never_fails(tmp_path):
+    """A tmpfs of 1 MiB: a 2 MB entry does not fit (torch.save fails as the disk fills); the
+    next tier takes it, nothing is left behind, the first tier's count is unchanged."""
+    from mmseg_custom.feature_store import FeatureStore
+    small = tmp_path / 'small'
+    small.mkdir()
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(small)], check=True)
+    try:
+        store = FeatureStore('c', [[str(small), 10 ** 9], [str(tmp_path / 'disk'), 10 ** 9]])
+        big = _entry(500_000)
+        assert store.put('k', big) == str(tmp_path / 'disk' / 'c')
+        assert sorted(p.name for p in (small / 'c').iterdir()) == ['usage']
+        assert (small / 'c' / 'usage').read_text() in ('', '0')
+        assert torch.equal(store.get('k')['tensors'][0], big['tensors'][0])
+    finally:
+        subprocess.run(['umount', str(small)], check=True)

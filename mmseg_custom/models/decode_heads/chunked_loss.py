@@ -14,17 +14,31 @@ import torch
 import torch.nn.functional as F
 from mmseg.models.losses import CrossEntropyLoss
 
-BAND_BYTES = 8 * 2 ** 20  # one band's float32 logits at label size (a few such live at once)
+BAND_BYTES = 8 * 2 ** 20  # one band's float32 logits at label size
+# a band's tensors alive at once while its loss and gradient run: the band, its
+# log-probabilities, and the gradients of both (measured: tests/test_memory_plan.py)
+BAND_TENSORS = 4
+
+
+def covers(head):
+    """Whether ``head``'s losses take the banded path (given float32 logits, as FCNHead's):
+    its switch is on, one ``CrossEntropyLoss`` itself (a subclass may compute another loss),
+    softmax, mean, no mask, no pixel sampler."""
+    loss = head.loss_decode
+    return (getattr(head, 'fused_loss', False) and type(loss) is CrossEntropyLoss
+            and not loss.use_sigmoid and not loss.use_mask and loss.reduction == 'mean'
+            and head.sampler is None)
 
 
 def applies(head, seg_logit):
-    """Whether ``head``'s losses of ``seg_logit`` are what ``losses`` computes (float32 logits:
-    mmseg's path keeps half-precision logits in their dtype; a subclass of the loss may compute
-    another one)."""
-    loss = head.loss_decode
-    return (type(loss) is CrossEntropyLoss and not loss.use_sigmoid and not loss.use_mask
-            and loss.reduction == 'mean' and head.sampler is None
-            and seg_logit.dtype == torch.float32)
+    """Whether ``head``'s losses of ``seg_logit`` are what ``losses`` computes (mmseg's path
+    keeps half-precision logits in their dtype)."""
+    return covers(head) and seg_logit.dtype == torch.float32
+
+
+def band_rows(batch, classes, width):
+    """Label rows per band: BAND_BYTES of float32 logits at label width."""
+    return max(1, BAND_BYTES // (4 * batch * classes * width))
 
 
 def losses(head, seg_logit, seg_label):
@@ -33,7 +47,7 @@ def losses(head, seg_logit, seg_label):
     logits = seg_logit
     label = seg_label.squeeze(1)
     n, c = logits.shape[:2]
-    rows = max(1, BAND_BYTES // (4 * n * c * label.shape[2]))
+    rows = band_rows(n, c, label.shape[2])
     weight = None if loss.class_weight is None else logits.new_tensor(loss.class_weight)
     total, correct = _BandedCrossEntropy.apply(logits, label, weight, head.ignore_index,
                                                head.align_corners, rows)

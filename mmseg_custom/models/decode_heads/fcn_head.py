@@ -84,6 +84,6 @@ class FCNHead(BaseDecodeHead):
 
     def losses(self, seg_logit, seg_label):
         """mmseg's loss dict (``loss_ce``, ``acc_seg``), banded where exact."""
-        if self.fused_loss and chunked_loss.applies(self, seg_logit):
+        if chunked_loss.applies(self, seg_logit):
             return chunked_loss.losses(self, seg_logit, seg_label)
         return super().losses(seg_logit, seg_label)
