@@ -3,10 +3,12 @@ costs in device-hours, from unit costs measured in this run, before and after is
 changes; and one trial group of K heads against K solo runs of the same work, measured.
 
 Unit costs, measured here on one frozen InternViT of ``--width``/``--depth`` (toy size by
-default, so CPU figures are ratios, not the study's hours): B, the backbone's forward per image;
-for each of the study's 12 head variants, H (forward + loss + backward + step per image) with
-mmseg's loss path and with the banded one (chunked_loss.py), and F (forward per validation
-input); R, a validation feature cache hit per input (key + read, val_features.py). The study's
+default: at toy size the heads outweigh the backbone, so the hours at these costs say nothing
+of the real study; an H200 table computed from that GPU's measured costs is printed beside
+them): B, the backbone's forward per image; for each of the study's 12 head variants, H
+(forward + loss + backward + step per image) with mmseg's loss path and with the banded one
+(chunked_loss.py), and F (forward per validation input); R, a validation feature cache hit
+per input (key, read and copy at the linear probe's shape: val_features.py). The study's
 cost then follows the plan the dry run makes (plan.py, grouping.py on a ``--gpu-gib`` GPU):
 
   solo, before:   per trial  iters x images x (B + H) + evaluations x V x (B + F)
@@ -55,9 +57,6 @@ def unit_costs(cfg, variants, device, reps, size):
     from mmcv.cnn.utils import revert_sync_batchnorm
     from mmcv.runner import build_optimizer
     from mmseg.models import build_head, build_segmentor
-
-    from mmseg_custom.feature_store import FeatureStore
-    from mmseg_custom.hooks.val_features import _digest
     batch = cfg.data.samples_per_gpu
     img = torch.randn(batch, 3, size, size, device=device)
     classes = cfg.model.decode_head.num_classes
@@ -99,18 +98,28 @@ def unit_costs(cfg, variants, device, reps, size):
                 head(feats)
             per.append((_clock(device) - start) / reps / batch)
         heads[name] = tuple(per)
-    one = img[:1]
+    return backbone, heads, cache_hit(device, reps)
+
+
+def cache_hit(device, reps):
+    """R in seconds at the linear probe's shape, whatever the toy's: the key of a 504 px crop,
+    the read of its 3200 x 36 x 36 float32 features from a tier in the system's temp
+    directory, and their copy to ``device``."""
+    import torch
+
+    from mmseg_custom.feature_store import FeatureStore
+    from mmseg_custom.hooks.val_features import _digest
+    crop = torch.randn(1, 3, 504, 504, device=device)
     with tempfile.TemporaryDirectory() as d:
         store = FeatureStore('cache', [[d, 10 ** 10]])
-        key = _digest(b'backbone', one)
-        store.put(key, dict(kind='list', tensors=[f[:1].cpu() for f in feats]))
+        key = _digest(b'backbone', crop)
+        store.put(key, dict(kind='list', tensors=[torch.randn(1, 3200, 36, 36)]))
         store.get(key)  # warm-up
         start = _clock(device)
         for _ in range(reps):
-            entry = store.get(_digest(b'backbone', one))
+            entry = store.get(_digest(b'backbone', crop))
             [t.to(device) for t in entry['tensors']]
-        hit = (_clock(device) - start) / reps
-    return backbone, heads, hit
+        return (_clock(device) - start) / reps
 
 
 def study(gpu_gib):
@@ -165,8 +174,8 @@ def h200_costs(hit):
     """(B, heads, R) in seconds from the H200 figures: a head with one conv is taken midway
     between none and two (not measured), norm and concatenation as free (not measured), the
     heads' evaluation forward as free (not measured), the banded loss as mmseg's (not measured
-    on a GPU); R as measured in this run (CPU-side: key and read; the copy to the GPU not
-    counted)."""
+    on a GPU); R as measured in this run at the real shape (on a CPU run: the key and the
+    read, no copy to a GPU)."""
     ms = {**H200_HEAD_MS, 1: (H200_HEAD_MS[0] + H200_HEAD_MS[2]) / 2}
     heads = {k: (ms[k[0]] / 1e3, ms[k[0]] / 1e3, 0.0) for k in _variants()}
     return H200_BACKBONE_MS / 1e3, heads, hit
@@ -251,7 +260,9 @@ def main():
         f'Linear-probe study cost from unit costs measured by `benchmarks/study_cost.py` on '
         f'{args.device} ({os.cpu_count()} cores, torch {torch.__version__}), frozen InternViT '
         f'width {args.width}, depth {args.depth}, {args.size} px, {args.classes} classes: '
-        'device-hours at these unit costs, so only the ratios carry over to the real study.', '',
+        'device-hours at these unit costs. At toy size the backbone is cheap next to the heads, '
+        'so neither these hours nor their ratios carry over to the real study: the H200 table '
+        'below is its estimate.', '',
         f'Unit costs per image: backbone B {b * ms:.2f} ms; validation cache hit R '
         f'{hit * ms:.2f} ms; heads (H mmseg loss / H banded loss / F forward), ms:', '',
         '| num_convs, with_norm, concat_input | H mmseg | H banded | F |', '|---|---|---|---|']
@@ -260,13 +271,17 @@ def main():
     lines += ['', f'The study ({hours["trials"]} trials; {hours["groups"]} trial groups as '
               f'planned on a {args.gpu_gib:g} GiB GPU; {args.val_inputs} validation inputs, '
               f'backbone x {args.blocks_ratio:.4f} after, computed; cache filled once on each of '
-              f'{args.nodes} nodes), device-hours at these unit costs (computed):', '',
+              f'{args.nodes} nodes, every later evaluation a hit: 16 + 64 GB hold 4,819 inputs '
+              'of 16.6 MB where the filesystems have twice that; the groups as today\'s memory '
+              'plan makes them before and after: 12 heads each on this GPU either way), '
+              'device-hours at these unit costs (computed):', '',
               *_hours_table(hours), '',
               'The same study at H200 unit costs (GPU-hours, computed): backbone 38.1 ms per '
               'image (measured, README GPU table row b), heads 5.9 ms (linear) and 10.9 ms (two '
               'convs) per image with mmseg\'s loss (measured on an H200, issue 24); one conv '
               'taken midway, norm, concatenation and the heads\' evaluation as free, the banded '
-              'loss as mmseg\'s (none of these measured on a GPU); R as measured here:', '',
+              'loss as mmseg\'s (none of these measured on a GPU); R as measured here at the real '
+              'shape:', '',
               *_hours_table(study_hours(args, *h200_costs(hit))), '',
               f'Measured: {args.k} solo trainings against one trial group of the same '
               f'{args.k} heads, {args.iters} iterations each, mmseg\'s s per training iteration '

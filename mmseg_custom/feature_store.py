@@ -14,6 +14,7 @@ import fcntl
 import os
 import os.path as osp
 import shutil
+import socket
 import stat
 import tempfile
 
@@ -46,9 +47,22 @@ def _levels(base, name):
     return [osp.join(base, *parts[:i + 1]) for i in range(len(parts))]
 
 
+def _safe_base(base):
+    """Nobody else can swap a directory in ``base``: not writable by others, or sticky (as
+    /tmp and /dev/shm are)."""
+    try:
+        st = os.stat(base)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and (st.st_mode & stat.S_ISVTX or st.st_uid in
+                                           (0, os.getuid()) and not st.st_mode & 0o022))
+
+
 def _ours(base, name):
-    """Every directory of ``name`` under ``base`` exists, is this user's, no link, and nobody
-    else may write, read or enter it (so nobody can swap or plant what is below)."""
+    """Every directory of ``name`` under a safe ``base`` exists, is this user's, no link, and
+    nobody else may write, read or enter it (so nobody can swap or plant what is below)."""
+    if not _safe_base(base):
+        return False
     for level in _levels(base, name):
         try:
             st = os.lstat(level)
@@ -61,13 +75,21 @@ def _ours(base, name):
 
 
 def _make(base, name):
-    """The directories of ``name`` under ``base``, each made with mode 0700; whether they are
-    ours (made now or before). ``base`` is made as any directory is, where missing."""
+    """The directories of ``name`` under ``base``, each made with mode 0700 (one of this
+    user's made with a wider mode is narrowed to it); whether they are ours. ``base`` is made
+    as any directory is, where missing."""
     with contextlib.suppress(OSError):
         os.makedirs(base, exist_ok=True)
     for level in _levels(base, name):
         with contextlib.suppress(OSError):
             os.mkdir(level, 0o700)
+        with contextlib.suppress(OSError):  # ours, not a link: narrowed through its own fd
+            fd = os.open(level, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                if os.fstat(fd).st_uid == os.getuid():
+                    os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
     return _ours(base, name)
 
 
@@ -85,11 +107,11 @@ class FeatureStore:
             path = osp.join(directory, key)
             try:
                 entry = torch.load(path, map_location='cpu', weights_only=True)
-            except FileNotFoundError:
+            except (OSError, MemoryError):  # not there, or not readable just now: computed
                 continue
-            except Exception:  # torn: computed again (its bytes stay counted: a small drift)
-                with contextlib.suppress(OSError):
-                    os.remove(path)
+            except Exception:  # torn (torch.load raises many kinds): computed again and
+                with contextlib.suppress(OSError):  # written again (its bytes stay counted:
+                    os.remove(path)  # a small drift)
                 continue
             self.reads += 1
             return entry
@@ -104,10 +126,12 @@ class FeatureStore:
         for directory, budget in self.tiers:
             if directory in self.full:
                 continue
-            tmp = osp.join(directory, f'.{key}.{os.getpid()}.tmp')
+            tmp = osp.join(directory, f'.{key}.{socket.gethostname()}.{os.getpid()}.tmp')
             try:
                 with _usage(directory) as (used, _):
-                    if used + size > budget:  # before writing: a full tier costs no write
+                    disk = shutil.disk_usage(directory)  # before writing: a full tier costs
+                    if (used + size > budget  # no write
+                            or disk.used + size > FILL_LIMIT * disk.total):
                         self.full.add(directory)
                         continue
                 torch.save(entry, tmp)

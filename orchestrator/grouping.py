@@ -54,16 +54,18 @@ class HeadMemory:
     (``activations`` at feature size, and what its loss keeps, ``logits``: mmseg's loss its
     log-probabilities at label size, the banded loss the gradient of its logits at feature
     size) or, once its backward has run and released those, its ``gradients``. A group holds
-    all its heads' at once (their losses are summed before one backward), plus the ``loss``
-    working set of one head's loss at a time (mmseg's: LOSS_BACKWARD_LOGITS label-size
-    tensors; the banded loss's: BAND_TENSORS bands; ``group_bytes``). Measured against the CPU
-    allocator's peak in tests/test_memory_plan.py."""
+    all its heads' at once (their losses are summed before one backward), plus the working
+    set of one head's loss at a time: mmseg's, LOSS_BACKWARD_LOGITS label-size tensors, in the
+    backward (``loss_backward``), the banded loss's, BAND_TENSORS bands, in the forward
+    (``loss_forward``; ``group_bytes``). Measured against the CPU allocator's peak in
+    tests/test_memory_plan.py."""
     params: int
     state: int
     gradients: int
     activations: int
     logits: int
-    loss: int
+    loss_forward: int = 0
+    loss_backward: int = 0
 
     @property
     def total(self):
@@ -147,10 +149,11 @@ def head_memory(base, head_cfg, side):
         rows = min(crop_h, chunked_loss.band_rows(batch, classes, crop_w))
         band = batch * classes * rows * crop_w * FP32
         return HeadMemory(params, state, params * FP32, activations,
-                          at_feature * classes * FP32, chunked_loss.BAND_TENSORS * band)
+                          at_feature * classes * FP32,
+                          loss_forward=chunked_loss.BAND_TENSORS * band)
     logits = label * classes * FP32
     return HeadMemory(params, state, params * FP32, activations, logits,
-                      LOSS_BACKWARD_LOGITS * logits)
+                      loss_backward=LOSS_BACKWARD_LOGITS * logits)
 
 
 def head_memories(spec, base, rows):
@@ -213,12 +216,18 @@ def group_budget(spec, side, gpu_bytes=None):
 
 def group_bytes(memories):
     """The peak of a group of heads (``memories``: their HeadMemory) in one training step, the
-    larger of two phases: the backward (every head's share, and one head's loss backward on
-    top) and the optimizer step (every head's state and gradients, and the step's temporary
-    of one head's parameters, the size of its gradients)."""
-    backward = sum(m.total for m in memories) + max(m.loss for m in memories)
-    step = sum(m.state + m.gradients for m in memories) + max(m.gradients for m in memories)
-    return max(backward, step)
+    largest of three phases: the forward's end, a banded loss at work while every head holds
+    its activations and what its loss keeps (no gradient yet); the backward (every head's
+    share, and one head's mmseg loss backward on top: the heads' backwards interleave, so
+    gradients of others may exist by then); the optimizer step (every head's state and
+    gradients, and the step's temporary of one head's parameters, the size of its
+    gradients)."""
+    state = sum(m.state for m in memories)
+    forward = state + sum(m.activations + m.logits for m in memories) + max(
+        m.loss_forward for m in memories)
+    backward = sum(m.total for m in memories) + max(m.loss_backward for m in memories)
+    step = state + sum(m.gradients for m in memories) + max(m.gradients for m in memories)
+    return max(forward, backward, step)
 
 
 def heads_per_group(budget, memories):

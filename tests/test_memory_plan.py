@@ -119,6 +119,18 @@ def test_a_heads_planned_bytes_are_what_its_training_step_allocates(setting, var
     assert _planned(base, side, [cfg]) == pytest.approx(measured, rel=TOLERANCE)
 
 
+@pytest.mark.parametrize('variant', ['linear', 'two convs + concat + norm'])
+def test_the_banded_loss_is_planned_right_in_several_bands(setting, variant, monkeypatch):
+    """1 MiB bands: 13 of the 64 label rows each (2 x 150 x 64 float32 is 76,800 B a row), 5
+    bands; the test above runs the whole label as one band."""
+    from mmseg_custom.models.decode_heads import chunked_loss
+    monkeypatch.setattr(chunked_loss, 'BAND_BYTES', 2 ** 20)
+    base, side, heads = setting
+    cfg = dict(heads[variant], fused_loss=True)
+    measured = _measured(base, side, [cfg])
+    assert _planned(base, side, [cfg]) == pytest.approx(measured, rel=TOLERANCE)
+
+
 @pytest.mark.parametrize('loss_path', list(LOSS_PATHS))
 def test_a_group_of_mixed_variants_holds_the_sum_of_its_heads(setting, loss_path):
     base, side, heads = setting

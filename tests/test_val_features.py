@@ -104,21 +104,33 @@ def test_a_key_kept_by_two_writers_is_counted_once_and_a_torn_entry_is_a_miss(tm
     assert a.get('k') is None and not (tmp_path / 'c' / 'k').exists()
 
 
-def test_the_store_leaves_a_directory_that_is_not_its_users_alone(tmp_path):
-    """Another user's (here: one everybody may write in) or a link: not used, not removed."""
+def test_the_store_leaves_what_is_not_its_users_alone(tmp_path):
+    """A base others may write in without the sticky bit (they could swap our directory), a
+    directory another user made (as root: owned by nobody), a link: not used, not removed.
+    One of this user's own made with a wider mode is narrowed to 0700 and used."""
     from mmseg_custom.feature_store import FeatureStore, drop
-    shared = tmp_path / 'shared' / 'c'
-    shared.mkdir(parents=True)
-    shared.chmod(0o777)
+    open_base = tmp_path / 'open'
+    (open_base / 'c').mkdir(parents=True)
+    open_base.chmod(0o777)
     (tmp_path / 'elsewhere').mkdir()
     (tmp_path / 'linked').mkdir()
     (tmp_path / 'linked' / 'c').symlink_to(tmp_path / 'elsewhere')
-    for base in ('shared', 'linked'):
+    refused = ['open', 'linked']
+    if os.getuid() == 0:
+        (tmp_path / 'theirs' / 'c').mkdir(parents=True)
+        os.chown(tmp_path / 'theirs' / 'c', 65534, 65534)
+        refused.append('theirs')
+    for base in refused:
         store = FeatureStore('c', [[str(tmp_path / base), 10 ** 6]])
-        assert store.tiers == [] and store.put('k', _entry()) is None
+        assert store.tiers == [] and store.put('k', _entry()) is None, base
         drop('c', [[str(tmp_path / base), 10 ** 6]])
-    assert shared.is_dir() and (tmp_path / 'linked' / 'c').is_symlink()
+        assert (tmp_path / base / 'c').exists(), base
     assert list((tmp_path / 'elsewhere').iterdir()) == []
+    (tmp_path / 'mine' / 'c').mkdir(parents=True)
+    (tmp_path / 'mine' / 'c').chmod(0o755)
+    store = FeatureStore('c', [[str(tmp_path / 'mine'), 10 ** 6]])
+    assert store.put('k', _entry()) == str(tmp_path / 'mine' / 'c')
+    assert oct((tmp_path / 'mine' / 'c').stat().st_mode & 0o777) == '0o700'
 
 
 def test_a_usage_file_that_is_a_link_is_not_followed(tmp_path):
