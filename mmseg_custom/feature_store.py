@@ -120,8 +120,9 @@ class FeatureStore:
 
     def put(self, key, entry):
         """Keep ``entry`` (a dict with its CPU tensors in a list at ``'tensors'``) under ``key``
-        in the first tier with room; the tier's directory, or None. The entry is written, then, under the tier's lock,
-        renamed into place and counted, unless another process kept the key meanwhile."""
+        in the first tier with room; the tier's directory, or None. The entry is written, then,
+        under the tier's lock, renamed into place and counted, unless another process kept the
+        key meanwhile."""
         size = sum(t.numel() * t.element_size() for t in entry['tensors'])
         for directory, budget in self.tiers:
             if directory in self.full:
