@@ -564,8 +564,13 @@ def _drop_val_features(sweep):
 
 def _build_tuner(sweep):
     """The Tuner (restored on --resume: finished trials stay finished, running ones continue
-    from their checkpoints) and the live status it reports to."""
+    from their checkpoints) and the live status it reports to. Tune's own result files are
+    its CSV and JSON loggers, named here; its automatic TensorBoard logger is left out (MLflow
+    is the record): its writer's exit handler starts a thread, which Python 3.12 refuses at
+    shutdown, a traceback after every interrupted sweep."""
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+    os.environ['TUNE_DISABLE_AUTO_CALLBACK_LOGGERS'] = '1'
 
     from orchestrator.crew import ON_HEAD
     from orchestrator.live import LiveStatus
@@ -600,7 +605,8 @@ def _build_tuner(sweep):
         run_config=tune.RunConfig(name=spec.name,
                                   storage_path=osp.dirname(sweep.experiment_path),
                                   callbacks=[callback, live,
-                                             KeepTuneState(sweep.experiment_path)],
+                                             KeepTuneState(sweep.experiment_path),
+                                             CSVLoggerCallback(), JsonLoggerCallback()],
                                   verbose=0)), live
 
 
