@@ -1,5 +1,5 @@
 # The two README commands. Both run scripts/setup.sh first (idempotent; <1 s once installed).
-.PHONY: setup demo test benchmark gpu-check gpu-check-cpu clean
+.PHONY: setup demo test benchmark gpu-bundle gpu-sweep gpu-check gpu-sweep-cpu gpu-check-cpu clean
 
 setup:
 	@bash scripts/setup.sh
@@ -14,14 +14,31 @@ test: setup
 benchmark: setup
 	.venv/bin/python benchmarks/train_two_workers.py
 
-# The GPU path in one prepared run (benchmarks/gpu_check.py): on a GPU machine with python3, torch
-# and CUDA (no .venv there; mmseg and mmcv-full come from GPU_WHEELS), and at toy size on CPU.
-GPU_WHEELS ?= ../shared/wheels/gpu-py312
+# The product on a GPU machine (Python 3.12, torch + CUDA, no network): `make gpu-bundle` here
+# builds GPU_BUNDLE (Ray, MLflow, optuna, pydantic, mmseg and mmcv's source; ~46 MB), which
+# travels with the checkout; there, `make gpu-sweep` sets up from it (scripts/gpu_setup.sh), runs
+# a sweep through `orchestrator sweep` and its report (benchmarks/gpu_sweep.py), then the GPU
+# check (benchmarks/gpu_check.py). Both at toy size on CPU: gpu-sweep-cpu, gpu-check-cpu.
+GPU_BUNDLE ?= .gpu-bundle
 GPU_SITE ?= .cache/gpu-site
-GPU_CHECK_OUT ?= work_dirs/gpu_check/cuda.json
+GPU_OUT ?= work_dirs/gpu_sweep/cuda
+GPU_ENV = PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR) PYTHONUNBUFFERED=1
+gpu-bundle: setup
+	bash scripts/gpu_bundle.sh $(GPU_BUNDLE)
+
+gpu-sweep:  # the check runs also when the sweep failed; the exit is non-zero if either did
+	bash scripts/gpu_setup.sh $(GPU_BUNDLE) $(GPU_SITE)
+	$(GPU_ENV) python3 benchmarks/gpu_sweep.py --device cuda --out $(GPU_OUT) \
+	  --work work_dirs/gpu_sweep/cuda-work $(GPU_SWEEP_ARGS); s=$$?; \
+	$(GPU_ENV) python3 benchmarks/gpu_check.py --device cuda --out $(GPU_OUT)/gpu_check.json \
+	  $(GPU_CHECK_ARGS); c=$$?; exit $$((s || c))
+
 gpu-check:
-	bash scripts/gpu_setup.sh $(GPU_WHEELS) $(GPU_SITE)
-	PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR) PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --device cuda --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+	bash scripts/gpu_setup.sh $(GPU_BUNDLE) $(GPU_SITE)
+	$(GPU_ENV) python3 benchmarks/gpu_check.py --device cuda --out $(GPU_OUT)/gpu_check.json $(GPU_CHECK_ARGS)
+
+gpu-sweep-cpu: setup
+	.venv/bin/python benchmarks/gpu_sweep.py --device cpu
 
 gpu-check-cpu: setup
 	.venv/bin/python benchmarks/gpu_check.py --device cpu

@@ -1,65 +1,93 @@
-"""What building an InternViT costs, without a weight file (random initialisation in float32,
-then the cast: what every build did before) and with one (built on the meta device, then zeros
-in bfloat16 until ``init_weights`` loads the file, which this times too: a real file of the
-shape's weights, written first). Each build in a fresh process: wall time and peak RSS, the
-load included.
+"""What loading InternViT from a weight file costs in host memory and time: the file read whole
+and copied into the model (what every load did before issue 25 point 4), against the file
+memory-mapped and its tensors taken as the parameters (``read_state`` + ``init_weights`` now).
+Each load in a fresh process, the two alternating per shape; peak RSS is read after the load and
+again after every weight has been read once (what a forward or the copy to the GPU does: mapped
+pages count only once touched). The file holds the shape's bfloat16 tensors (zeros: the values
+do not change what memory holds), written by a build that never initialises them.
 
     .venv/bin/python benchmarks/internvit_build.py "dict(preset='300M')" "dict(preset='6B', depth=8)"
+    .venv/bin/python benchmarks/internvit_build.py --mmap-only "dict(preset='6B')"
 
-Printed as a Markdown table, never asserted (benchmarks/results/internvit_build.md). The full
-6B without a file needs ~27 GB of host memory: more than a 23 GB machine has.
+Printed as a Markdown table, never asserted (benchmarks/results/internvit_build.md). The full 6B
+read whole needs its 11.8 GB twice: more than a 23 GB machine has (``--mmap-only``).
 """
+import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = '''
 import json, resource, sys, time
+import torch
 import mmseg_custom  # noqa: F401
 from mmseg_custom.models.backbones.intern_vit import InternViT
-kwargs, pretrained = eval(sys.argv[1]), sys.argv[2] or None
+from mmseg_custom.models.backbones.internvit_weights import backbone_state
+kwargs, path, mode = eval(sys.argv[1]), sys.argv[2], sys.argv[3]
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+if mode == 'write':  # the shape's bfloat16 tensors, never initialised (zeros)
+    model = InternViT(pretrained=path, **kwargs)
+    state = model.state_dict()
+    if path.endswith('.safetensors'):
+        from safetensors.torch import save_file
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    sys.exit(0)
 start = time.perf_counter()
-model = InternViT(pretrained=pretrained, **kwargs)
-built = time.perf_counter()
-if pretrained:
-    model.init_weights()  # the file's tensors into the model
-done = dict(seconds=time.perf_counter() - start, build_s=built - start,
-            peak_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-            params=sum(p.numel() for p in model.parameters()))
-if sys.argv[3:]:  # the parent asked for the weights of this shape (after the measurement)
-    import torch
-    torch.save(model.state_dict(), sys.argv[3])
-print(json.dumps(done))
+model = InternViT(pretrained=path, **kwargs)
+if mode == 'copy':  # the load before: the whole file into memory, copied into the parameters
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        whole = load_file(path)
+    else:
+        whole = torch.load(path, map_location='cpu', weights_only=True)
+    model.load_state_dict(backbone_state(whole)[0], strict=False)
+    del whole
+else:
+    model.init_weights()
+loaded_s, loaded_gb = time.perf_counter() - start, peak()
+checksum = sum(float(p.float().sum()) for p in model.parameters())  # every weight read once
+print(json.dumps(dict(load_s=loaded_s, load_gb=loaded_gb, read_s=time.perf_counter() - start,
+                      read_gb=peak(), checksum=checksum,
+                      params=sum(p.numel() for p in model.parameters()))))
 '''
 
 
-def build(kwargs, pretrained, save_to=None):
-    out = subprocess.run([sys.executable, '-c', CHILD, kwargs, pretrained or '',
-                          *([save_to] if save_to else [])], cwd=ROOT,
+def child(kwargs, path, mode):
+    out = subprocess.run([sys.executable, '-c', CHILD, kwargs, path, mode], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1]) if mode != 'write' else None
 
 
-def main(shapes):
-    import tempfile
-    base = build('dict(preset="300M", depth=1)', None)['peak_gb']  # imports alone, roughly
-    print(f'peak RSS includes ~{base:.1f} GB of imports (a 1-block 300M build)\n')
-    print('| shape | params | random init, s | from a file: build s + load s = s | ratio | '
-          'peak GB random | peak GB file (load included) | file GB |')
-    print('|---|---|---|---|---|---|---|---|')
-    for kwargs in shapes:
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = str(Path(tmp) / 'weights.pth')
-            before = build(kwargs, None, save_to=weights)  # the random build writes the file
-            after = build(kwargs, weights)
-            size = Path(weights).stat().st_size / 1e9
-        print(f'| `{kwargs}` | {after["params"] / 1e9:.2f} B | {before["build_s"]:.2f} | '
-              f'{after["build_s"]:.2f} + {after["seconds"] - after["build_s"]:.2f} = '
-              f'{after["seconds"]:.2f} | {before["build_s"] / after["seconds"]:.1f}x | '
-              f'{before["peak_gb"]:.1f} | {after["peak_gb"]:.1f} | {size:.2f} |')
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('shapes', nargs='*', default=["dict(preset='300M')",
+                                                      "dict(preset='6B', depth=8)"])
+    parser.add_argument('--suffix', default='.pth', choices=['.pth', '.safetensors'])
+    parser.add_argument('--mmap-only', action='store_true', help='skip the whole-file load')
+    parser.add_argument('--dir', default=None, help='where the weight file is written')
+    args = parser.parse_args()
+    modes = ['mmap'] if args.mmap_only else ['copy', 'mmap']
+    print('| shape | file | params | file GB | load | load s | peak GB after load | '
+          's, every weight read | peak GB, every weight read |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    for i, kwargs in enumerate(args.shapes):
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            path = str(Path(tmp) / f'weights{args.suffix}')
+            child(kwargs, path, 'write')
+            size = Path(path).stat().st_size / 1e9
+            order = modes if i % 2 == 0 else modes[::-1]  # each side first in turn
+            for mode in order:
+                r = child(kwargs, path, mode)
+                print(f'| `{kwargs}` | {args.suffix} | {r["params"] / 1e9:.2f} B | {size:.2f} | '
+                      f'{"read whole + copied" if mode == "copy" else "memory-mapped"} | '
+                      f'{r["load_s"]:.2f} | {r["load_gb"]:.1f} | {r["read_s"]:.2f} | '
+                      f'{r["read_gb"]:.1f} |', flush=True)
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:] or ["dict(preset='300M')", "dict(preset='6B', depth=8)"])
+    main()

@@ -1,6 +1,7 @@
 """InternViT on CPU at a tiny width (depth 2, width 64): shapes at InternVL's 504 crop, frozen
 probing, bf16 features into the fp32 FCNHead, local weights, layer decay, an InternVL-style config."""
 import copy
+import os
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ TINY = dict(type='InternViT6B', pretrain_size=224, img_size=504, patch_size=14, 
             freeze_vit=False, out_indices=[1])
 
 
-def _segmentor(freeze=False, num_classes=4):
-    backbone = dict(TINY, freeze_vit=freeze)
+def _segmentor(freeze=False, num_classes=4, **backbone_kwargs):
+    backbone = dict(TINY, freeze_vit=freeze, **backbone_kwargs)
     model = build_segmentor(dict(
         type='EncoderDecoder', backbone=backbone,
         decode_head=dict(type='FCNHead', in_channels=64, channels=64, num_convs=0,
@@ -262,3 +263,57 @@ def test_shipped_internvl_configs_load_with_internvit_and_its_vocabulary():
     assert probe.model.backbone.freeze_vit and not fewshot.model.backbone.freeze_vit
     assert fewshot.data.train.max_image_num == 1263 and fewshot.runner.max_iters == 5000
     assert fewshot.lr_config.warmup_iters == 100
+
+
+def _file_pages(path):
+    """Address ranges of this process's mappings of ``path`` (the kernel's view, /proc)."""
+    ranges = []
+    with open('/proc/self/maps') as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == os.path.realpath(path):
+                start, end = (int(x, 16) for x in fields[0].split('-'))
+                ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_a_weight_file_of_the_models_dtype_becomes_its_parameters_without_a_copy(tmp_path, suffix):
+    """A 12 GB bfloat16 file must not cost 12 GB more of host memory: after the segmentor's
+    init_weights (mmcv's, as a training runs it), every ViT parameter's bytes lie in the file's
+    own mapped pages (read from /proc/self/maps), the frozen ViT stays frozen, and the values
+    are the file's."""
+    source = build_backbone(dict(TINY))
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / f'vit{suffix}'
+    if suffix == '.pth':
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+    model = _segmentor(freeze=True, pretrained=str(path)).backbone
+    pages = _file_pages(path)
+    vit = dict(model.named_parameters())
+    outside = [n for n, p in vit.items() if not any(a <= p.data_ptr() < b for a, b in pages)]
+    assert pages and not outside, outside
+    assert all(not p.requires_grad for p in vit.values())
+    assert all(torch.equal(p, state[n]) for n, p in vit.items())
+
+
+def test_the_pyramid_still_trains_beside_a_mapped_frozen_vit(tmp_path):
+    torch.save(build_backbone(dict(TINY)).state_dict(), tmp_path / 'vit.pth')
+    model = build_backbone(dict(TINY, pretrained=str(tmp_path / 'vit.pth'), freeze_vit=True,
+                                with_fpn=True, out_indices=[0, 1, 0, 1]))
+    model.init_weights()
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains and all(n.startswith(('up1.', 'up2.', 'up3.', 'up4.')) for n in trains)
+
+
+def test_a_float32_weight_file_is_cast_to_the_models_dtype(tmp_path):
+    source = build_backbone(dict(TINY))
+    torch.save({k: v.float() + 1e-3 for k, v in source.state_dict().items()}, tmp_path / 'f.pth')
+    model = build_backbone(dict(TINY, pretrained=str(tmp_path / 'f.pth')))
+    model.init_weights()
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, (source.state_dict()[name].float() + 1e-3).bfloat16())

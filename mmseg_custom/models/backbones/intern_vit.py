@@ -21,6 +21,7 @@ load as they are; a file that leaves any ViT parameter unloaded is an error, nev
 random backbone.
 """
 import contextlib
+from collections import namedtuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,8 @@ from mmseg.utils import get_root_logger
 
 from .internvit_weights import (BackboneWeightsError, backbone_state, read_state,
                                 resize_patch_kernel, resize_pos_embed)
+
+LoadReport = namedtuple('LoadReport', 'missing_keys unexpected_keys')  # as load_state_dict's
 
 PRESETS = {
     '6B': dict(embed_dim=3200, depth=48, num_heads=25, mlp_ratio=4.0, qkv_bias=False,
@@ -296,7 +299,16 @@ class InternViT(BaseModule):
             k = wrong[0]
             raise BackboneWeightsError(f'{where}: {k} has shape {tuple(state[k].shape)} in the '
                                        f'file, {tuple(own[k].shape)} in this model')
-        result = self.load_state_dict(state, strict=False)
+        # The file's tensors become the parameters' data, converted only where the file's dtype
+        # differs: a memory-mapped file of the model's dtype is never copied. The Parameter
+        # objects stay (mmcv's init_weights refuses replaced ones; optimizers hold them).
+        tensors = dict(self.named_parameters())
+        tensors.update(self.named_buffers())
+        for key, value in state.items():
+            if key in tensors:
+                tensors[key].data = value.to(tensors[key].dtype)
+        result = LoadReport([k for k in own if k not in state],
+                            [k for k in state if k not in own])
         get_root_logger().info(
             f'{where}: {len(state) - len(result.unexpected_keys)} tensors loaded, not in the '
             f'file: {result.missing_keys or "none"}, unused: {result.unexpected_keys or "none"}')

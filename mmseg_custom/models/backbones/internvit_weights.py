@@ -33,14 +33,23 @@ class BackboneWeightsError(ValueError):
 
 
 def read_state(path):
-    """The tensors of a local ``.pth`` / ``.pt`` / ``.safetensors`` file (never a hub download)."""
+    """The tensors of a local ``.pth`` / ``.pt`` / ``.safetensors`` file (never a hub download),
+    memory-mapped: their bytes stay in the file's pages (shared by every process on the node that
+    maps the same file) until a tensor is read, so a 12 GB file costs no second copy in host
+    memory when the model takes the tensors as they are (``InternViT.init_weights``)."""
     if not osp.isfile(path):
         raise FileNotFoundError(f'InternViT weights: {path}: no such file (weights are read from '
                                 'local files only)')
     if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return torch.load(path, map_location='cpu', weights_only=True)
+        from safetensors import safe_open
+        with safe_open(path, framework='pt', device='cpu') as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError as err:  # torch's pre-1.6 format cannot be mapped: read it whole
+        if 'mmap' not in str(err):
+            raise
+        return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def layout_of(state):

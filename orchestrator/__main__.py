@@ -1,0 +1,7 @@
+"""`python -m orchestrator ...`: the command line where the console script is not installed (the
+GPU machine's bundle, benchmarks/gpu_sweep.py)."""
+import sys
+
+from orchestrator.cli import main
+
+sys.exit(main())
