@@ -347,6 +347,9 @@ def main(argv=None):
                    help='trial group sizes')
     p.add_argument('--iters', type=int, help='training iterations per run of check c')
     p.add_argument('--only', nargs='+', help='run these checks only (a b c d e)')
+    p.add_argument('--deadline', type=float, metavar='S',
+                   help='seconds for the whole run: each check\'s limit is cut to what is left '
+                        '(a check cut short keeps what it wrote; later ones are not started)')
     p.add_argument('--finetune-step', metavar='OUT', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.finetune_step:
@@ -368,6 +371,7 @@ def main(argv=None):
               ('c', 'trial_group', check_trial_group, 400),
               ('e', 'checkpoint_size', check_checkpoint_size, 120)]
     failed = []
+    began = time.perf_counter()
 
     def too_long(signum, frame):
         raise TimeoutError('the check ran past its allowed time')
@@ -377,6 +381,13 @@ def main(argv=None):
             if args.only and letter not in args.only:
                 continue
             start = time.perf_counter()
+            if args.deadline:
+                left = int(args.deadline - (start - began))
+                if left < 10:
+                    report[name] = dict(error=f'not started: {left} s of --deadline left')
+                    failed.append(name)
+                    continue
+                allowed_s = min(allowed_s, left)
             print(f'[gpu-check] {letter}. {name} ...', flush=True)
             signal.alarm(allowed_s)  # a check that hangs is stopped and reported, not waited on
             try:

@@ -55,3 +55,16 @@ def test_gpu_check_cpu_mode_writes_every_number(tmp_path):
     assert e['vit6b_backbone_params_b'] > 5.8
     assert e['vit6b_linear_probe_gb_with_backbone'] > 11 > e['vit6b_linear_probe_mb_without'] / 1e3
     assert e['backbone_tensors_in_it'] == 0 and 'trial_group_solo_checkpoint_bytes' in e
+
+
+def test_a_check_past_the_deadline_is_reported_not_started(tmp_path):
+    """`--deadline` keeps `make gpu-sweep` within the GPU machine's command limit: a check with
+    under 10 s left is not started, says so in the JSON, and the run exits non-zero."""
+    out = tmp_path / 'gpu_check.json'
+    run = subprocess.run([sys.executable, 'benchmarks/gpu_check.py', '--device', 'cpu',
+                          '--only', 'e', '--deadline', '5', '--out', str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r['failed'] == ['checkpoint_size']
+    assert r['checkpoint_size']['error'].startswith('not started: ')
