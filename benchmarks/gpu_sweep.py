@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -80,15 +81,28 @@ def write_weights(space, device):
 
 
 def orchestrator(args, log, timeout):
-    """``python -m orchestrator ARGS``, its output appended to ``log``; (exit code, seconds)."""
+    """``python -m orchestrator ARGS``, its output appended to ``log``; (exit code, seconds). Past
+    ``timeout`` it gets SIGTERM, as a preempted or cancelled job would: a sweep then stops its
+    trials at their latest checkpoint and exits 143, resumable (its report shows what finished)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get('PYTHONPATH', '')) if p))
     start = time.perf_counter()
     with open(log, 'a') as f:
         f.write(f'$ orchestrator {" ".join(args)}\n')
         f.flush()
-        code = subprocess.run([sys.executable, '-m', 'orchestrator', *args], cwd=ROOT, env=env,
-                              stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        proc = subprocess.Popen([sys.executable, '-m', 'orchestrator', *args], cwd=ROOT, env=env,
+                                stdout=f, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            f.write(f'[gpu-sweep] {timeout:.0f} s passed: SIGTERM\n')
+            f.flush()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
     return code, time.perf_counter() - start
 
 
@@ -118,6 +132,22 @@ def group_memory(sweep_dir):
         if values:
             peaks[str(log.parent.relative_to(sweep_dir))] = max(values)
     return peaks
+
+
+def summary(trials, sweep_dir):
+    """The trials, how many finished, the groups' sizes, how many groups ran at once (the most
+    whose runs' start-end spans cover one group's start) and the GPU memory logged per group."""
+    groups = {}
+    for t in trials:
+        groups.setdefault(t['group'], []).append(t)
+    spans = [(min(t['start_ms'] for t in g), max(t['end_ms'] or 0 for t in g))
+             for g in groups.values()]
+    return dict(trials=trials, finished=sum(t['status'] == 'FINISHED' for t in trials),
+                with_miou=sum(t['mIoU'] is not None for t in trials),
+                group_sizes=sorted(len(g) for g in groups.values()),
+                groups_running_at_once=max((sum(s <= at < e for s, e in spans)
+                                            for at, _ in spans), default=0),
+                gpu_memory_mb_logged=group_memory(sweep_dir))
 
 
 def main(argv=None):
@@ -175,17 +205,7 @@ def main(argv=None):
     report['report'] = dict(exit=code, seconds=seconds,
                             file=str(out / 'report.md') if written.is_file() else None)
     trials = read_results(sweep_dir)
-    groups = {}
-    for t in trials:
-        groups.setdefault(t['group'], []).append(t)
-    spans = sorted((min(t['start_ms'] for t in g), max(t['end_ms'] or 0 for t in g))
-                   for g in groups.values())
-    report['results'] = dict(
-        trials=trials, finished=sum(t['status'] == 'FINISHED' for t in trials),
-        with_miou=sum(t['mIoU'] is not None for t in trials),
-        group_sizes=sorted(len(g) for g in groups.values()),
-        groups_running_at_once=max(sum(s <= at < e for s, e in spans) for at, _ in spans),
-        gpu_memory_mb_logged=group_memory(sweep_dir))
+    report['results'] = summary(trials, sweep_dir)
     report['seconds'] = time.perf_counter() - start
     save()
     print(result_file)
