@@ -3,7 +3,8 @@
 # the recipe works (not part of `make test`: it installs the whole stack, minutes to an hour).
 # These machines cannot pull images, so the default base is made here: a Debian bookworm root
 # filesystem (Python 3.11, venv, headers, gcc/g++, make) bootstrapped from Debian's packages with
-# mmdebstrap and committed as segprobe-base:bookworm. Storage: vfs (no overlay mounts needed).
+# mmdebstrap and committed as segprobe-base:bookworm. Storage: vfs (each layer a full copy: about
+# 25 GB of free disk for the CUDA build of torch that setup.sh installs).
 #   bash scripts/container_demo.sh [BASE_IMAGE]        (default segprobe-base:bookworm)
 # Optional: MMCV_WHEELS=DIR (a folder with a matching mmcv-full wheel, mounted at /wheels),
 # PIP_MIRROR=DIR (a folder holding a simple/ index, mounted read-only and used as an extra
@@ -12,7 +13,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BASE="${1:-segprobe-base:bookworm}"
 IMAGE="${IMAGE:-segprobe:demo}"
-export STORAGE_DRIVER=vfs
+buildah() { command buildah --storage-driver vfs "$@"; }  # no overlay mounts needed
 log() { echo "[container] $*" >&2; }
 for tool in buildah mmdebstrap; do
   command -v "$tool" >/dev/null || { echo "error: scripts/container_demo.sh: $tool not found (Debian package $tool)" >&2; exit 2; }

@@ -44,9 +44,23 @@ TARGET=(--python-version 3.12 --implementation cp --only-binary=:all: --platform
 quiet "${PIP[@]}" download -q --no-deps "${TARGET[@]}" -d "$WORK/wheels" "${pins[@]}"
 quiet "${PIP[@]}" install -q --no-index --no-deps --no-compile "${TARGET[@]}" \
   --target "$WORK/site" "$WORK"/wheels/*.whl
+# mmcv-full compiled for the GPU machine's torch (GPU_TORCH, cp312), where this machine has one
+# in .cache/mmcv-full/torch-$GPU_TORCH-cp312/: there it then imports at once, no 130 s build
+# (scripts/gpu_setup.sh still builds from source when it does not import). How it was built: with
+# python3.12, PYTHONPATH holding torch==$GPU_TORCH from PyPI (installed --no-deps, with CUDA 13
+# libraries that `import torch` loads), `pip wheel --no-build-isolation` of mmcv-full 1.7.2's
+# sdist with -std=c++20, MMCV_WITH_OPS=1 FORCE_CUDA=0 (CPU ops, as gpu_setup.sh builds there).
+GPU_TORCH="${GPU_TORCH:-2.11.0}"
+for wheel in "$ROOT/.cache/mmcv-full/torch-$GPU_TORCH-cp312"/mmcv_full-*-cp312-*.whl; do
+  [ -f "$wheel" ] || continue
+  echo "[gpu-bundle] with $(basename "$wheel") (built for torch $GPU_TORCH)" >&2
+  quiet "${PIP[@]}" install -q --no-index --no-deps --no-compile --python-version 3.12 \
+    --implementation cp --only-binary=:all: --platform linux_x86_64 --target "$WORK/site" "$wheel"
+  echo "mmcv-full==1.7.2 built for torch $GPU_TORCH" >> "$WORK/pins.extra"
+done
 for p in "${PRUNE[@]}"; do rm -rf "${WORK:?}/site/$p"; done
 find "$WORK/site" -name __pycache__ -prune -exec rm -rf {} +
-printf '%s\n' "${pins[@]}" > "$WORK/site/BUNDLE_PINS.txt"
+{ printf '%s\n' "${pins[@]}"; cat "$WORK/pins.extra" 2>/dev/null || true; } > "$WORK/site/BUNDLE_PINS.txt"
 mkdir -p "$BUNDLE"
 echo "[gpu-bundle] compressing ($(du -sh "$WORK/site" | cut -f1) unpacked)" >&2
 tar -cf - -C "$WORK/site" . | xz -T0 -6 > "$BUNDLE/site.tar.xz.tmp"

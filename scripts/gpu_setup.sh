@@ -24,6 +24,7 @@ elif ! PYTHONPATH="$SITE" "$PY" -c 'import mmseg' 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
     --target "$SITE" "$BUNDLE"/*.whl
 fi
+# the bundle's mmcv-full, when it has one built for this torch, imports: nothing to build
 if PYTHONPATH="$SITE" "$PY" -c 'import mmcv.ops, mmseg' 2>/dev/null; then exit 0; fi
 BUILD="$(mktemp -d)"
 trap 'rm -rf "$BUILD"' EXIT
@@ -32,5 +33,5 @@ sed -i 's/-std=c++14/-std=c++20/g; s/-std=c++17/-std=c++20/g' "$BUILD"/mmcv-full
 echo "[gpu-setup] building mmcv-full 1.7.2 (CPU ops) with $(nproc) jobs" >&2
 (cd "$BUILD"/mmcv-full-1.7.2 && PYTHONPATH="$SITE" CUDA_VISIBLE_DEVICES= MMCV_WITH_OPS=1 \
   MAX_JOBS="$(nproc)" "$PY" -m pip install -q --no-index --no-deps --no-build-isolation \
-  --disable-pip-version-check --target "$SITE" .)
+  --disable-pip-version-check --upgrade --target "$SITE" .)
 PYTHONPATH="$SITE" "$PY" -c 'import mmcv.ops, mmseg; print("[gpu-setup] mmcv", mmcv.__version__, "mmseg", mmseg.__version__)' >&2
