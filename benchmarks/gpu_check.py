@@ -347,9 +347,10 @@ def main(argv=None):
                    help='trial group sizes')
     p.add_argument('--iters', type=int, help='training iterations per run of check c')
     p.add_argument('--only', nargs='+', help='run these checks only (a b c d e)')
-    p.add_argument('--deadline', type=float, metavar='S',
-                   help='seconds for the whole run: each check\'s limit is cut to what is left '
-                        '(a check cut short keeps what it wrote; later ones are not started)')
+    p.add_argument('--until', type=float, metavar='EPOCH',
+                   help='wall-clock time (seconds since the epoch) by which the run must end: '
+                        'each check\'s limit is cut to what is left (a check cut short keeps '
+                        'what it wrote; one with under 10 s left is not started)')
     p.add_argument('--finetune-step', metavar='OUT', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.finetune_step:
@@ -371,7 +372,6 @@ def main(argv=None):
               ('c', 'trial_group', check_trial_group, 400),
               ('e', 'checkpoint_size', check_checkpoint_size, 120)]
     failed = []
-    began = time.perf_counter()
 
     def too_long(signum, frame):
         raise TimeoutError('the check ran past its allowed time')
@@ -381,10 +381,10 @@ def main(argv=None):
             if args.only and letter not in args.only:
                 continue
             start = time.perf_counter()
-            if args.deadline:
-                left = int(args.deadline - (start - began))
+            if args.until is not None:
+                left = int(args.until - time.time())
                 if left < 10:
-                    report[name] = dict(error=f'not started: {left} s of --deadline left')
+                    report[name] = dict(error=f'not started: {left} s of --until left')
                     failed.append(name)
                     continue
                 allowed_s = min(allowed_s, left)

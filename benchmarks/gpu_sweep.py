@@ -75,15 +75,20 @@ def write_weights(space, device):
     with torch.device(device):
         model = build_backbone(backbone)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
-    torch.save(state, space['overrides']['model.backbone.pretrained'])
+    path = Path(space['overrides']['model.backbone.pretrained'])
+    # a new file renamed into place: workers that still map an older one keep their pages (a
+    # mapped file rewritten in place ends its readers with SIGBUS)
+    torch.save(state, path.with_suffix('.tmp'))
+    path.with_suffix('.tmp').replace(path)
     return dict(params_b=sum(v.numel() for v in state.values()) / 1e9,
-                file_gb=Path(space['overrides']['model.backbone.pretrained']).stat().st_size / 1e9)
+                file_gb=path.stat().st_size / 1e9)
 
 
 def orchestrator(args, log, timeout):
     """``python -m orchestrator ARGS``, its output appended to ``log``; (exit code, seconds). Past
-    ``timeout`` it gets SIGTERM, as a preempted or cancelled job would: a sweep then stops its
-    trials at their latest checkpoint and exits 143, resumable (its report shows what finished)."""
+    ``timeout`` it gets SIGTERM, as a preempted or cancelled job would (a sweep then stops its
+    trials at their latest checkpoint and exits 143, resumable: its report shows what finished),
+    and SIGKILL 45 s later."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(ROOT), os.environ.get('PYTHONPATH', '')) if p))
     start = time.perf_counter()
@@ -93,13 +98,13 @@ def orchestrator(args, log, timeout):
         proc = subprocess.Popen([sys.executable, '-m', 'orchestrator', *args], cwd=ROOT, env=env,
                                 stdout=f, stderr=subprocess.STDOUT)
         try:
-            code = proc.wait(timeout=timeout)
+            code = proc.wait(timeout=max(1, timeout))
         except subprocess.TimeoutExpired:
             f.write(f'[gpu-sweep] {timeout:.0f} s passed: SIGTERM\n')
             f.flush()
             proc.send_signal(signal.SIGTERM)
             try:
-                code = proc.wait(timeout=60)
+                code = proc.wait(timeout=45)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait()
@@ -158,7 +163,9 @@ def main(argv=None):
     p.add_argument('--work', default=None, help='folder for the data, the weights and the '
                                                 'sweep\'s runs (default: <out>-work)')
     p.add_argument('--address', help='an existing Ray cluster (default: a local one)')
-    p.add_argument('--timeout', type=float, default=420, help='seconds the sweep may take')
+    p.add_argument('--until', type=float, metavar='EPOCH',
+                   help='wall-clock time (seconds since the epoch) by which the run must end: '
+                        'the sweep gets SIGTERM 60 s before it (default: 420 s from now)')
     args = p.parse_args(argv)
     out = Path(args.out or ROOT / 'work_dirs' / 'gpu_sweep' / args.device).resolve()
     work = Path(args.work or f'{out}-work').resolve()
@@ -186,25 +193,38 @@ def main(argv=None):
     report['weights'] = write_weights(space, args.device)
     report['weights']['seconds'] = time.perf_counter() - start
     save()
-    code, seconds = orchestrator(['sweep', str(space_file), '--dry-run', *address], log, 120)
+    until = args.until or time.time() + 420
+    code, seconds = orchestrator(['sweep', str(space_file), '--dry-run', *address], log,
+                                 min(120, until - 60 - time.time()))
     lines = log.read_text().splitlines()
     report['plan'] = dict(exit=code, seconds=seconds,
                           groups=[ln.strip() for ln in lines if ln.lstrip().startswith(
                               ('trial groups:', 'group ', 'heads per group'))])
     save()
-    code, seconds = orchestrator(['sweep', str(space_file), *address], log, args.timeout)
+    if code != 0:
+        print(f'error: the dry run failed (exit {code}): {log}', file=sys.stderr)
+        return 1
+    code, seconds = orchestrator(['sweep', str(space_file), *address], log,
+                                 until - 60 - time.time())
     report['sweep'] = dict(exit=code, seconds=seconds)
     save()
     if not (sweep_dir / 'tracking.json').is_file():  # refused before it started: see the log
         print(f'error: the sweep did not start (exit {code}): {log}', file=sys.stderr)
         return 1
-    code, seconds = orchestrator(['report', str(sweep_dir)], log, 120)
+    code, seconds = orchestrator(['report', str(sweep_dir)], log, max(30, until - time.time()))
     written = sweep_dir / 'report' / 'report.md'
     if written.is_file():  # beside the JSON: what comes back from the GPU machine
         shutil.copyfile(written, out / 'report.md')
     report['report'] = dict(exit=code, seconds=seconds,
                             file=str(out / 'report.md') if written.is_file() else None)
-    trials = read_results(sweep_dir)
+    from orchestrator.errors import ConfigError
+    try:
+        trials = read_results(sweep_dir)
+    except ConfigError as e:  # nothing recorded (a sweep killed before its parent run)
+        report['results'] = dict(error=str(e))
+        save()
+        print(f'error: {e}', file=sys.stderr)
+        return 1
     report['results'] = summary(trials, sweep_dir)
     report['seconds'] = time.perf_counter() - start
     save()

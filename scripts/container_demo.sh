@@ -19,8 +19,10 @@ for tool in buildah mmdebstrap; do
   command -v "$tool" >/dev/null || { echo "error: scripts/container_demo.sh: $tool not found (Debian package $tool)" >&2; exit 2; }
 done
 start=$(date +%s)
+scratch="$(mktemp -d)" ctr=""
+trap 'rm -rf "$scratch"; [ -z "$ctr" ] || buildah rm "$ctr" >/dev/null' EXIT
 if [ "$BASE" = segprobe-base:bookworm ] && ! buildah inspect --type image "$BASE" >/dev/null 2>&1; then
-  rootfs="$(mktemp -d)/bookworm.tar"
+  rootfs="$scratch/bookworm.tar"
   log "bootstrapping $BASE from Debian's packages (mmdebstrap)"
   mmdebstrap --quiet --variant=minbase \
     --include=python3,python3-venv,python3-dev,gcc,g++,make,ca-certificates,libgomp1 \
@@ -30,17 +32,17 @@ if [ "$BASE" = segprobe-base:bookworm ] && ! buildah inspect --type image "$BASE
   buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$ctr"
   buildah commit --quiet "$ctr" "$BASE" >/dev/null
   buildah rm "$ctr" >/dev/null
-  rm -rf "$(dirname "$rootfs")"
+  ctr="" && rm -f "$rootfs"
   log "base image $BASE: $(( $(date +%s) - start )) s"
 fi
 volumes=() args=(--build-arg "BASE=$BASE")
 if [ -n "${MMCV_WHEELS:-}" ]; then volumes+=(-v "$(cd "$MMCV_WHEELS" && pwd):/wheels:ro"); fi
 if [ -n "${PIP_MIRROR:-}" ]; then
-  volumes+=(-v "$PIP_MIRROR:/mirror:ro")
+  volumes+=(-v "$(cd "$PIP_MIRROR" && pwd):/mirror:ro")
   args+=(--build-arg "PIP_EXTRA_INDEX_URL=file:///mirror/simple")
 fi
 if [ -n "${PIP_CA:-}" ]; then
-  volumes+=(-v "$PIP_CA:/etc/segprobe-build-ca.crt:ro")
+  volumes+=(-v "$(realpath "$PIP_CA"):/etc/segprobe-build-ca.crt:ro")
   args+=(--build-arg "PIP_CERT=/etc/segprobe-build-ca.crt")
 fi
 built=$(date +%s)
@@ -49,7 +51,6 @@ buildah build --quiet --isolation chroot --layers=false -f "$ROOT/Containerfile"
   "${volumes[@]}" -t "$IMAGE" "$ROOT" >/dev/null
 log "image $IMAGE built in $(( $(date +%s) - built )) s"
 ctr=$(buildah from "$IMAGE")
-trap 'buildah rm "$ctr" >/dev/null' EXIT
 demo=$(date +%s)
 log "make demo inside $IMAGE"
 buildah run --isolation chroot "$ctr" -- make demo

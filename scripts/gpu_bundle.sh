@@ -5,7 +5,8 @@
 # cryptography at import), optuna, pydantic, mmseg 0.30 and the pure-Python
 # parts mmcv needs, as one xz archive of an unpacked site folder, and mmcv-full's source (compiled
 # there by scripts/gpu_setup.sh). Built here, where PyPI answers; the folder travels with the
-# checkout (`carry`: its 64 MiB limit; this is about 44 MB). Versions: this checkout's .venv
+# checkout (`carry`: its 64 MiB limit; 46 MB as `du -sh` printed it on 2026-12-06, without a
+# prebuilt mmcv-full). Versions: this checkout's .venv
 # (what the suite ran with), else the pins below.
 #   bash scripts/gpu_bundle.sh [BUNDLE]          (default .gpu-bundle; `make gpu-bundle`)
 set -euo pipefail

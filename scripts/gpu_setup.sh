@@ -7,7 +7,10 @@
 # torch 2.x headers; about 130 s on 16 cores).
 #   bash scripts/gpu_setup.sh BUNDLE SITE      (then PYTHONPATH=SITE; a second run returns at once)
 set -euo pipefail
-BUNDLE="$(cd "${1:?usage: gpu_setup.sh BUNDLE SITE}" && pwd)"
+[ -d "${1:?usage: gpu_setup.sh BUNDLE SITE}" ] || {
+  echo "error: scripts/gpu_setup.sh: $1: no such folder (build it here with make gpu-bundle, then carry it)" >&2
+  exit 2; }
+BUNDLE="$(cd "$1" && pwd)"
 SITE="${2:?usage: gpu_setup.sh BUNDLE SITE}"
 PY="${PYTHON:-python3}"
 mkdir -p "$SITE"

@@ -58,11 +58,12 @@ def test_gpu_check_cpu_mode_writes_every_number(tmp_path):
 
 
 def test_a_check_past_the_deadline_is_reported_not_started(tmp_path):
-    """`--deadline` keeps `make gpu-sweep` within the GPU machine's command limit: a check with
+    """`--until` keeps `make gpu-sweep` within the GPU machine's command limit: a check with
     under 10 s left is not started, says so in the JSON, and the run exits non-zero."""
+    import time
     out = tmp_path / 'gpu_check.json'
     run = subprocess.run([sys.executable, 'benchmarks/gpu_check.py', '--device', 'cpu',
-                          '--only', 'e', '--deadline', '5', '--out', str(out)],
+                          '--only', 'e', '--until', str(time.time() + 5), '--out', str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr[-2000:]
     r = json.loads(out.read_text())

@@ -131,14 +131,16 @@ def test_local_weights_round_trip_reproduces_outputs(tmp_path, suffix):
 def test_with_a_weight_file_the_vit_is_not_drawn_at_random_first(tmp_path):
     """The file gives every ViT parameter: the build skips the random initialisation (and its
     float32 copy; benchmarks/internvit_build.py: 2.9-5.1x faster, the load included), draws
-    nothing from torch's random stream, holds zeros in bfloat16 until the file is loaded, then
+    nothing from torch's random stream, refuses a forward until the file is loaded, then holds
     exactly the file."""
     source = build_backbone(dict(TINY))
     torch.save(source.state_dict(), tmp_path / 'vit.pth')
     rng = torch.get_rng_state()
     model = build_backbone(dict(TINY, pretrained=str(tmp_path / 'vit.pth')))
     assert torch.equal(torch.get_rng_state(), rng)
-    assert all(p.dtype == torch.bfloat16 and not p.any() for p in model.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with pytest.raises(RuntimeError, match='never loaded'):  # not computed from that memory
+        model(torch.randn(1, 3, 56, 56))
     model.init_weights()
     assert all(torch.equal(p, source.state_dict()[n]) for n, p in model.named_parameters())
     # without a file the ViT is initialised at random, as InternVL's
@@ -317,3 +319,44 @@ def test_a_float32_weight_file_is_cast_to_the_models_dtype(tmp_path):
     for name, p in model.named_parameters():
         assert p.dtype == torch.bfloat16
         assert torch.equal(p, (source.state_dict()[name].float() + 1e-3).bfloat16())
+
+
+def _rss_bytes():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def test_a_backbone_built_for_a_weight_file_touches_none_of_its_memory(tmp_path):
+    """Each of a node's 8 workers building InternViT-6B for its file must not first fill 11.8 GB
+    of its own: the resident memory (the kernel's count, /proc/self/statm) grows by a small part
+    of the parameters' bytes while building (measured: zeros grew it by all of them)."""
+    before = _rss_bytes()
+    model = build_backbone(dict(type='InternViT', preset='6B', depth=2, img_size=224,
+                                pretrain_size=224, pretrained=str(tmp_path / 'later.pth')))
+    grown = _rss_bytes() - before
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert size > 4e8 and grown < 0.1 * size, (grown, size)
+
+
+def test_a_checkpoint_holding_the_backbone_counts_as_its_weights(tmp_path):
+    """mmcv's load (a resumed or exported checkpoint with the backbone in it) loads the ViT as
+    init_weights would: the forward then runs on the checkpoint's values."""
+    from mmcv.runner import load_state_dict
+    source = build_backbone(dict(TINY))
+    source.eval()
+    model = build_backbone(dict(TINY, pretrained=str(tmp_path / 'never_read.pth')))
+    load_state_dict(model, source.state_dict())
+    model.eval()
+    x = torch.randn(1, 3, 56, 56)
+    assert torch.equal(model(x)[0], source(x)[0])
+
+
+def test_tied_tensors_in_a_file_become_separate_parameters(tmp_path):
+    source = build_backbone(dict(TINY))
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    state['blocks.1.mlp.fc1.weight'] = state['blocks.0.mlp.fc1.weight']  # one storage, saved once
+    torch.save(state, tmp_path / 'tied.pth')
+    model = build_backbone(dict(TINY, pretrained=str(tmp_path / 'tied.pth')))
+    model.init_weights()
+    a, b = model.blocks[0].mlp.fc1.weight, model.blocks[1].mlp.fc1.weight
+    assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()

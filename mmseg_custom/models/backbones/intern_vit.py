@@ -10,8 +10,9 @@ Behaviour follows InternVL's ``InternViT6B`` wherever results depend on it:
   504 px segmentation checkpoints) is resized to it at load (internvit_weights.py), and only an
   input of another size interpolates at run time (InternVL would fail there);
 - with a weight file (``pretrained``) the ViT is not initialised at random first (every parameter
-  comes from the file): it is built on the meta device and holds zeros in ``dtype`` until
-  ``init_weights`` loads the file (InternVL draws 5.9 B float32 values and casts them);
+  comes from the file): it is built on the meta device, holds untouched memory in ``dtype``
+  (a forward is refused) until ``init_weights`` takes the file's memory-mapped tensors
+  (InternVL draws 5.9 B float32 values and casts them);
 - ``freeze_vit`` freezes the ViT (patch embedding, tokens, blocks) but not the pyramid, which
   head tuning trains; ``unfreeze_pos_embed`` trains the position embedding again.
 
@@ -233,9 +234,11 @@ class InternViT(BaseModule):
         rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()  # meta builds too
         # With a weight file, every ViT parameter comes from it (init_weights refuses a file that
         # leaves one out): no random initialisation, no float32 copy. The ViT is built on the
-        # meta device and materialised as zeros in ``dtype`` (untouched pages until the file is
-        # loaded); for InternViT-6B that is 11.8 GB instead of 23.6 GB of float32 drawn from
-        # trunc_normal_ and cast (benchmarks/results/internvit_build.md).
+        # meta device and materialised uninitialised in ``dtype``: pages never touched, which the
+        # file's memory-mapped tensors replace (for InternViT-6B nothing of its own in host
+        # memory, where zeros were 11.8 GB per worker and random draws 23.6 GB of float32:
+        # benchmarks/results/internvit_build.md). Until the weights are loaded a forward is
+        # refused (``_unloaded``), never computed from that memory.
         lazy = bool(pretrained) and torch.get_default_device().type != 'meta'
         with torch.device('meta') if lazy else contextlib.nullcontext():
             self.patch_embed = PatchEmbed(patch_size, dim, in_chans)
@@ -245,9 +248,10 @@ class InternViT(BaseModule):
                 dim, shape['num_heads'], shape['mlp_ratio'], shape['qkv_bias'],
                 shape['qk_normalization'], shape['norm_type'], init_values, rates[i],
                 layerscale_force_fp32) for i in range(depth))
+        self._unloaded = lazy
         if lazy:
             device = torch.get_default_device()
-            self._apply(lambda t: torch.zeros(t.shape, dtype=DTYPES[dtype], device=device))
+            self._apply(lambda t: torch.empty(t.shape, dtype=DTYPES[dtype], device=device))
         else:
             self._init_params()
         if freeze_vit:  # before the pyramid exists: head tuning trains it
@@ -304,9 +308,16 @@ class InternViT(BaseModule):
         # objects stay (mmcv's init_weights refuses replaced ones; optimizers hold them).
         tensors = dict(self.named_parameters())
         tensors.update(self.named_buffers())
+        taken = set()
         for key, value in state.items():
             if key in tensors:
-                tensors[key].data = value.to(tensors[key].dtype)
+                target = tensors[key]
+                value = value.to(device=target.device, dtype=target.dtype)
+                if value.numel() and value.data_ptr() in taken:  # a file's tied tensors
+                    value = value.clone()
+                taken.add(value.data_ptr())
+                target.data = value
+        self._unloaded = False
         result = LoadReport([k for k in own if k not in state],
                             [k for k in state if k not in own])
         get_root_logger().info(
@@ -331,7 +342,22 @@ class InternViT(BaseModule):
             return self.pos_embed
         return resize_pos_embed(self.pos_embed, (h, w))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A load (torch's or mmcv's, a checkpoint's) that holds every ViT parameter also counts
+        as the weights loaded."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._unloaded and all(prefix + k in state_dict for k in self._vit_keys()):
+            self._unloaded = False
+
+    def _vit_keys(self):
+        return [k for k in self.state_dict(keep_vars=True)
+                if not k.startswith(('up1.', 'up2.', 'up3.', 'up4.'))]
+
     def forward(self, x):
+        if self._unloaded:
+            raise RuntimeError(f'InternViT: built for the weight file {self.pretrained}, which was '
+                               'never loaded (init_weights, as mmseg\'s training calls it, or a '
+                               'checkpoint holding the backbone)')
         x = self.patch_embed(x.to(self.dtype))
         b, _, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
