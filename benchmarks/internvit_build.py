@@ -3,8 +3,8 @@ and copied into the model (what every load did before issue 25 point 4), against
 memory-mapped and its tensors taken as the parameters (``read_state`` + ``init_weights`` now).
 Each load in a fresh process, the two alternating per shape; peak RSS is read after the load and
 again after every weight has been read once (what a forward or the copy to the GPU does: mapped
-pages count only once touched). The file holds the shape's bfloat16 tensors (zeros: the values
-do not change what memory holds), written by a build that never initialises them.
+pages count only once touched). The file holds the shape's bfloat16 tensors as a build for a
+file leaves them (never initialised: the values do not change what memory holds).
 
     .venv/bin/python benchmarks/internvit_build.py "dict(preset='300M')" "dict(preset='6B', depth=8)"
     .venv/bin/python benchmarks/internvit_build.py --mmap-only "dict(preset='6B')"
@@ -28,7 +28,7 @@ from mmseg_custom.models.backbones.intern_vit import InternViT
 from mmseg_custom.models.backbones.internvit_weights import backbone_state
 kwargs, path, mode = eval(sys.argv[1]), sys.argv[2], sys.argv[3]
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-if mode == 'write':  # the shape's bfloat16 tensors, never initialised (zeros)
+if mode == 'write':  # the shape's bfloat16 tensors, never initialised
     model = InternViT(pretrained=path, **kwargs)
     state = model.state_dict()
     if path.endswith('.safetensors'):
@@ -39,7 +39,7 @@ if mode == 'write':  # the shape's bfloat16 tensors, never initialised (zeros)
     sys.exit(0)
 start = time.perf_counter()
 model = InternViT(pretrained=path, **kwargs)
-if mode == 'copy':  # the load before: the whole file into memory, copied into the parameters
+if mode == 'copy':  # the load before: the whole file in memory, copied into the parameters
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file
         whole = load_file(path)
