@@ -15,7 +15,7 @@ benchmark: setup
 	.venv/bin/python benchmarks/train_two_workers.py
 
 # The product on a GPU machine (Python 3.12, torch + CUDA, no network): `make gpu-bundle` here
-# builds GPU_BUNDLE (Ray, MLflow, optuna, pydantic, mmseg and mmcv's source; ~46 MB), which
+# builds GPU_BUNDLE (Ray, MLflow, optuna, pydantic, mmseg, mmcv; ~48 MB), which
 # travels with the checkout; there, `make gpu-sweep` sets up from it (scripts/gpu_setup.sh), runs
 # a sweep through `orchestrator sweep` and its report (benchmarks/gpu_sweep.py), then the GPU
 # check (benchmarks/gpu_check.py). Both at toy size on CPU: gpu-sweep-cpu, gpu-check-cpu.

@@ -5,8 +5,8 @@
 # cryptography at import), optuna, pydantic, mmseg 0.30 and the pure-Python
 # parts mmcv needs, as one xz archive of an unpacked site folder, and mmcv-full's source (compiled
 # there by scripts/gpu_setup.sh). Built here, where PyPI answers; the folder travels with the
-# checkout (`carry`: its 64 MiB limit; 46 MB as `du -sh` printed it on 2026-12-06, without a
-# prebuilt mmcv-full). Versions: this checkout's .venv
+# checkout (`carry`: its 64 MiB limit; on 2026-12-06 site.tar.xz was 42.0 MB without a prebuilt
+# mmcv-full, 47.6 MB with one, and mmcv's source 0.6 MB). Versions: this checkout's .venv
 # (what the suite ran with), else the pins below.
 #   bash scripts/gpu_bundle.sh [BUNDLE]          (default .gpu-bundle; `make gpu-bundle`)
 set -euo pipefail
@@ -58,6 +58,7 @@ for wheel in "$ROOT/.cache/mmcv-full/torch-$GPU_TORCH-cp312"/mmcv_full-*-cp312-*
   quiet "${PIP[@]}" install -q --no-index --no-deps --no-compile --python-version 3.12 \
     --implementation cp --only-binary=:all: --platform linux_x86_64 --target "$WORK/site" "$wheel"
   echo "mmcv-full==1.7.2 built for torch $GPU_TORCH" >> "$WORK/pins.extra"
+  find "$WORK/site/mmcv" -name '*.so' -exec strip --strip-debug {} +  # 78 MB -> 1.8 MB
 done
 for p in "${PRUNE[@]}"; do rm -rf "${WORK:?}/site/$p"; done
 find "$WORK/site" -name __pycache__ -prune -exec rm -rf {} +
