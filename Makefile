@@ -21,13 +21,15 @@ benchmark: setup
 # check (benchmarks/gpu_check.py). Both at toy size on CPU: gpu-sweep-cpu, gpu-check-cpu.
 GPU_BUNDLE ?= .gpu-bundle
 GPU_SITE ?= .cache/gpu-site
-GPU_OUT ?= work_dirs/gpu_sweep/cuda
+GPU_OUT ?= work_dirs/gpu_sweep/$(GPU_DEVICE)
 GPU_ENV = PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR) PYTHONUNBUFFERED=1
 # Within the lent machine's 10-minute command (GPU_SECONDS from the recipe's start): set-up
 # ~170 s (mmcv-full's build where the bundle has none for that torch), the sweep until 150 s
 # before the end (then SIGTERM: it stops resumably and reports what finished), then the checks
 # that the sweep does not already show (b, c, e) until the end
 GPU_SECONDS ?= 560
+# GPU_DEVICE=cpu: the same recipe at toy size on CPU (a rehearsal of the GPU machine's run)
+GPU_DEVICE ?= cuda
 GPU_SWEEP_CHECK_ARGS ?= --only b c e
 gpu-bundle: setup
 	bash scripts/gpu_bundle.sh $(GPU_BUNDLE)
@@ -35,10 +37,10 @@ gpu-bundle: setup
 gpu-sweep:  # the check runs also when the sweep failed; the exit is non-zero if either did
 	@start=$$(date +%s); \
 	bash scripts/gpu_setup.sh $(GPU_BUNDLE) $(GPU_SITE) || exit $$?; \
-	$(GPU_ENV) python3 benchmarks/gpu_sweep.py --device cuda --out $(GPU_OUT) \
-	  --work work_dirs/gpu_sweep/cuda-work --until $$((start + $(GPU_SECONDS) - 150)) \
+	$(GPU_ENV) python3 benchmarks/gpu_sweep.py --device $(GPU_DEVICE) --out $(GPU_OUT) \
+	  --work work_dirs/gpu_sweep/$(GPU_DEVICE)-work --until $$((start + $(GPU_SECONDS) - 150)) \
 	  $(GPU_SWEEP_ARGS); s=$$?; \
-	$(GPU_ENV) python3 benchmarks/gpu_check.py --device cuda --out $(GPU_OUT)/gpu_check.json \
+	$(GPU_ENV) python3 benchmarks/gpu_check.py --device $(GPU_DEVICE) --out $(GPU_OUT)/gpu_check.json \
 	  --until $$((start + $(GPU_SECONDS))) $(GPU_SWEEP_CHECK_ARGS); c=$$?; exit $$((s || c))
 
 gpu-check:
