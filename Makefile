@@ -24,9 +24,9 @@ GPU_SITE ?= .cache/gpu-site
 GPU_OUT ?= work_dirs/gpu_sweep/$(GPU_DEVICE)
 GPU_ENV = PYTHONPATH=$(abspath $(GPU_SITE)):$(CURDIR) PYTHONUNBUFFERED=1
 # Within the lent machine's 10-minute command (GPU_SECONDS from the recipe's start): set-up
-# ~170 s (mmcv-full's build where the bundle has none for that torch), the sweep until 150 s
-# before the end (then SIGTERM: it stops resumably and reports what finished), then the checks
-# that the sweep does not already show (b, c, e) until the end
+# (seconds to unpack; 132 s more where the bundled mmcv-full does not import and is built), the
+# sweep until 210 s before the end (then SIGTERM: it stops resumably and reports what finished),
+# then the checks that the sweep does not already show (b, c, e) until the end
 GPU_SECONDS ?= 560
 # GPU_DEVICE=cpu: the same recipe at toy size on CPU (a rehearsal of the GPU machine's run)
 GPU_DEVICE ?= cuda
@@ -45,7 +45,7 @@ gpu-sweep:  # the check runs also when the sweep failed; the exit is non-zero if
 
 gpu-check:
 	bash scripts/gpu_setup.sh $(GPU_BUNDLE) $(GPU_SITE)
-	$(GPU_ENV) python3 benchmarks/gpu_check.py --device cuda --out $(GPU_OUT)/gpu_check.json $(GPU_CHECK_ARGS)
+	$(GPU_ENV) python3 benchmarks/gpu_check.py --device $(GPU_DEVICE) --out $(GPU_OUT)/gpu_check.json $(GPU_CHECK_ARGS)
 
 gpu-sweep-cpu: setup
 	.venv/bin/python benchmarks/gpu_sweep.py --device cpu

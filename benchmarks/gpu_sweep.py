@@ -158,14 +158,16 @@ def summary(trials, sweep_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--device', choices=['cuda', 'cpu'], default='cuda')
-    p.add_argument('--out', default=None, help='folder for the JSON, the report, the log and '
-                                               'the space file (default: work_dirs/gpu_sweep/<device>)')
+    p.add_argument('--out', default=None,
+                   help='folder for the JSON, the report, the log and the space file '
+                        '(default: work_dirs/gpu_sweep/<device>)')
     p.add_argument('--work', default=None, help='folder for the data, the weights and the '
                                                 'sweep\'s runs (default: <out>-work)')
     p.add_argument('--address', help='an existing Ray cluster (default: a local one)')
     p.add_argument('--until', type=float, metavar='EPOCH',
-                   help='wall-clock time (seconds since the epoch) by which the run must end: '
-                        'the sweep gets SIGTERM 60 s before it (default: 420 s from now)')
+                   help='wall-clock time (seconds since the epoch) by which the run should end: '
+                        'the sweep gets SIGTERM 60 s before it (default: 420 s from now); a '
+                        'sweep that must then be killed can make the run end up to a minute later')
     args = p.parse_args(argv)
     out = Path(args.out or ROOT / 'work_dirs' / 'gpu_sweep' / args.device).resolve()
     work = Path(args.work or f'{out}-work').resolve()
@@ -211,7 +213,7 @@ def main(argv=None):
     if not (sweep_dir / 'tracking.json').is_file():  # refused before it started: see the log
         print(f'error: the sweep did not start (exit {code}): {log}', file=sys.stderr)
         return 1
-    code, seconds = orchestrator(['report', str(sweep_dir)], log, max(30, until - time.time()))
+    code, seconds = orchestrator(['report', str(sweep_dir)], log, max(10, until - time.time()))
     written = sweep_dir / 'report' / 'report.md'
     if written.is_file():  # beside the JSON: what comes back from the GPU machine
         shutil.copyfile(written, out / 'report.md')

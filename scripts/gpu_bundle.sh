@@ -52,7 +52,12 @@ quiet "${PIP[@]}" install -q --no-index --no-deps --no-compile "${TARGET[@]}" \
 # libraries that `import torch` loads), `pip wheel --no-build-isolation` of mmcv-full 1.7.2's
 # sdist with -std=c++20, MMCV_WITH_OPS=1 FORCE_CUDA=0 (CPU ops, as gpu_setup.sh builds there).
 GPU_TORCH="${GPU_TORCH:-2.11.0}"
-for wheel in "$ROOT/.cache/mmcv-full/torch-$GPU_TORCH-cp312"/mmcv_full-*-cp312-*.whl; do
+wheels=("$ROOT/.cache/mmcv-full/torch-$GPU_TORCH-cp312"/mmcv_full-*-cp312-*.whl)
+if [ "${#wheels[@]}" -gt 1 ]; then
+  echo "error: scripts/gpu_bundle.sh: ${#wheels[@]} mmcv-full wheels in $(dirname "${wheels[0]}"): keep one" >&2
+  exit 2
+fi
+for wheel in "${wheels[@]}"; do
   [ -f "$wheel" ] || continue
   echo "[gpu-bundle] with $(basename "$wheel") (built for torch $GPU_TORCH)" >&2
   quiet "${PIP[@]}" install -q --no-index --no-deps --no-compile --python-version 3.12 \

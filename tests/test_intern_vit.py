@@ -360,3 +360,17 @@ def test_tied_tensors_in_a_file_become_separate_parameters(tmp_path):
     model.init_weights()
     a, b = model.blocks[0].mlp.fc1.weight, model.blocks[1].mlp.fc1.weight
     assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
+def test_a_load_that_leaves_a_vit_tensor_out_still_refuses_the_forward(tmp_path):
+    """mmcv's load skips a tensor of another shape (another grid's pos_embed) with a warning,
+    and a head-only checkpoint holds no ViT tensor: neither is the backbone's weights."""
+    from mmcv.runner import load_state_dict
+    other_grid = build_backbone(dict(TINY, img_size=112)).state_dict()
+    model = build_backbone(dict(TINY, pretrained=str(tmp_path / 'never_read.pth')))
+    load_state_dict(model, other_grid)
+    with pytest.raises(RuntimeError, match='never loaded'):
+        model(torch.randn(1, 3, 56, 56))
+    load_state_dict(model, {})
+    with pytest.raises(RuntimeError, match='never loaded'):
+        model(torch.randn(1, 3, 56, 56))

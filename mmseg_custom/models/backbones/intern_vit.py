@@ -343,15 +343,15 @@ class InternViT(BaseModule):
         return resize_pos_embed(self.pos_embed, (h, w))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A load (torch's or mmcv's, a checkpoint's) that holds every ViT parameter also counts
-        as the weights loaded."""
+        """A load (torch's or mmcv's, a checkpoint's) that holds every ViT parameter at this
+        model's shapes also counts as the weights loaded (mmcv skips a tensor of another shape,
+        such as another grid's ``pos_embed``, with a warning: that load does not count)."""
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self._unloaded and all(prefix + k in state_dict for k in self._vit_keys()):
+        if self._unloaded and all(
+                prefix + k in state_dict and state_dict[prefix + k].shape == v.shape
+                for k, v in self.state_dict(keep_vars=True).items()
+                if not k.startswith(('up1.', 'up2.', 'up3.', 'up4.'))):
             self._unloaded = False
-
-    def _vit_keys(self):
-        return [k for k in self.state_dict(keep_vars=True)
-                if not k.startswith(('up1.', 'up2.', 'up3.', 'up4.'))]
 
     def forward(self, x):
         if self._unloaded:
