@@ -8,18 +8,17 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 # The Python to set up with: $PYTHON (a command or a path), else the first of python3.11 and
 # python3.12 that runs here (CI keeps 3.11).
+fits() { "$1" -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12))' 2>/dev/null; }
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   for candidate in python3.11 python3.12; do
-    if "$candidate" -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12))' 2>/dev/null; then
-      PY="$candidate"; break
-    fi
+    if fits "$candidate"; then PY="$candidate"; break; fi
   done
 fi
 if [ -z "$PY" ]; then
   echo "error: scripts/setup.sh: neither python3.11 nor python3.12 runs here: set PYTHON=/path/to/python3.11 (or 3.12)" >&2
   exit 2
-elif ! "$PY" -c 'import sys; assert sys.version_info[:2] in ((3, 11), (3, 12))' 2>/dev/null; then
+elif ! fits "$PY"; then
   echo "error: scripts/setup.sh: PYTHON=$PY: not a Python 3.11 or 3.12 that runs here" >&2
   exit 2
 fi

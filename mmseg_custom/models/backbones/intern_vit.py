@@ -36,6 +36,7 @@ from .internvit_weights import (BackboneWeightsError, backbone_state, read_state
                                 resize_patch_kernel, resize_pos_embed)
 
 LoadReport = namedtuple('LoadReport', 'missing_keys unexpected_keys')  # as load_state_dict's
+PYRAMID = ('up1.', 'up2.', 'up3.', 'up4.')  # parameter names new in head tuning, not in a file
 
 PRESETS = {
     '6B': dict(embed_dim=3200, depth=48, num_heads=25, mlp_ratio=4.0, qkv_bias=False,
@@ -290,7 +291,7 @@ class InternViT(BaseModule):
             state['patch_embed.proj.weight'] = resize_patch_kernel(
                 state['patch_embed.proj.weight'], self.patch_size)
         own = self.state_dict()
-        vit = [k for k in own if not k.startswith(('up1.', 'up2.', 'up3.', 'up4.'))]
+        vit = [k for k in own if not k.startswith(PYRAMID)]
         missing = [k for k in vit if k not in state]
         where = f'InternViT weights {self.pretrained} ({layout} layout)'
         if missing:
@@ -350,7 +351,7 @@ class InternViT(BaseModule):
         if self._unloaded and all(
                 prefix + k in state_dict and state_dict[prefix + k].shape == v.shape
                 for k, v in self.state_dict(keep_vars=True).items()
-                if not k.startswith(('up1.', 'up2.', 'up3.', 'up4.'))):
+                if not k.startswith(PYRAMID)):
             self._unloaded = False
 
     def forward(self, x):
