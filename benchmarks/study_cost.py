@@ -125,19 +125,16 @@ def cache_hit(device, reps):
 def study(gpu_gib):
     """The study's trials (their head variant, iterations) and its trial groups as planned on
     a GPU of ``gpu_gib``."""
-    from orchestrator import grouping
-    from orchestrator import plan as planning
     from orchestrator.spec import load_spec
+    from orchestrator.sweep_plan import make_plan
     spec, base_cfg = load_spec(str(SPACE))
-    base = planning.plain(base_cfg)
-    rows = planning.grid_trials(spec)
-    iters = planning.trial_schedules(spec, base_cfg)
+    plan = make_plan(spec, base_cfg).size_groups(gpu_gib * 2 ** 30)
     keys = ('model.decode_head.num_convs', 'model.decode_head.with_norm',
             'model.decode_head.concat_input')
-    variants = [tuple(row[k] for k in keys) for row in rows]
-    groups = [members for _, members in grouping.plan(spec, base, rows,
-                                                      gpu_gib * 2 ** 30).shown]
-    images = base['data']['samples_per_gpu'] * spec.workers_per_trial
+    variants = [tuple(t.values[k] for k in keys) for t in plan.trials]
+    iters = plan.schedules
+    groups = [members for _, members in plan.groups.shown]
+    images = plan.base['data']['samples_per_gpu'] * spec.workers_per_trial
     return spec, variants, iters, groups, images
 
 

@@ -3,13 +3,13 @@ file mmseg's own tools load unchanged (``mmcv.Config.fromfile``, ``tools/train.p
 can be retrained or evaluated without this project's CLI.
 
 It is the config the trial's workers trained (``trials/<id>/resolved_config.py``), with three
-changes for a fresh run: its few-shot list is copied beside the file and referenced from
-``data.train.split``; ``custom_imports`` registers our FCNHead and friends on load; the trial's
-``work_dir`` and ``auto_resume`` are dropped (a retraining starts clean in a directory of its own).
+changes for a fresh run: ``custom_imports`` registers our FCNHead and friends on load (and the
+``FewShotSubset`` training set, which keeps the trial's images from the same directory by the same
+rule); the subset's record file, the trial's ``work_dir`` and ``auto_resume`` are dropped (a
+retraining starts clean in a directory of its own).
 """
 import os
 import os.path as osp
-import shutil
 
 from orchestrator.errors import ConfigError
 
@@ -27,11 +27,8 @@ def export_best(results, out_path):
     cfg = Config.fromfile(source)
     out_path = osp.abspath(out_path)
     os.makedirs(osp.dirname(out_path), exist_ok=True)
-    subset = osp.join(trial, 'fewshot_subset.txt')
-    if osp.isfile(subset):
-        kept = osp.splitext(out_path)[0] + '_fewshot_subset.txt'
-        shutil.copyfile(subset, kept)
-        cfg.data.train.split = kept
+    if cfg.data.train.get('type') == 'FewShotSubset':
+        cfg.data.train.pop('record', None)
     cfg.custom_imports = CUSTOM_IMPORTS
     cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(out_path))[0])
     cfg.pop('auto_resume', None)

@@ -37,6 +37,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator.records import GroupRecord
+
 GRACE_S = 10.0  # after one rank fails, how long the others get to fail on their own
 WATCH_S = 2.0  # how often the pool checks that a trial's process is alive
 # A rank 0 that nobody has polled or vouched for this long stops by itself. The trial polls every
@@ -51,17 +53,17 @@ ROOM_WAIT_S = 30.0  # a crew not placed after this long says that it waits for r
 ROOM_TIMEOUT_S = 600.0  # fault_tolerance.room_timeout_s: no crew placed, trials waiting
 # The head node's own resource: the pool and the trial processes (no CPU of their own) run there
 ON_HEAD = {'node:__internal_head__': 0.001}
-GROUP_FILE = 'group.json'  # in a trial group's directory: its key and members (--resume)
 
 
 @dataclass(frozen=True)
 class TrialJob:
-    """One trial as a crew trains it (sent to every rank): the base config and the trial's
-    overrides (merged on the worker, which has mmcv), where its files go, how it is named."""
+    """One trial as a crew trains it (sent to every rank): the base config and the planned
+    trial (its config built on the worker, which has mmcv: trial_config.py), where its files
+    go, how it is named."""
     trial_id: str
     trial_dir: str
     base: dict  # the base config as plain data
-    overrides: dict  # dotted key -> value (plan.resolve, plus the split file and work dir)
+    trial: object  # sweep_plan.PlannedTrial, its sampled values drawn
     base_filename: str  # the base config's file (mmcv resolves its relative imports from it)
     source: str  # the space file, for error messages
     abandoned_after_s: float = ABANDONED_AFTER_S
@@ -140,7 +142,7 @@ class TrainWorker:
     def _prepare(self, job, rank):
         """The trial's mmcv config (rank 0 keeps a copy in the trial's directory) and its
         report / should_stop functions, bound to the trial's own state."""
-        from orchestrator.plan import merged_config
+        from orchestrator.trial_config import trial_config
         with self._lock:
             state = self._state(job.trial_id)
 
@@ -154,9 +156,8 @@ class TrainWorker:
             abandoned = rank == 0 and time.time() - state['polled'] > window
             return state['stop'] or abandoned
 
-        cfg = merged_config(job.base, job.overrides, job.base_filename)
-        if job.val_feature_cache:  # worker.py adds the hook that reads it
-            cfg.val_feature_cache = job.val_feature_cache
+        cfg = trial_config(job.base, job.base_filename, job.trial, job.trial_dir,
+                           job.val_feature_cache)
         if rank == 0:
             cfg.dump(os.path.join(job.trial_dir, 'resolved_config.py'))
         return cfg, (report if rank == 0 else None), should_stop
@@ -263,9 +264,9 @@ class TrainWorker:
 
 
 def _group_file(record):
-    """A trial group's ``group.json`` (what a --resume reads: driver._groups_to_continue):
-    its record less what only this run knows (the members that left)."""
-    return {k: v for k, v in record.items() if k != 'left'}
+    """A trial group's ``group.json`` (records.GroupRecord; what a --resume reads:
+    driver._groups_to_continue): its record less what only this run knows (who left)."""
+    return GroupRecord(**{k: v for k, v in record.items() if k != 'left'})
 
 
 def _first_line(error):
@@ -545,7 +546,6 @@ class WorkerPool:
     def _halves(self, group, record, members, iteration):
         """The members of a group that ran out of GPU memory in two groups (the first the
         larger); later groups of its kind hold at most as many heads as the first."""
-        from orchestrator.files import write_json_atomic
         half = (len(members) + 1) // 2
         parts = [(f'{group}.1', members[:half]), (f'{group}.2', members[half:])]
         cap = self._cap(record['key'], (record['out_of_memory'] + 1) // 2)
@@ -566,8 +566,7 @@ class WorkerPool:
         with contextlib.suppress(OSError):  # without them a --resume splits it again
             for name in (group, *(n for n, p in parts if len(p) >= 2)):
                 os.makedirs(os.path.join(groups, name), exist_ok=True)
-                write_json_atomic(os.path.join(groups, name, GROUP_FILE),
-                                  _group_file(self.group_runs[name]))
+                _group_file(self.group_runs[name]).write(os.path.join(groups, name))
         return parts
 
     def _cap(self, key, heads):
@@ -614,14 +613,13 @@ class WorkerPool:
         continues, or of a half of ``parent``; a new one is named after its first member).
         Returns its GroupRun, or ``('lost', reason)`` when the crew cannot start it (a worker
         died while idle): the crew is rebuilt, nobody waits forever."""
-        from orchestrator.files import write_json_atomic
         jobs, ids = [m[1] for m in members], [m[0] for m in members]
         group = group or os.path.basename(jobs[0].trial_dir)
         group_dir = self._group_dir(jobs[0], group)
         record = dict(key=key, members=ids, left=set(), **({'parent': parent} if parent else {}))
         try:  # what a --resume continues (driver.py)
             os.makedirs(group_dir, exist_ok=True)
-            write_json_atomic(os.path.join(group_dir, GROUP_FILE), _group_file(record))
+            _group_file(record).write(group_dir)
         except OSError as e:  # a full disk: the members' own attempts say it
             return ('lost', f'{group_dir}: {e}')
         cid, workers = await self.acquire('+'.join(ids))

@@ -25,7 +25,9 @@ from orchestrator.errors import ConfigError, DiskFull, disk_full, remedy
 from orchestrator.files import append_whole
 from orchestrator.interrupts import StopSignals, SweepInterrupted
 from orchestrator.preflight import check_data_paths, check_weights_path
+from orchestrator.records import GroupRecord, TrackingMeta
 from orchestrator.spec import check_sweep_name, load_spec
+from orchestrator.sweep_plan import make_plan
 from orchestrator.tables import format_table, ranked_results
 
 EXIT_TRACKING_PENDING = 3  # every trial ran, but some MLflow writes wait in the journal
@@ -51,9 +53,12 @@ def _scheduler(spec, full_iters):
     return SchedulePerBracket(full_iters, **spec.asha)
 
 
-def _check_data(spec, base_cfg):
-    """Missing data or backbone weights fail now, with the path, before Ray or MLflow start."""
-    cfg, _ = planning.resolved_config(spec, base_cfg, {})
+def _check_data(plan):
+    """Missing data or backbone weights fail now, with the path, before Ray or MLflow start (a
+    trial's config: the data root and weight file are the same in every trial)."""
+    from orchestrator.trial_config import trial_config
+    spec = plan.spec
+    cfg = trial_config(plan.base, plan.base_filename, plan.trials[0])
     check_data_paths(cfg, spec.source)
     check_weights_path(cfg, spec.source)
 
@@ -160,14 +165,14 @@ def _check_resumable(spec, sweep_dir, experiment_path):
 def _clear_delivered_journal(spec, sweep_dir):
     """A new run of a sweep name starts a new journal, but never over undelivered results."""
     from orchestrator.journal import JOURNAL, TrackingJournal
-    if not osp.isfile(osp.join(sweep_dir, 'tracking.json')):
+    if not osp.isfile(osp.join(sweep_dir, TrackingMeta.NAME)):
         return
     old = TrackingJournal.open(sweep_dir)
     if old.pending():
         raise ConfigError(f'{spec.source}: {old.path} holds {old.pending()} MLflow write(s) of an '
                           f'earlier run not yet delivered: `orchestrator sync {sweep_dir}` first '
                           '(or --resume that run)')
-    for name in (JOURNAL, JOURNAL + '.applied', 'tracking.json'):
+    for name in (JOURNAL, JOURNAL + '.applied', TrackingMeta.NAME):
         if osp.exists(osp.join(sweep_dir, name)):
             os.remove(osp.join(sweep_dir, name))
 
@@ -176,8 +181,8 @@ def sync(sweep_dir, out=None):
     """Deliver a sweep's journaled MLflow writes (``orchestrator sync``)."""
     from orchestrator.journal import JournalBusy, TrackingJournal, WriterLock
     out = out or sys.stdout
-    if not osp.isfile(osp.join(sweep_dir, 'tracking.json')):
-        raise ConfigError(f'{sweep_dir}: not a sweep directory (no tracking.json)')
+    if not osp.isfile(osp.join(sweep_dir, TrackingMeta.NAME)):
+        raise ConfigError(f'{sweep_dir}: not a sweep directory (no {TrackingMeta.NAME})')
     journal = TrackingJournal.open(sweep_dir)
     with WriterLock() as writer:
         try:
@@ -202,11 +207,10 @@ class _Sweep:
     out: object
     sweep_dir: str
     experiment_path: str  # Tune's experiment folder
+    plan: object  # sweep_plan.SweepPlan: what every later step reads
     journal: object = None
     max_concurrent: int = None  # crews: how many trials (or trial groups) train at once
     plan_lines: list = None
-    groups: object = None  # grouping.GroupPlan
-    space: dict = None  # Tune's param space (nested for trial groups)
     pool_name: str = None
     pool: object = None  # the WorkerPool's handle: the actor lives as long as it is held
     nodes_seen: set = field(default_factory=set)  # node IDs planned on or refused (_grow)
@@ -215,10 +219,6 @@ class _Sweep:
     marked: bool = True  # after an interruption: its runs' KILLED status is in the journal
     closed: tuple = None  # after the first stop's close: (trials marked, marked) for a second
     log: object = None  # the _SweepLog of <sweep>/ray.log
-    base: dict = field(init=False)  # the base config as plain data, for Tune and Ray
-
-    def __post_init__(self):
-        self.base = planning.plain(self.base_cfg)
 
 
 def _print_dry_run(spec, base_cfg, address, out, seconds_per_iteration=None,
@@ -226,30 +226,27 @@ def _print_dry_run(spec, base_cfg, address, out, seconds_per_iteration=None,
     """The trials, their derived values (``said``: where the fraction came from), early
     stopping, the trial groups (for this machine's GPU, or one of ``gpu_memory_gib``), the
     estimate and the packing; nothing started."""
-    header, rows, budget = planning.dry_run_table(spec, base_cfg)
+    gpu = (gpu_memory_gib * 1024 ** 3 if gpu_memory_gib else
+           cluster.local_gpu_memory() if spec.gpus_per_worker else None)
+    plan = make_plan(spec, base_cfg).size_groups(gpu)
+    header, rows, budget = planning.dry_run_table(plan)
     print(format_table(header, rows), file=out)
     if said:
         print(said, file=out)
     print(budget, file=out)
-    schedules = planning.trial_schedules(spec, base_cfg)
     if spec.asha:
         from orchestrator import asha
-        print('\n'.join(asha.dry_run_lines(spec, schedules,
-                                            planning.full_data_iterations(spec, base_cfg))),
+        print('\n'.join(asha.dry_run_lines(spec, plan.schedules, plan.full_data_iterations)),
               file=out)
-    gpu = (gpu_memory_gib * 1024 ** 3 if gpu_memory_gib else
-           cluster.local_gpu_memory() if spec.gpus_per_worker else None)
-    base, trials = planning.plain(base_cfg), planning.grid_trials(spec)
-    groups = grouping.plan(spec, base, trials, gpu)
-    print('\n'.join(grouping.dry_run_lines(spec, base, trials, planned=groups)), file=out)
-    for line in fine_tuning.memory_lines(spec, base, trials):
+    print('\n'.join(grouping.dry_run_lines(plan)), file=out)
+    for line in fine_tuning.memory_lines(spec, plan.base, plan.rows):
         print(line, file=out)
-    print('\n'.join(val_cache.dry_run_lines(spec, base, trials, osp.join(spec.output, spec.name))),
-          file=out)
+    print('\n'.join(val_cache.dry_run_lines(spec, plan.base, plan.rows,
+                                            osp.join(spec.output, spec.name))), file=out)
     if seconds_per_iteration:
         print('\n'.join(planning.estimate_lines(
-            spec, schedules, [members for _, members in groups.shown], seconds_per_iteration,
-            backbone_seconds)), file=out)
+            spec, plan.schedules, [members for _, members in plan.groups.shown],
+            seconds_per_iteration, backbone_seconds)), file=out)
     print('\n'.join(_dry_run_plan(spec, address)), file=out)
     return 0
 
@@ -281,12 +278,13 @@ def _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer):
     said = planning.settle_base_fraction(spec, planning.plain(base_cfg))
     if said:
         print(said, file=out)
-    _check_data(spec, base_cfg)
+    plan = make_plan(spec, base_cfg)
+    _check_data(plan)
     if not address:  # fail fast before starting Ray
         planning.resource_plan(spec, cluster.local_nodes())
     sweep_dir = osp.join(osp.abspath(spec.output), spec.name)
     sweep = _Sweep(spec, base_cfg, address, resume, out, sweep_dir,
-                   experiment_path=osp.join(sweep_dir, 'tune', spec.name))
+                   experiment_path=osp.join(sweep_dir, 'tune', spec.name), plan=plan)
     if resume:
         _check_resumable(spec, sweep_dir, sweep.experiment_path)
     if osp.isdir(sweep_dir):  # before anything in it changes: not beside a running sweep
@@ -403,8 +401,7 @@ def _start_crews(sweep, signals):
     # a trial group's heads share the GPU's memory left beside the frozen model
     gpu = (cluster.gpu_memory() if spec.gpus_per_worker and spec.grouping
            and spec.grouping_memory_gb is None else None)
-    sweep.groups = grouping.plan(spec, sweep.base, planning.grid_trials(spec), gpu)
-    chunks, group_runs = sweep.groups.chunks, {}
+    chunks, group_runs = sweep.plan.size_groups(gpu).groups.chunks, {}
     if sweep.resume and chunks:
         chunks, group_runs = _groups_to_continue(sweep, chunks)
     sweep.pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
@@ -420,17 +417,14 @@ def _groups_to_continue(sweep, chunks):
     members' checkpoints by the members the journal does not show ended (crew.rejoin; in halves
     if it ran out of GPU memory), and the chunks not yet started, which the trials that never
     ran form as planned (the pool caps them where a group of their kind ran out)."""
-    from orchestrator.crew import GROUP_FILE
     statuses = sweep.journal.last_statuses()
     group_runs, started = {}, {}
-    for path in glob.glob(osp.join(sweep.sweep_dir, 'groups', '*', GROUP_FILE)):
-        try:
-            with open(path) as f:
-                record = json.load(f)
-            ended = [t for t in record['members']
-                     if statuses.get(t) not in ('RUNNING', 'KILLED')]
-        except (OSError, ValueError, KeyError, TypeError):  # its members continue alone
+    for path in glob.glob(osp.join(sweep.sweep_dir, 'groups', '*', GroupRecord.NAME)):
+        group = GroupRecord.read(osp.dirname(path))
+        if group is None:  # unreadable: its members continue alone
             continue
+        ended = [t for t in group.members if statuses.get(t) not in ('RUNNING', 'KILLED')]
+        record = group.as_dict()
         group_runs[osp.basename(osp.dirname(path))] = dict(record, left=ended)
         if 'parent' not in record:  # a half of a group that ran out of memory: no chunk of its own
             started[record['key']] = started.get(record['key'], 0) + 1
@@ -450,7 +444,7 @@ def _open_parent_run(sweep, warming):
         warming.result()
     except ConfigError as e:  # the store refuses the experiment: before any training
         raise ConfigError(f'{spec.source}: {e}') from None
-    tags = dict(parent_tags(spec.name), searched_params=json.dumps(planning.searched_keys(spec)),
+    tags = dict(parent_tags(spec.name), searched_params=json.dumps(sweep.plan.searched),
                 metric=spec.metric, mode=spec.mode)
     if spec.references:  # published numbers the report draws (search_spaces/README.md)
         tags['references'] = json.dumps(spec.references)
@@ -467,42 +461,37 @@ def _tracking_callback(sweep):
     from orchestrator.tracking import MLflowTrialCallback
     from orchestrator.trial import trial_dir
     # Tune pickles its callbacks with the experiment: the functions capture plain values only
-    spec, base, keys = sweep.spec, sweep.base, planning.searched_keys(sweep.spec)
+    spec, plan, keys = sweep.spec, sweep.plan, sweep.plan.searched
     sweep_dir = sweep.sweep_dir
 
     def params_of(config):
-        config = grouping.flat_config(config)
-        sampled = {k: config[k] for k in keys}
-        _, derived = planning.resolve(spec, base, sampled)
-        return {**sampled, **derived}
+        trial = plan.trial_for(config)
+        return {**{k: trial.values[k] for k in keys}, **trial.derived}
 
     return MLflowTrialCallback(
         sweep.journal, spec.name, params_of, lambda tid: trial_dir(sweep_dir, tid),
         data_name=osp.basename(osp.normpath(spec.data_root or 'train')), searched=keys)
 
 
-def _param_space(sweep):
-    """Tune's param space and how many trials may be alive at once: a trial group starts when
-    all its members have joined, and they wait, idle, for their crew (grouping.live_trial_bound)."""
-    spec, out = sweep.spec, sweep.out
-    space, live_trials = planning.tune_param_space(spec), sweep.max_concurrent
-    if sweep.groups.chunks:
-        print('\n'.join(grouping.dry_run_lines(spec, sweep.base, planning.grid_trials(spec),
-                                               planned=sweep.groups)), file=out)
-        space = grouping.nest_for_groups(space)
-        live_trials, largest = grouping.live_trial_bound(spec, space, sweep.groups.chunks,
-                                                         sweep.max_concurrent)
-        print(f'trial groups: at most {live_trials} trials alive at once '
-              f'({sweep.max_concurrent} crew(s) x up to {largest} heads per group)', file=out)
-    sweep.space = space
-    return space, live_trials
-
-
 def _live_trials(sweep, crews):
-    """How many trials Tune keeps alive for ``crews`` crews (_param_space's rule)."""
-    if not sweep.groups.chunks:
-        return crews
-    return grouping.live_trial_bound(sweep.spec, sweep.space, sweep.groups.chunks, crews)[0]
+    """How many trials Tune keeps alive for ``crews`` crews: a trial group starts when all its
+    members have joined, and they wait, idle, for their crew (grouping.live_trial_bound).
+    Also the largest group."""
+    plan = sweep.plan
+    if not plan.groups.chunks:
+        return crews, 1
+    return grouping.live_trial_bound(sweep.spec, plan.trials, plan.groups.chunks, crews)
+
+
+def _show_groups(sweep):
+    """The trial groups as planned, and how many trials Tune keeps alive for them."""
+    live_trials, largest = _live_trials(sweep, sweep.max_concurrent)
+    if sweep.plan.groups.chunks:
+        print('\n'.join(grouping.dry_run_lines(sweep.plan)), file=sweep.out)
+        print(f'trial groups: at most {live_trials} trials alive at once '
+              f'({sweep.max_concurrent} crew(s) x up to {largest} heads per group)',
+              file=sweep.out)
+    return live_trials
 
 
 def _grow(sweep, going=lambda: True):
@@ -536,7 +525,7 @@ def _grow(sweep, going=lambda: True):
                      f'{crews} crews, {crews} trials (or trial groups) train at once, '
                      f'{sweep.max_concurrent} before')
         sweep.max_concurrent = crews
-        concurrency.set_limit(_live_trials(sweep, crews))
+        concurrency.set_limit(_live_trials(sweep, crews)[0])
     sweep.nodes_seen.update(n['node_id'] for n in joined)
     sweep.nodes_usable = usable
     return '\n'.join(lines) or None
@@ -577,16 +566,14 @@ def _build_tuner(sweep):
     from orchestrator.status import write_plan
     from orchestrator.trial import run_trial
     from orchestrator.tune_state import KeepTuneState
-    spec = sweep.spec
+    spec, plan = sweep.spec, sweep.plan
     callback = _tracking_callback(sweep)
-    write_plan(sweep.sweep_dir, len(planning.grid_trials(spec)), sweep.max_concurrent,
-               spec.metric, planning.searched_keys(spec))
-    space, live_trials = _param_space(sweep)
+    write_plan(sweep.sweep_dir, plan, sweep.max_concurrent)
+    live_trials = _show_groups(sweep)
     live = LiveStatus(sweep.sweep_dir, sweep.out)  # after the MLflow callback: reads its journal
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec, base=sweep.base,
-                             base_filename=sweep.base_cfg.filename, output_dir=sweep.sweep_dir,
-                             pool_name=sweep.pool_name, grouped=bool(sweep.groups.chunks),
+        tune.with_parameters(run_trial, plan=plan, output_dir=sweep.sweep_dir,
+                             pool_name=sweep.pool_name, grouped=bool(plan.groups.chunks),
                              abandoned_after_s=_seconds_from_env('ORCHESTRATOR_ABANDONED_AFTER_S')),
         # The trial only drives its workers (which hold the CPUs/GPUs): no CPU of its own, on
         # the head node (a lost worker node takes its crews, not the trials driving them)
@@ -596,11 +583,11 @@ def _build_tuner(sweep):
         return tune.Tuner.restore(sweep.experiment_path, trainable,
                                   resume_unfinished=True), live
     return tune.Tuner(
-        trainable, param_space=space,
+        trainable, param_space=plan.param_space(),
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+            metric=spec.metric, mode=spec.mode, num_samples=plan.tune_samples,
             search_alg=concurrency.search_alg(_search_alg(spec), live_trials),
-            scheduler=_scheduler(spec, planning.full_data_iterations(spec, sweep.base_cfg)),
+            scheduler=_scheduler(spec, plan.full_data_iterations),
             reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name,
                                   storage_path=osp.dirname(sweep.experiment_path),
@@ -680,7 +667,7 @@ def _fit(sweep, tuner, live, signals):
         return None
     if sweep.resume:
         _close_lost_trials(sweep.journal, {r.metrics.get('trial_id') for r in results})
-    header, rows, failed = ranked_results(results, planning.searched_keys(spec), spec.metric,
+    header, rows, failed = ranked_results(results, sweep.plan.searched, spec.metric,
                                           spec.mode)
     sweep.journal.record('status', status='FAILED' if failed else 'FINISHED')
     live.show(force=True, final=True)
@@ -706,7 +693,7 @@ def _print_outcome(sweep, header, rows, failed):
         print(f'  mlflow ui --backend-store-uri {tracking_uri}', file=out)
     if failed:
         print(f'{len(failed)} of {len(failed) + len(rows)} trials failed:', file=out)
-        print(format_table(['trial', *planning.searched_keys(spec), 'reason'], failed), file=out)
+        print(format_table(['trial', *sweep.plan.searched, 'reason'], failed), file=out)
     if pending:
         print(f'{pending} MLflow write(s) could not be delivered ({tracking_uri} unreachable); '
               f'they are kept in {journal.path}: `orchestrator sync {sweep.sweep_dir}` (or the '

@@ -88,7 +88,7 @@ def sizes_low_gb(sizes):
 
 def memory_lines(spec, base, rows):
     """The dry run's line for a sweep that trains a low-precision backbone: the bytes of each
-    choice per rank, for the first trial ``rows`` (plan.grid_trials) has that trains it."""
+    choice per rank, for the first trial of ``rows`` (SweepPlan.rows) that trains it."""
     first = next((i for i, row in enumerate(rows) if not frozen_backbone(base, row)), None)
     if first is None:
         return []

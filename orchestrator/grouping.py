@@ -21,11 +21,6 @@ from orchestrator.fine_tuning import frozen_backbone, state_values
 
 HEAD_SIDE_PREFIXES = ('model.decode_head.',)
 HEAD_SIDE_KEYS = ('optimizer.lr', 'optimizer.weight_decay')
-# Tune creates grid trials in the order of its sorted key paths, the first path varying fastest
-# (ray.tune.search.variant_generator). Nested under these names, head-side keys vary fastest and
-# backbone-side keys slowest: a trial group's members are created one after another, so a
-# bounded number of live Tune trials always completes the next group.
-HEAD_NEST, SHARED_NEST = 'head', 'shared'
 DEFAULT_HEADS_GB = 8.0  # memory for a group's heads when no GPU tells us more
 GPU_USABLE = 0.9  # of a GPU's memory: CUDA's context, the allocator's slack, a batch in flight
 # what the dry run also plans for, as nvidia-smi reports these GPUs' memory (MiB)
@@ -156,17 +151,16 @@ def head_memory(base, head_cfg, side):
                       loss_backward=LOSS_BACKWARD_LOGITS * logits)
 
 
-def head_memories(spec, base, rows):
-    """(FrozenSide, each row's head variant, {variant: HeadMemory}) for the trials ``rows``:
-    a variant is named by its decode-head values (grid values and the channels they derive;
-    a sampled head value counts as the base config's)."""
-    from orchestrator.plan import HEAD, resolve
+def head_memories(spec, base, trials):
+    """(FrozenSide, each trial's head variant, {variant: HeadMemory}) for the planned
+    ``trials`` (sweep_plan.PlannedTrial): a variant is named by its decode-head values (grid
+    values and the channels they derive; a sampled head value counts as the base config's)."""
+    from orchestrator.plan import HEAD
     side = frozen_side(base)
-    sampled = {p.key for p in spec.params if p.kind != 'grid'}
     names, found = [], {}
-    for row in rows:
-        overrides, _ = resolve(spec, base, {k: v for k, v in row.items() if k not in sampled})
-        values = {k[len(HEAD):]: v for k, v in sorted(overrides.items()) if k.startswith(HEAD)}
+    for trial in trials:
+        values = {k[len(HEAD):]: v for k, v in sorted(trial.overrides.items())
+                  if k.startswith(HEAD)}
         name = ', '.join(f'{k}={v}' for k, v in values.items()) or 'the base head'
         if name not in found:
             found[name] = head_memory(base, {**base['model']['decode_head'], **values}, side)
@@ -257,20 +251,20 @@ class GroupPlan:
     members: list = field(default_factory=list)  # per group key: its members' HeadMemory
 
 
-def plan(spec, base, rows, gpu_bytes=None):
-    """The GroupPlan for the grid trials ``rows`` (plan.grid_trials): trials of one key, 2 or
-    more, on a frozen backbone, split into chunks of at most ``heads_per_group``."""
+def plan(spec, base, trials, gpu_bytes=None):
+    """The GroupPlan for the planned ``trials`` (sweep_plan.PlannedTrial): trials of one key, 2
+    or more, on a frozen backbone, split into chunks of at most ``heads_per_group``."""
     reason = why_not(spec, base)
     if reason:
         return GroupPlan(reason=reason)
     by_key = {}
-    for i, row in enumerate(rows):
-        if frozen_backbone(base, row):
-            by_key.setdefault(group_key(spec, row), []).append(i)
+    for trial in trials:
+        if frozen_backbone(base, trial.values):
+            by_key.setdefault(group_key(spec, trial.values), []).append(trial.index)
     by_key = {k: members for k, members in by_key.items() if len(members) >= 2}
     if not by_key:
         return GroupPlan()
-    side, names, memories = head_memories(spec, base, rows)
+    side, names, memories = head_memories(spec, base, trials)
     budget, how = group_budget(spec, side, gpu_bytes)
     planned = GroupPlan(how=how, memories=memories, side=side)
     caps = []
@@ -302,12 +296,6 @@ def capped(sizes, cap):
     return [s for s in even_chunks(sum(sizes), cap) if s >= 2] if sum(sizes) else []
 
 
-def plan_groups(spec, base, rows, gpu_bytes=None):
-    """(chunks, shown) of ``plan``."""
-    planned = plan(spec, base, rows, gpu_bytes)
-    return planned.chunks, planned.shown
-
-
 def _gb(n):
     return f'{n / 1e9:.2f} GB' if n >= 1e9 else f'{n / 1e6:.3g} MB'
 
@@ -332,14 +320,15 @@ def reference_lines(spec, planned):
             + ', '.join(caps)]
 
 
-def dry_run_lines(spec, base, rows, gpu_bytes=None, planned=None):
-    """The trial groups as the dry run (and the sweep) lists them; ``planned``: the plan
-    already made for these rows."""
-    planned = planned or plan(spec, base, rows, gpu_bytes)
+def dry_run_lines(sweep_plan):
+    """The trial groups of ``sweep_plan`` (sweep_plan.SweepPlan) as the dry run and the sweep
+    list them."""
+    spec, base, trials, planned = (sweep_plan.spec, sweep_plan.base, sweep_plan.trials,
+                                   sweep_plan.groups)
     if planned.reason:
         return [f'trial groups: {planned.reason}']
     if not planned.shown:
-        if not any(frozen_backbone(base, row) for row in rows):
+        if not any(frozen_backbone(base, t.values) for t in trials):
             return ['trial groups: none: the backbone is not frozen (model.backbone.freeze_vit; '
                     'InternVL\'s with_fpn pyramid and unfreeze_pos_embed train)']
         if planned.memories:
@@ -348,7 +337,7 @@ def dry_run_lines(spec, base, rows, gpu_bytes=None, planned=None):
                     *reference_lines(spec, planned)]
         return ['trial groups: none (no two trials share a frozen backbone and its inputs)']
     grouped = sum(len(m) for _, m in planned.shown)
-    lines = [f'trial groups: {grouped} of {len(rows)} trials in {len(planned.shown)} group(s), '
+    lines = [f'trial groups: {grouped} of {len(trials)} trials in {len(planned.shown)} group(s), '
              f'one frozen backbone pass per batch per group (at most {planned.cap} heads per '
              f'group: {planned.how}; per head, planned:)', *memory_lines(planned),
              *reference_lines(spec, planned)]
@@ -358,33 +347,13 @@ def dry_run_lines(spec, base, rows, gpu_bytes=None, planned=None):
     return lines
 
 
-def nest_for_groups(space):
-    """Tune's param space with head-side keys under ``head`` and the rest under ``shared``."""
-    nested = {HEAD_NEST: {k: v for k, v in space.items() if head_side(k)},
-              SHARED_NEST: {k: v for k, v in space.items() if not head_side(k)}}
-    return {k: v for k, v in nested.items() if v}
-
-
-def flat_config(config):
-    """A Tune trial's config as {searched key: value}, nested (grouped sweeps) or not."""
-    flat = {}
-    for key, value in config.items():
-        if key in (HEAD_NEST, SHARED_NEST) and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    return flat
-
-
-def live_trial_bound(spec, space, chunks, slots):
+def live_trial_bound(spec, trials, chunks, slots):
     """How many Tune trials a grouped sweep keeps alive: enough for ``slots`` trial groups of
     the largest size to form and train at once, and never fewer than any group's span in the
-    order Tune creates the trials (Tune's own generator, over the nested ``space``), so that no
-    group waits for a member that cannot start. Returns (bound, the largest group)."""
-    from ray.tune.search.variant_generator import generate_variants
+    order Tune creates the trials (the plan's, ``trials``), so that no group waits for a
+    member that cannot start. Returns (bound, the largest group)."""
     largest = max((max(sizes) for sizes in chunks.values()), default=1)
-    order = [group_key(spec, flat_config(variant))
-             for _ in range(spec.num_samples) for _, variant in generate_variants(space)]
+    order = [group_key(spec, t.values) for t in trials]
     arrived, first, span = {}, {}, 0
     for position, key in enumerate(order):
         if key not in chunks:

@@ -25,8 +25,9 @@ import sys
 import threading
 import time
 
-from orchestrator.errors import DiskFull, disk_full
-from orchestrator.files import append_whole, write_json_atomic
+from orchestrator.errors import ConfigError, DiskFull, disk_full
+from orchestrator.files import append_whole
+from orchestrator.records import TrackingMeta
 from orchestrator.mlflow_store import (ExperimentRefused, get_or_create_experiment,
                                         without_credentials)
 
@@ -155,13 +156,14 @@ class TrackingJournal:
     @classmethod
     def open(cls, sweep_dir):
         """The journal of an existing sweep directory (for ``orchestrator sync``)."""
-        with open(osp.join(sweep_dir, 'tracking.json')) as f:
-            meta = json.load(f)
-        return cls(sweep_dir, meta['tracking_uri'], meta['experiment'], meta['sweep_uid'])
+        meta = TrackingMeta.read(sweep_dir)
+        if meta is None:
+            raise ConfigError(f'{sweep_dir}: no readable {TrackingMeta.NAME}: not a sweep '
+                              'directory')
+        return cls(sweep_dir, meta.tracking_uri, meta.experiment, meta.sweep_uid)
 
     def save_meta(self):
-        write_json_atomic(osp.join(self.sweep_dir, 'tracking.json'), dict(
-            tracking_uri=self.tracking_uri, experiment=self.experiment, sweep_uid=self.sweep_uid))
+        TrackingMeta(self.tracking_uri, self.experiment, self.sweep_uid).write(self.sweep_dir)
 
     @property
     def tracking_uri(self):

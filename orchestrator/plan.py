@@ -1,31 +1,16 @@
-"""SweepSpec -> what will run: Tune's param space, each trial's resolved mmseg overrides (derived
-values included), the resource plan, and the dry-run table. Pure functions: no Ray, no MLflow."""
-import copy
-import itertools
+"""SweepSpec -> one trial's resolved mmseg overrides and derived values (``resolve``), the
+resource plan, the estimate and the dry-run table. The trials themselves are the SweepPlan's
+(sweep_plan.py), which calls ``resolve`` for each. Pure functions: no Ray, no MLflow."""
 import math
+import os
 import os.path as osp
 
 from orchestrator.errors import ConfigError
-from orchestrator.fewshot import list_images
 from orchestrator import fine_tuning
 from orchestrator.keys import (FRACTION_KEY, MASTER_WEIGHTS_KEY, REPEAT_KEY, SUBSET_SEED_KEY,
                                WARMUP_KEY)
 
 HEAD = 'model.decode_head.'
-
-
-def tune_param_space(spec):
-    """Ray Tune's param_space: one entry per searched key, named exactly as in the file."""
-    from ray import tune
-    make = {'grid': tune.grid_search, 'choice': tune.choice,
-            'uniform': lambda v: tune.uniform(*v), 'loguniform': lambda v: tune.loguniform(*v),
-            'randint': lambda v: tune.randint(*v)}
-    space = {p.key: make[p.kind](list(p.values)) for p in spec.params}
-    if spec.repeats > 1 and REPEAT_KEY not in space:
-        space[REPEAT_KEY] = tune.grid_search(list(range(spec.repeats)))
-    if len(spec.fewshot_seeds) > 1:
-        space[SUBSET_SEED_KEY] = tune.grid_search(list(spec.fewshot_seeds))
-    return space
 
 
 def searched_keys(spec):
@@ -53,6 +38,12 @@ def warmup_for(spec, iters):
     return min(warmup, spec.warmup_max) if spec.warmup_max else warmup
 
 
+def _image_names(img_dir, img_suffix):
+    """The training images' names (recursive, as mmseg lists them): counted, for the fraction
+    a base config's max_image_num keeps."""
+    return [f for _, _, files in os.walk(img_dir) for f in files if f.endswith(img_suffix)]
+
+
 def train_image_dir(spec, base):
     """The training images' directory, as the trial's data root makes it."""
     train = base['data']['train']
@@ -73,7 +64,7 @@ def settle_base_fraction(spec, base):
     if kept is None or any(p.key == FRACTION_KEY for p in spec.params):
         return None
     img_dir = train_image_dir(spec, base)
-    names = list_images(img_dir, train.get('img_suffix', '.jpg')) if osp.isdir(img_dir) else []
+    names = _image_names(img_dir, train.get('img_suffix', '.jpg')) if osp.isdir(img_dir) else []
     if not names:
         return (f'fewshot.fraction: the base config keeps max_image_num={kept} training images; '
                 f'{img_dir} is not here to count them, so the values above assume all of them')
@@ -129,64 +120,16 @@ def resolve(spec, base, params):
         # InternVL's own subset option: the sweep's fraction replaces it when searched
         derived['data.train.subset_seed'] = derived[SUBSET_SEED_KEY]
         if FRACTION_KEY in params or spec.base_fraction is not None:
-            # the trial's split file keeps the images (for max_image_num: the same ones)
+            # the trial's FewShotSubset keeps the images (for max_image_num: the same ones)
             derived['data.train.max_image_num'] = None
     overrides.update({k: v for k, v in derived.items()
                       if k not in (FRACTION_KEY, SUBSET_SEED_KEY, MASTER_WEIGHTS_KEY)})
     return overrides, derived
 
 
-def merged_config(base, overrides, filename=None):
-    """mmcv Config of base (a plain dict) with dotted overrides, via mmcv's own merge."""
-    from mmcv import Config
-    cfg = Config(copy.deepcopy(base), filename=filename)
-    cfg.merge_from_dict(overrides)
-    return cfg
-
-
-def resolved_config(spec, base_cfg, params):
-    """The trial's full mmcv Config (a copy of the base with its overrides) and derived values."""
-    overrides, derived = resolve(spec, plain(base_cfg), params)
-    return merged_config(plain(base_cfg), overrides, base_cfg.filename), derived
-
-
 def plain(cfg):
     """An mmcv Config as a plain dict (picklable without mmcv)."""
     return cfg._cfg_dict.to_dict()
-
-
-def grid_trials(spec):
-    """The trials Tune will create, for the dry-run: grid values crossed, sampled ones shown as
-    their distribution (one row per sample)."""
-    grid = [(p.key, p.values) for p in spec.params if p.kind == 'grid']
-    sampled = {p.key: f'{p.kind}{list(p.values)}' for p in spec.params if p.kind != 'grid'}
-    seeds = (list(range(spec.repeats)) if spec.repeats > 1 and REPEAT_KEY not in dict(grid)
-             else [None])
-    if len(spec.fewshot_seeds) > 1:
-        grid = grid + [(SUBSET_SEED_KEY, spec.fewshot_seeds)]
-    rows = []
-    for combo in itertools.product(*[v for _, v in grid]):
-        for seed in seeds:
-            for _ in range(spec.num_samples):
-                row = dict(zip([k for k, _ in grid], combo))
-                row.update(sampled)
-                if seed is not None:
-                    row[REPEAT_KEY] = seed
-                rows.append(row)
-    return rows
-
-
-def full_data_iterations(spec, base_cfg):
-    """The iterations of a trial on all the data (what ``grace_period`` counts in)."""
-    return resolve(spec, plain(base_cfg), {FRACTION_KEY: 1.0})[1]['runner.max_iters']
-
-
-def trial_schedules(spec, base_cfg):
-    """Each grid trial's planned iterations, in the dry run's order (sampled values aside)."""
-    sampled = {p.key for p in spec.params if p.kind != 'grid'}
-    base = plain(base_cfg)
-    return [resolve(spec, base, {k: v for k, v in row.items() if k not in sampled})[1]
-            ['runner.max_iters'] for row in grid_trials(spec)]
 
 
 def per_trial_resources(spec):
@@ -249,23 +192,19 @@ def resource_plan(spec, nodes):
     return trials, lines
 
 
-def dry_run_table(spec, base_cfg):
-    """Rows of (trial, resolved values...) and the total budget line."""
-    rows = grid_trials(spec)
-    keys = searched_keys(spec)
+def dry_run_table(sweep_plan):
+    """Rows of (trial, its values...) of ``sweep_plan`` (sweep_plan.SweepPlan; a sampled value
+    shown as its distribution) and the total budget line."""
+    spec = sweep_plan.spec
+    keys = sweep_plan.searched
     shown = keys + [k for k in ('model.decode_head.channels', 'runner.max_iters', WARMUP_KEY)
                     if k not in keys and (k != WARMUP_KEY or spec.warmup_ratio)]
     need = per_trial_resources(spec)
-    base = plain(base_cfg)
-    sampled = {p.key for p in spec.params if p.kind != 'grid'}  # shown as distributions
-    table, total_iters = [], 0
-    for i, row in enumerate(rows):
-        _, derived = resolve(spec, base, {k: v for k, v in row.items() if k not in sampled})
-        values = {**row, **derived}
-        total_iters += derived['runner.max_iters']
-        table.append([i] + [values.get(k, '') for k in shown])
+    table = [[t.index] + [{**t.sampled, **t.values, **t.derived}.get(k, '') for k in shown]
+             for t in sweep_plan.trials]
+    total_iters = sum(sweep_plan.schedules)
     header = ['trial'] + shown
-    budget = (f'{len(rows)} trials, each {spec.workers_per_trial} worker(s) x '
+    budget = (f'{len(table)} trials, each {spec.workers_per_trial} worker(s) x '
               f'({spec.cpus_per_worker:g} CPU, {spec.gpus_per_worker:g} GPU) = '
               f'{need["CPU"]:g} CPU, {need["GPU"]:g} GPU per trial; '
               f'{total_iters} iterations in all = {total_iters * spec.workers_per_trial} '

@@ -8,13 +8,20 @@ from orchestrator.errors import ConfigError
 from orchestrator.keys import WEIGHTS_KEY
 
 
+def dataset_configs(ds):
+    """The dataset configs in ``ds`` (a dataset config or a list of them), wrappers opened
+    (FewShotSubset, mmseg's RepeatDataset: their ``dataset``)."""
+    if ds is None:
+        return []
+    if isinstance(ds, (list, tuple)):
+        return [d for item in ds for d in dataset_configs(item)]
+    return dataset_configs(ds['dataset']) if 'dataset' in ds else [ds]
+
+
 def check_data_paths(cfg, source='config'):
     """Fail before any work when a dataset directory is missing, naming the key and the path."""
     for split in ('train', 'val'):
-        ds = cfg.data.get(split)
-        if ds is None:
-            continue
-        for d in ds if isinstance(ds, (list, tuple)) else [ds]:
+        for d in dataset_configs(cfg.data.get(split)):
             root = d.get('data_root')
             for key in ('img_dir', 'ann_dir'):
                 rel = d.get(key)

@@ -275,7 +275,6 @@ def load_spec(path):
         output=rel(file.output) if file.output else osp.abspath('runs'))
     _check_rules(spec, file)
     _check_head_combinations(spec, base_dict)
-    _check_master_weights(spec, base_dict)
     return spec, base_cfg
 
 
@@ -300,18 +299,6 @@ def _check_rules(spec, file):
         raise _err(source, 'resources.gpus_per_worker', spec.gpus_per_worker,
                    'a fraction of a GPU needs workers_per_trial: 1 (NCCL cannot run two ranks '
                    'of one trial on one GPU)')
-
-
-def _check_master_weights(spec, base_dict):
-    """Float32 master weights are for a trainable backbone; on a frozen one they would be
-    nothing but a misread setting."""
-    from orchestrator.fine_tuning import frozen_backbone
-    from orchestrator.plan import grid_trials
-    if spec.float32_master_weights and all(frozen_backbone(base_dict, row)
-                                           for row in grid_trials(spec)):
-        raise _err(spec.source, 'fine_tuning.float32_master_weights', True, 'the backbone is '
-                   'frozen in every trial (model.backbone.freeze_vit): nothing to keep master '
-                   'weights of')
 
 
 def check_sweep_name(source, key, name):

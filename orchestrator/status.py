@@ -2,7 +2,8 @@
 the ETA, read from files the sweep already writes (no MLflow, no Ray needed, so it also works while
 the tracking server is down):
 
-- ``plan.json``: how many trials the sweep will run and how many run at once (the driver);
+- ``plan.json``: how many trials the sweep will run and how many run at once (the driver;
+  records.PlanSummary);
 - ``mlflow_journal.jsonl``: every trial start, evaluation, failure reason and end, timestamped
   (orchestrator/journal.py);
 - ``trials/<id>/mmseg/*.log.json``: mmseg's training log, for the iteration and seconds per
@@ -19,28 +20,30 @@ import socket
 import time
 
 from orchestrator.checkpoints import SKIPPED
-from orchestrator.files import read_jsonl, write_json_atomic
+from orchestrator.errors import ConfigError
+from orchestrator.files import read_jsonl
 from orchestrator.journal import JOURNAL
-
-PLAN = 'plan.json'
-RESTARTS = 'restarts.jsonl'  # per trial, written by trial.py when its workers were lost
+from orchestrator.records import PlanSummary, Placement, Restart
 STATES = ('pending', 'running', 'done', 'stopped', 'failed', 'interrupted')
 
 
-def write_plan(sweep_dir, total_trials, concurrent, metric, searched):
-    """What the status needs from the driver: the trial count, concurrency, the searched keys
-    (shown per trial), and who runs it."""
-    write_json_atomic(osp.join(sweep_dir, PLAN), dict(
-        total_trials=total_trials, concurrent=concurrent, metric=metric, searched=searched,
-        driver_pid=os.getpid(), driver_host=socket.gethostname()))
+def write_plan(sweep_dir, plan, concurrent):
+    """What the status needs of the SweepPlan ``plan`` (records.PlanSummary): the trials (each
+    its values, iterations, trial group), concurrency, the searched keys, who runs it."""
+    group_of = plan.group_of
+    PlanSummary(total_trials=len(plan.trials), concurrent=concurrent, metric=plan.spec.metric,
+                searched=plan.searched, driver_pid=os.getpid(), driver_host=socket.gethostname(),
+                trials=[dict(index=t.index, values={**t.sampled, **t.values},
+                             iterations=t.iterations, group=group_of.get(t.index))
+                        for t in plan.trials]).write(sweep_dir)
 
 
 def _driver_gone(plan):
     """True when the sweep's driver ran on this host and its process is gone (killed)."""
-    if plan.get('driver_host') != socket.gethostname():
+    if plan.driver_host != socket.gethostname():
         return False  # cannot tell from here
     try:
-        os.kill(plan['driver_pid'], 0)
+        os.kill(plan.driver_pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
@@ -72,11 +75,8 @@ class JournalTail:
 
 def log_dir(sweep_dir, trial):
     """Where the trial's mmseg json log is: its own work dir, or its trial group's."""
-    try:
-        with open(osp.join(sweep_dir, 'trials', trial, 'placement.json')) as f:
-            group = json.load(f).get('group')
-    except (OSError, ValueError, AttributeError):
-        group = None
+    placed = Placement.read(osp.join(sweep_dir, 'trials', trial))
+    group = placed and placed.group
     if group:
         return osp.join(sweep_dir, 'groups', group['id'])
     return osp.join(sweep_dir, 'trials', trial, 'mmseg')
@@ -146,14 +146,16 @@ def _eta(trials, counts, waiting, remaining_s, concurrent):
 def sweep_status(sweep_dir, journal=None):
     """(trials, summary): one dict per started trial and counts of every state plus ETA.
     ``journal``: a JournalTail to reuse between calls."""
-    with open(osp.join(sweep_dir, PLAN)) as f:
-        plan = json.load(f)
-    metric = plan['metric']
+    plan = PlanSummary.read(sweep_dir)
+    if plan is None:
+        raise ConfigError(f'{sweep_dir}: no {PlanSummary.NAME} (not a sweep directory, or the '
+                          'sweep did not start its trials)')
+    metric = plan.metric
     trials, sweep_state, started_at, ended_at = _replay_journal(
         (journal or JournalTail(sweep_dir)).read(), metric)
     for t in trials.values():
-        path = osp.join(sweep_dir, 'trials', t['trial'], RESTARTS)
-        t['restarts'] = read_jsonl(path) if osp.isfile(path) else []
+        t['restarts'] = [vars(r) for r in Restart.read_all(osp.join(sweep_dir, 'trials',
+                                                                     t['trial']))]
         path = osp.join(sweep_dir, 'trials', t['trial'], 'mmseg', SKIPPED)
         t['skipped_checkpoints'] = read_jsonl(path) if osp.isfile(path) else []
     if sweep_state == 'RUNNING' and _driver_gone(plan):
@@ -177,10 +179,10 @@ def sweep_status(sweep_dir, journal=None):
         elif t['state'] == 'done' and t['max_iters'] and t['iter'] < t['max_iters']:
             t['state'] = 'stopped'  # ended early by the scheduler (ASHA)
     counts = {s: sum(t['state'] == s for t in trials.values()) for s in STATES}
-    counts['pending'] = max(0, plan['total_trials'] - len(trials))
-    eta = (_eta(list(trials.values()), counts, waiting, remaining_s, plan['concurrent'])
+    counts['pending'] = max(0, plan.total_trials - len(trials))
+    eta = (_eta(list(trials.values()), counts, waiting, remaining_s, plan.concurrent)
            if sweep_state == 'RUNNING' else None)
-    summary = dict(counts, total=plan['total_trials'], sweep=sweep_state, eta_s=eta,
+    summary = dict(counts, total=plan.total_trials, sweep=sweep_state, eta_s=eta,
                    elapsed_s=((ended_at or time.time()) - started_at) if started_at else None,
-                   metric=metric, searched=plan.get('searched', []))
+                   metric=metric, searched=plan.searched)
     return list(trials.values()), summary

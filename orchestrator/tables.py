@@ -3,7 +3,7 @@ that status, compare and report also print."""
 from prettytable import PrettyTable, TableStyle
 
 from orchestrator.errors import failure_reason
-from orchestrator.grouping import flat_config
+from orchestrator.sweep_plan import flat_config
 
 
 def format_table(header, rows, markdown=False):

@@ -6,7 +6,6 @@ callback creates children with ``mlflow.parentRunId`` (what the MLflow UI nests 
 param columns on every child, and steps metrics by the mmseg iteration.
 """
 import hashlib
-import json
 import os.path as osp
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from importlib import metadata
 from ray.tune import Callback
 
 from orchestrator.errors import failure_reason
+from orchestrator.records import Placement
 from orchestrator.keys import FRACTION_KEY, HEAD_VARIANT, NOISE_KEYS, REPEAT_KEY, SUBSET_SEED_KEY
 
 METRIC_PREFIXES = ('mIoU', 'mAcc', 'aAcc', 'IoU.', 'Acc.', 'loss', 'lr', 'restarts', 'cost.',
@@ -130,16 +130,10 @@ class MLflowTrialCallback(Callback):
         return TrackingJournal.live(self.sweep_dir)
 
     def _record_placement(self, trial_id):
-        path = osp.join(self.trial_dir_of(trial_id), 'placement.json')
-        try:
-            with open(path) as f:
-                text = f.read()
-        except OSError:
-            return
-        if text and self._placed.get(trial_id) != text:
-            self._placed[trial_id] = text
-            self.journal.record('tags', trial_id=trial_id,
-                                tags=placement_tags(json.loads(text)))
+        placed = Placement.read(self.trial_dir_of(trial_id))
+        if placed is not None and self._placed.get(trial_id) != placed:
+            self._placed[trial_id] = placed
+            self.journal.record('tags', trial_id=trial_id, tags=placement_tags(placed.as_dict()))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         values = self.params_of(trial.config)

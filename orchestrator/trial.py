@@ -1,9 +1,9 @@
-"""One Tune trial: resolve its overrides, pick its few-shot subset, lease a warm crew (crew.py),
-run the training on its N workers and forward rank 0's evaluations to Tune (so ASHA can stop it).
+"""One Tune trial: find its planned row (sweep_plan.py), lease a warm crew (crew.py), run the
+training on its N workers and forward rank 0's evaluations to Tune (so ASHA can stop it).
 
-The trial process only drives: it never imports mmcv or mmseg; the workers merge the config.
+The trial process only drives: it never imports mmcv or mmseg; the workers build the config
+(trial_config.py).
 """
-import json
 import os
 import os.path as osp
 import re
@@ -16,33 +16,17 @@ from orchestrator import val_cache
 from orchestrator.checkpoints import readable_latest
 from orchestrator.crew import CALL_S, GRACE_S, TrialJob
 from orchestrator.errors import DiskFull, GroupOutOfMemory, TrialFailed, disk_full
-from orchestrator.fewshot import write_split_file
-from orchestrator.files import append_whole, read_jsonl, write_json_atomic
-from orchestrator.grouping import flat_config, group_key
-from orchestrator.keys import FRACTION_KEY, SUBSET_SEED_KEY
-from orchestrator.plan import resolve, train_image_dir
+from orchestrator.files import read_jsonl
+from orchestrator.grouping import group_key
+from orchestrator.records import Placement, Restart
+from orchestrator.trial_config import work_dir
 
 POLL_S = 1.0
 HOLD_S = 600  # a trial waits this long for a stopping sweep to stop it (a full disk, a halt)
-PLACEMENT = 'placement.json'
 
 
 def trial_dir(output_dir, trial_id):
     return osp.join(output_dir, 'trials', trial_id)
-
-
-def trial_overrides(spec, base, params, out_dir):
-    """The trial's mmseg overrides, with its few-shot split file written to ``out_dir``."""
-    overrides, derived = resolve(spec, base, params)
-    os.makedirs(out_dir, exist_ok=True)
-    train = base['data']['train']
-    img_dir = train_image_dir(spec, base)
-    split = osp.join(out_dir, 'fewshot_subset.txt')
-    write_split_file(img_dir, derived[FRACTION_KEY], split, seed=derived[SUBSET_SEED_KEY],
-                     img_suffix=train.get('img_suffix', '.jpg'))
-    overrides['data.train.split'] = split
-    overrides['work_dir'] = osp.join(out_dir, 'mmseg')
-    return overrides
 
 
 class WorkersLost(TrialFailed):
@@ -92,9 +76,8 @@ def _failure(runs, pool):
 def _write_placement(out_dir, where, group=None):
     """Where each rank runs (node, GPUs) and the trial group it trains in, for the trial's MLflow
     tags (tracking.placement_tags)."""
-    write_json_atomic(osp.join(out_dir, PLACEMENT), dict(
-        ranks=[{k: w[k] for k in ('node_id', 'node_ip', 'gpu_ids')} for w in where],
-        group=group))
+    Placement(ranks=[{k: w[k] for k in ('node_id', 'node_ip', 'gpu_ids')} for w in where],
+              group=group).write(out_dir)
 
 
 def _poll(runs, workers, trial_id, forward, pool):
@@ -126,11 +109,8 @@ def _poll(runs, workers, trial_id, forward, pool):
 def _group_to_continue(out_dir, work_dir):
     """(group id, iteration) when the trial's last attempt trained in a trial group: the group
     it continues from its checkpoint at that iteration (0: none yet), or None."""
-    try:
-        with open(osp.join(out_dir, PLACEMENT)) as f:
-            group = (json.load(f).get('group') or {}).get('id')
-    except (OSError, ValueError):
-        return None
+    placed = Placement.read(out_dir)
+    group = placed and (placed.group or {}).get('id')
     if not group:
         return None
     path, _ = readable_latest(work_dir, set_aside=False)  # what the group's worker will take
@@ -208,14 +188,14 @@ def _record_restart(output_dir, trial_id, work_dir, restart, retries, error):
     """A restart is visible: a record in the trial's ``restarts.jsonl``, which the live view and
     ``orchestrator status`` show as a line (status_view.restart_lines). The iteration lost is the last
     one in the training log; training resumes after the latest checkpoint (0: from the start)."""
-    from orchestrator.status import RESTARTS, log_dir, train_progress
+    from orchestrator.status import log_dir, train_progress
     lost_at = train_progress(log_dir(output_dir, trial_id))[0]
     path, _ = readable_latest(work_dir, set_aside=False)  # what the worker will resume
-    rec = dict(at=round(time.time(), 3), restart=restart, of=retries, lost_at=lost_at,
-               resume_from=_iteration(path), reason=str(error))
-    append_whole(osp.join(trial_dir(output_dir, trial_id), RESTARTS), json.dumps(rec) + '\n')
+    rec = Restart(at=round(time.time(), 3), restart=restart, of=retries, lost_at=lost_at,
+                  resume_from=_iteration(path), reason=str(error))
+    rec.append(trial_dir(output_dir, trial_id))
     return (f'worker lost at iteration {lost_at}; restart {restart} of {retries} from '
-            f'iteration {rec["resume_from"]}')
+            f'iteration {rec.resume_from}')
 
 
 def _iteration(checkpoint):
@@ -251,8 +231,7 @@ def _stop_the_sweep(pool, error):
     raise TrialFailed(str(error))
 
 
-def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=False,
-              abandoned_after_s=None):
+def run_trial(config, plan, output_dir, pool_name, grouped=False, abandoned_after_s=None):
     """Tune function trainable (a plain function, as in Ray Tune's examples).
 
     Training resumes from the trial's latest mmseg checkpoint whenever there is one (mmseg's
@@ -263,17 +242,17 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
     """
     trial_id = tune.get_context().get_trial_id()
     out_dir = trial_dir(output_dir, trial_id)
-    config = flat_config(config)
+    spec, planned = plan.spec, plan.trial_for(config)
     pool = ray.get_actor(pool_name)
     try:
-        overrides = trial_overrides(spec, base, config, out_dir)
-    except OSError as e:  # its split file on a full disk
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a full disk
         if disk_full(e, out_dir) is None:
             raise
         _stop_the_sweep(pool, disk_full(e, out_dir))
-    overrides['auto_resume'] = True
-    job = TrialJob(trial_id=trial_id, trial_dir=out_dir, base=base, overrides=overrides,
-                   base_filename=base_filename, source=spec.source,
+    mmseg_dir = work_dir(out_dir)
+    job = TrialJob(trial_id=trial_id, trial_dir=out_dir, base=plan.base, trial=planned,
+                   base_filename=plan.base_filename, source=spec.source,
                    collective_timeout_s=spec.collective_timeout_s,
                    val_feature_cache=val_cache.settings(spec, output_dir),
                    **({'abandoned_after_s': abandoned_after_s} if abandoned_after_s else {}))
@@ -283,16 +262,16 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
         tune.report(dict(metrics, restarts=restarts))
 
     while True:
-        _replay_history(overrides['work_dir'])
-        continuing = grouped and _group_to_continue(out_dir, overrides['work_dir'])
+        _replay_history(mmseg_dir)
+        continuing = grouped and _group_to_continue(out_dir, mmseg_dir)
         halving, halve = halve, False
         try:
             if continuing and _train_in_trial_group(pool, job, forward, continuing=continuing,
                                                     halve=halving):
                 return None
             if grouped and not continuing and restarts == 0 and \
-                    readable_latest(overrides['work_dir'], set_aside=False)[0] is None and \
-                    _train_in_trial_group(pool, job, forward, key=group_key(spec, config)):
+                    readable_latest(mmseg_dir, set_aside=False)[0] is None and \
+                    _train_in_trial_group(pool, job, forward, key=group_key(spec, planned.values)):
                 return None
             return _train_alone(pool, job, forward)
         except OSError as e:  # the trial's own files (placement, restarts)
@@ -312,6 +291,6 @@ def run_trial(config, spec, base, base_filename, output_dir, pool_name, grouped=
                 raise TrialFailed(
                     f'workers lost: {e}; gave up after {restarts} restart(s)') from None
             restarts += 1
-            line = _record_restart(output_dir, trial_id, overrides['work_dir'], restarts,
+            line = _record_restart(output_dir, trial_id, mmseg_dir, restarts,
                                    spec.worker_retries, e)
             print(f'trial {trial_id}: {line} ({e})', flush=True)

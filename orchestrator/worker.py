@@ -40,7 +40,8 @@ from mmseg_custom.models.head_rng import isolate_head_rng, reinit_head
 
 from orchestrator.checkpoints import readable_latest, remove_partial_writes
 from orchestrator.errors import ConfigError, TrialFailed
-from orchestrator.preflight import check_data_paths
+from orchestrator.preflight import check_data_paths, dataset_configs
+from orchestrator.trial_config import group_config
 
 
 HEAD_FILE = 'head_final.pth'  # the trained head's weights, solo or grouped
@@ -132,9 +133,9 @@ def _start_run(cfg):
     cfg.device = 'cuda' if cuda else 'cpu'
     cfg.gpu_ids = [int(os.environ.get('LOCAL_RANK', 0))] if cuda else [0]
     cfg.seed = cfg.get('seed', 0)
-    train = cfg.data.get('train')
-    if isinstance(train, dict) and train.get('max_image_num') is not None:
-        train.setdefault('subset_seed', cfg.seed)  # as InternVL: each seed, another subset
+    for train in dataset_configs(cfg.data.get('train')):
+        if train.get('max_image_num') is not None:
+            train.setdefault('subset_seed', cfg.seed)  # as InternVL: each seed, another subset
     set_random_seed(cfg.seed, deterministic=cfg.get('deterministic', False))
     return distributed, rank, world_size, cuda, cfg.seed
 
@@ -184,24 +185,6 @@ def _save_head(head, work_dir):
     if get_dist_info()[0] == 0:
         torch.save({k: v.detach().cpu() for k, v in head.state_dict().items()},
                    osp.join(work_dir, HEAD_FILE))
-
-
-def grouped_config(cfgs, group_dir):
-    """The mmcv Config that trains ``cfgs`` (trials differing only in head-side values) as one
-    MultiHeadEncoderDecoder: their heads, each head's optimizer, the shared rest."""
-    gcfg = copy.deepcopy(cfgs[0])
-    model = gcfg.model
-    model.type = 'MultiHeadEncoderDecoder'
-    model.decode_heads = [copy.deepcopy(c.model.decode_head) for c in cfgs]
-    model.pop('decode_head')
-    gcfg.optimizer = dict(type=cfgs[0].optimizer.type, constructor='MultiHeadOptimizerConstructor',
-                          paramwise_cfg=dict(heads=[copy.deepcopy(c.optimizer) for c in cfgs]))
-    gcfg.find_unused_parameters = True  # a stopped head's parameters get no gradient under DDP
-    # the heads' evaluations are MultiHeadEvalHook's, their checkpoints TrialGroupCheckpointHook's
-    gcfg.checkpoint_config = dict(by_epoch=False, interval=10 ** 9, save_last=False)
-    gcfg.pop('auto_resume', None)
-    gcfg.work_dir = group_dir
-    return gcfg
 
 
 @dataclass
@@ -340,7 +323,7 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
     for c in cfgs:
         check_data_paths(c, source)
         _drop_deepspeed_keys(c, source)
-    gcfg = grouped_config(cfgs, osp.abspath(group_dir))
+    gcfg = group_config(cfgs, osp.abspath(group_dir))
     n = len(cfgs)
     callbacks = callbacks or [None] * n
 

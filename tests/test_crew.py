@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+ALL_IMAGES = {'fewshot.fraction': 1.0, 'fewshot.seed': 0}  # a job's derived subset values
 
 
 @pytest.fixture(scope='module')
@@ -25,12 +26,14 @@ def pool(ray_address):
 
 
 def _job(tiny_cfg, out, trial_id, **overrides):
+    from orchestrator.sweep_plan import PlannedTrial
     from orchestrator.crew import TrialJob
     from orchestrator.plan import plain
     out.mkdir(parents=True, exist_ok=True)
-    overrides = {'work_dir': str(out / 'mmseg'), 'runner.max_iters': 40,
-                 'evaluation.interval': 20, 'checkpoint_config.interval': 20, **overrides}
-    return TrialJob(base=plain(tiny_cfg), overrides=overrides, base_filename=tiny_cfg.filename,
+    overrides = {'runner.max_iters': 40, 'evaluation.interval': 20,
+                 'checkpoint_config.interval': 20, **overrides}
+    return TrialJob(base=plain(tiny_cfg), trial=PlannedTrial(0, {}, {}, overrides, ALL_IMAGES),
+                    base_filename=tiny_cfg.filename,
                     trial_dir=str(out), source='test', trial_id=trial_id)
 
 

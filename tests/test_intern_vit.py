@@ -239,12 +239,11 @@ def test_internvl_style_config_builds_and_trains(tmp_path, synthetic_root):
     path = tmp_path / 'linear_intern_vit_tiny.py'
     path.write_text(INTERNVL_STYLE.format(root=root, data=synthetic_root))
     cfg = Config.fromfile(str(path))
-    from orchestrator.fewshot import list_images, seeded_prefix
     dataset = build_dataset(cfg.data.train)
-    kept = [i['filename'][:-len(dataset.img_suffix)] for i in dataset.img_infos]
-    # max_image_num keeps the images the sweeps' few-shot rule keeps for seed 0 (its own code)
-    names = list_images(Path(synthetic_root) / 'images' / 'training', dataset.img_suffix)
-    assert len(names) > 12 and kept == seeded_prefix(names, 12, seed=0)
+    # max_image_num keeps the images the sweeps' few-shot wrapper keeps for seed 0
+    whole = {k: v for k, v in cfg.data.train.items() if k != 'max_image_num'}
+    cut = build_dataset(dict(type='FewShotSubset', dataset=whole, fraction=12 / 48, seed=0))
+    assert len(dataset) == 12 and dataset.img_infos == cut.dataset.img_infos
     with pytest.warns(UserWarning, match='DeepSpeed'):
         metrics = worker.train(cfg, str(tmp_path / 'work'), source=str(path))
     assert metrics['iter'] == 4 and 0.0 <= metrics['mIoU'] <= 1.0

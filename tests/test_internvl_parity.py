@@ -301,16 +301,16 @@ def test_max_image_num_subset_follows_the_runs_seed_as_internvls(ade150):
 
     from orchestrator import worker
 
-    from orchestrator.fewshot import fewshot_subset, list_images
-
     def kept(seed):
         cfg = _family('few_shot_1of4', ade150, seed=seed)
         worker._start_run(cfg)
-        return [i['filename'][:-len('.jpg')] for i in build_dataset(cfg.data.train).img_infos]
-    images = list_images(str(ade150 / 'images' / 'training'))
-    for seed in (1, 2):  # the seeded rule every rank and run applies (orchestrator/fewshot.py)
-        assert kept(seed) == fewshot_subset(images, 6 / 24, seed)
-    assert kept(1) != kept(2)
+        whole = {k: v for k, v in cfg.data.train.items()
+                 if k not in ('max_image_num', 'subset_seed')}
+        cut = build_dataset(dict(type='FewShotSubset', dataset=whole, fraction=6 / 24, seed=seed))
+        infos = build_dataset(cfg.data.train).img_infos
+        assert infos == cut.dataset.img_infos  # the seeded rule of the sweeps' fractions
+        return infos
+    assert len(kept(1)) == 6 and kept(1) != kept(2)
 
 
 def test_a_searched_fraction_replaces_internvls_max_image_num(tmp_path):
@@ -346,7 +346,8 @@ def test_a_max_image_num_config_records_and_schedules_the_fraction_it_trains(ade
     from orchestrator import worker
     from orchestrator.plan import resolve, settle_base_fraction
     from orchestrator.spec import load_spec
-    from orchestrator.trial import trial_overrides
+    from orchestrator.sweep_plan import PlannedTrial
+    from orchestrator.trial_config import trial_config
 
     def space(data_root):
         path = tmp_path / 'space.yaml'
@@ -365,12 +366,17 @@ def test_a_max_image_num_config_records_and_schedules_the_fraction_it_trains(ade
         overrides, derived = resolve(spec, base, params)
         assert derived['fewshot.fraction'] == 0.25 and derived['fewshot.seed'] == seed
         assert overrides['runner.max_iters'] == 200 and overrides['lr_config.warmup_iters'] == 4
-        split = trial_overrides(spec, base, params, str(tmp_path / f'trial{seed}'))
-        swept = Path(split['data.train.split']).read_text().split()
+        trial = PlannedTrial(seed, params, {}, overrides, derived)
+        (tmp_path / f'trial{seed}').mkdir()
+        swept_cfg = trial_config(base, str(FAMILIES / 'few_shot_1of4.py'), trial,
+                                 str(tmp_path / f'trial{seed}'))
+        swept = build_dataset(swept_cfg.data.train)  # as the sweep's workers build it
+        recorded = (tmp_path / f'trial{seed}' / 'fewshot_subset.txt').read_text().split()
         cfg = _family('few_shot_1of4', ade150, seed=seed)  # as `orchestrator train` runs it
         worker._start_run(cfg)
         trained = [i['filename'][:-len('.jpg')] for i in build_dataset(cfg.data.train).img_infos]
-        assert len(swept) == 6 and sorted(swept) == sorted(trained)
+        assert len(recorded) == 6 and sorted(recorded) == sorted(trained)
+        assert [i['filename'][:-len('.jpg')] for i in swept.dataset.img_infos] == recorded
 
 
 def test_a_sweep_runs_on_an_internvl_config_with_its_checkpoint(ade150, tmp_path, ray_address,
@@ -446,8 +452,9 @@ def test_float32_master_weights_from_the_space_file_reach_the_fine_tuned_backbon
     import yaml
 
     from orchestrator import worker
-    from orchestrator.plan import resolved_config
     from orchestrator.spec import load_spec
+    from orchestrator.sweep_plan import make_plan
+    from orchestrator.trial_config import trial_config
     weights = _tiny_vit_file(tmp_path / 'vit.pth', depth=4)
     (tmp_path / 'space.yaml').write_text(yaml.safe_dump(dict(
         name='masters', base_config=str(FAMILIES / 'few_shot_1of4.py'), data_root=str(ade150),
@@ -455,8 +462,10 @@ def test_float32_master_weights_from_the_space_file_reach_the_fine_tuned_backbon
         parameters={'optimizer.lr': {'grid': [4e-5]}},
         fine_tuning={'float32_master_weights': True})))
     spec, base_cfg = load_spec(tmp_path / 'space.yaml')
-    cfg, derived = resolved_config(spec, base_cfg, {'optimizer.lr': 4e-5})
-    assert derived['fine_tuning.float32_master_weights'] is True  # recorded on the child run
+    plan = make_plan(spec, base_cfg)
+    (trial,) = plan.trials
+    cfg = trial_config(plan.base, base_cfg.filename, trial)
+    assert trial.derived['fine_tuning.float32_master_weights'] is True  # recorded on the child run
     with pytest.warns(UserWarning, match='DeepSpeed'):
         worker.train(cfg, str(tmp_path / 'work'))
     saved = torch.load(tmp_path / 'work' / 'iter_2.pth', map_location='cpu', weights_only=False)

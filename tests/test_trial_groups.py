@@ -20,6 +20,7 @@ VARIANTS = [
     dict(num_convs=1, lr=3e-3),
     dict(num_convs=2, concat_input=False, kernel_size=1, channels=16, lr=5e-3),
 ]
+ALL_IMAGES = {'fewshot.fraction': 1.0, 'fewshot.seed': 0}  # a job's derived subset values
 
 
 def _cfg(root, iters=12, lr=None, **head):
@@ -351,14 +352,14 @@ def test_a_sweep_computes_each_validation_input_once_and_removes_the_cache_at_it
 # -- planning: which trials group, and how big a group may be --------------------------------
 
 def _planned(path='search_spaces/demo_grouped.yaml', **changes):
-    from orchestrator import grouping, plan
+    from orchestrator import grouping
     from orchestrator.spec import load_spec
+    from orchestrator.sweep_plan import make_plan
     spec, base_cfg = load_spec(path)
     for k, v in changes.items():
         setattr(spec, k, v)
-    base = plan.plain(base_cfg)
-    rows = plan.grid_trials(spec)
-    return grouping.plan_groups(spec, base, rows), grouping.dry_run_lines(spec, base, rows), base
+    plan = make_plan(spec, base_cfg).size_groups()
+    return (plan.groups.chunks, plan.groups.shown), grouping.dry_run_lines(plan), plan.base
 
 
 def test_groups_are_the_trials_sharing_backbone_side_values():
@@ -370,11 +371,12 @@ def test_groups_are_the_trials_sharing_backbone_side_values():
 
 
 def test_a_group_too_big_for_the_memory_budget_is_split():
-    from orchestrator import grouping, plan
+    from orchestrator import grouping
     from orchestrator.spec import load_spec
+    from orchestrator.sweep_plan import make_plan
     spec, base_cfg = load_spec('search_spaces/demo_grouped.yaml')
-    base = plan.plain(base_cfg)
-    _, _, memories = grouping.head_memories(spec, base, plan.grid_trials(spec))
+    plan = make_plan(spec, base_cfg)
+    _, _, memories = grouping.head_memories(spec, plan.base, plan.trials)
     worst = grouping.HeadMemory(*(max(getattr(m, f.name) for m in memories.values())
                                   for f in dataclasses.fields(grouping.HeadMemory)))
     four = grouping.group_bytes([worst] * 4)  # room for 4 of its largest heads, not 5
@@ -404,10 +406,11 @@ def test_a_group_whose_member_never_comes_starts_without_it(ray_address, synthet
     the group trains with the members present; a member later than that trains alone."""
     import ray
 
+    from orchestrator.sweep_plan import PlannedTrial
     from orchestrator.crew import TrialJob, WorkerPool
     from orchestrator.plan import plain
     cfg = _cfg(synthetic_root, **copy.deepcopy(VARIANTS[0]))
-    job = TrialJob(base=plain(cfg), overrides={'work_dir': str(tmp_path / 't0' / 'mmseg')},
+    job = TrialJob(base=plain(cfg), trial=PlannedTrial(0, {}, {}, {}, ALL_IMAGES),
                    base_filename=cfg.filename, trial_dir=str(tmp_path / 't0'), source='test',
                    trial_id='t0')
     (tmp_path / 't0').mkdir()
@@ -436,13 +439,13 @@ def test_members_of_a_split_group_continue_in_the_half_they_were_given(
     again, each alone."""
     import ray
 
+    from orchestrator.sweep_plan import PlannedTrial
     from orchestrator.crew import TrialJob, WorkerPool
     from orchestrator.plan import plain
     jobs = {}
     for k, tid in enumerate('ab'):
         cfg = _cfg(synthetic_root, **copy.deepcopy(VARIANTS[k]))
-        jobs[tid] = TrialJob(base=plain(cfg), overrides={'work_dir': str(tmp_path / 'trials' / tid
-                                                                      / 'mmseg')},
+        jobs[tid] = TrialJob(base=plain(cfg), trial=PlannedTrial(0, {}, {}, {}, ALL_IMAGES),
                              base_filename=cfg.filename, trial_dir=str(tmp_path / 'trials' / tid),
                              source='test', trial_id=tid)
         (tmp_path / 'trials' / tid).mkdir(parents=True)
@@ -468,22 +471,30 @@ def test_members_of_a_split_group_continue_in_the_half_they_were_given(
 # -- bounded grouped sweeps: live Tune trials <= worker slots x group size -----------------------
 
 def test_tune_creates_a_groups_members_one_after_another():
-    """Nested head-side/backbone-side, Tune's own generator creates each group's members in a
-    row: 1 slot needs 6 live trials for groups of 6 (flat, the fractions interleave: 11)."""
-    from orchestrator import grouping, plan
+    """The plan puts each group's members in a row, and Tune's own generator creates the
+    trials in the plan's order: 1 slot needs 6 live trials for groups of 6 (with the two
+    fractions' trials interleaved, as the file's key order would give them: 11)."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from orchestrator import grouping
     from orchestrator.spec import load_spec
+    from orchestrator.sweep_plan import flat_config, make_plan
     spec, base_cfg = load_spec('search_spaces/demo_grouped.yaml')
-    chunks, _ = grouping.plan_groups(spec, plan.plain(base_cfg), plan.grid_trials(spec))
-    space = plan.tune_param_space(spec)
-    nested = grouping.nest_for_groups(space)
-    assert grouping.live_trial_bound(spec, nested, chunks, 1) == (6, 6)
-    assert grouping.live_trial_bound(spec, nested, chunks, 2) == (12, 6)
-    assert grouping.live_trial_bound(spec, space, chunks, 1) == (11, 6)
+    plan = make_plan(spec, base_cfg).size_groups()
+    chunks = plan.groups.chunks
+    created = [flat_config(v) for _, v in generate_variants(plan.param_space())]
+    assert created == [t.values for t in plan.trials]  # Tune's order is the plan's
+    fraction = [c['fewshot.fraction'] for c in created]
+    assert fraction == sorted(fraction) or fraction == sorted(fraction, reverse=True)
+    assert grouping.live_trial_bound(spec, plan.trials, chunks, 1) == (6, 6)
+    assert grouping.live_trial_bound(spec, plan.trials, chunks, 2) == (12, 6)
+    halves = plan.trials[:6], plan.trials[6:]
+    interleaved = [t for pair in zip(*halves) for t in pair]
+    assert grouping.live_trial_bound(spec, interleaved, chunks, 1) == (11, 6)
     spec, base_cfg = load_spec('search_spaces/linear_probe.yaml')  # 180 trials, 15 groups of 12
     spec.grouping_memory_gb = 80  # 12 of its largest heads need 67.4 GiB
-    chunks, _ = grouping.plan_groups(spec, plan.plain(base_cfg), plan.grid_trials(spec))
-    nested = grouping.nest_for_groups(plan.tune_param_space(spec))
-    assert grouping.live_trial_bound(spec, nested, chunks, 2) == (24, 12)
+    plan = make_plan(spec, base_cfg).size_groups()
+    assert grouping.live_trial_bound(spec, plan.trials, plan.groups.chunks, 2) == (24, 12)
 
 
 def test_a_grouped_sweep_keeps_at_most_slots_x_group_size_trials_alive(synthetic_root,
@@ -526,6 +537,7 @@ def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root,
     from mmseg.models import build_segmentor
 
     from orchestrator.plan import plain
+    from orchestrator.sweep_plan import PlannedTrial
     from orchestrator.crew import TrialJob, WorkerPool
     cfgs, jobs = [], []
     for k, variant in enumerate(VARIANTS[:2]):
@@ -533,7 +545,7 @@ def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root,
         (tmp_path / 'trials' / f't{k}').mkdir(parents=True)
         cfgs.append(cfg)
         trial = tmp_path / 'trials' / f't{k}'  # the group's directory: tmp_path / 'groups'
-        jobs.append(TrialJob(base=plain(cfg), overrides={'work_dir': str(trial / 'mmseg')},
+        jobs.append(TrialJob(base=plain(cfg), trial=PlannedTrial(0, {}, {}, {}, ALL_IMAGES),
                              base_filename=cfg.filename, trial_dir=str(trial), source='test',
                              trial_id=f't{k}'))
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
@@ -568,11 +580,15 @@ def test_heads_per_group_come_from_what_each_head_holds_and_the_gpu_left_beside_
     3x3 convs 3200 -> 3200 and conv_cat 6400 -> 3200, with norms) has 369 M parameters: with
     AdamW in fp32 that is 16 bytes each, 5.9 GB, before its logits. An H200 holds the 12 in
     one group (15 groups); 80 GB GPUs 10 (so 6 + 6); half an H200 9 (6 + 6); 8 GiB none."""
-    from orchestrator import grouping, plan
+    from orchestrator import grouping
     from orchestrator.spec import load_spec
+    from orchestrator.sweep_plan import make_plan
     spec, base_cfg = load_spec('search_spaces/linear_probe.yaml')
-    base, rows = plan.plain(base_cfg), plan.grid_trials(spec)
-    side, names, memories = grouping.head_memories(spec, base, rows)
+    plan = make_plan(spec, base_cfg)
+    side, names, memories = grouping.head_memories(spec, plan.base, plan.trials)
+
+    def planned(gpu=None):
+        return plan.size_groups(gpu).groups.chunks, grouping.dry_run_lines(plan)
     assert 11.5e9 < side.model_bytes < 12.0e9  # 5.9 B bf16 parameters, nothing of the head
     largest = memories['channels=3200, concat_input=True, num_convs=2, with_norm=True']
     conv, norm = 3200 * 3200 * 9, 2 * 3200  # a ConvModule's weight (no bias) and its BN
@@ -584,16 +600,17 @@ def test_heads_per_group_come_from_what_each_head_holds_and_the_gpu_left_beside_
     assert largest.logits == 2 * 150 * 36 * 36 * 4
     assert largest.loss_forward == 4 * 2 * 150 * 13 * 504 * 4 and largest.loss_backward == 0
     h200, h100 = 143771 * 1024 ** 2, 81559 * 1024 ** 2  # what nvidia-smi reports
-    assert list(grouping.plan_groups(spec, base, rows, h200)[0].values()) == [[12]] * 15
-    line = grouping.dry_run_lines(spec, base, rows, h200)[0]
-    assert 'in 15 group(s)' in line and "less the frozen model's 11." in line
-    assert list(grouping.plan_groups(spec, base, rows, h100)[0].values()) == [[6, 6]] * 15
-    assert 'at most 10 heads per group' in grouping.dry_run_lines(spec, base, rows, h100)[0]
+    chunks, lines = planned(h200)
+    assert list(chunks.values()) == [[12]] * 15
+    assert 'in 15 group(s)' in lines[0] and "less the frozen model's 11." in lines[0]
+    chunks, lines = planned(h100)
+    assert list(chunks.values()) == [[6, 6]] * 15
+    assert 'at most 10 heads per group' in lines[0]
     spec.gpus_per_worker = 0.5  # two workers share each GPU: each plans with half of it
-    assert 'at most 9 heads per group' in grouping.dry_run_lines(spec, base, rows, h200)[0]
+    assert 'at most 9 heads per group' in planned(h200)[1][0]
     spec.gpus_per_worker = 1
-    assert grouping.plan_groups(spec, base, rows)[0] == {}  # 8 GiB: two heads do not fit
-    lines = grouping.dry_run_lines(spec, base, rows)
+    chunks, lines = planned()
+    assert chunks == {}  # 8 GiB: two heads do not fit
     assert 'no GPU memory known here' in lines[0]
     assert lines[-1].endswith('10 on an 80 GB GPU (A100/H100), 12 on a 141 GB H200')
 

@@ -2,24 +2,15 @@
 
 InternVL's ``ADE20KDataset`` keeps ``max_image_num`` training images after a ``random.shuffle``
 seeded by the run's seed: each seed trains on another subset, the same on every rank. Here the
-kept images are the first ``max_image_num`` of the seeded permutation that the sweeps' few-shot
-fractions use (orchestrator/fewshot.py), with ``subset_seed`` (the run's ``seed`` when the worker
-builds it, orchestrator/worker.py): the same dependence on the seed, the same on every rank, and
-nested across sizes for one seed.
-
-The rule is written here again rather than imported: ``mmseg_custom`` must load without the
-orchestrator (a ``best.py`` config needs only it), and the orchestrator's trial processes must
-not import mmseg for it. tests/test_fewshot_subsets.py checks that both keep the same images.
+kept images are the first ``max_image_num`` of the seeded permutation that few-shot fractions
+use (fewshot_subset.py, the one place of the rule), with ``subset_seed`` (the run's ``seed`` when
+the worker builds it, orchestrator/worker.py): the same dependence on the seed, the same on
+every rank, and nested across sizes for one seed.
 """
-import numpy as np
 from mmseg.datasets.ade import ADE20KDataset as MMSegADE20KDataset
 from mmseg.datasets.builder import DATASETS
 
-
-def seeded_prefix(names, keep, seed=0):
-    """The first ``keep`` names of the seeded permutation of the sorted names."""
-    names = sorted(names)
-    return [names[i] for i in np.random.default_rng(seed).permutation(len(names))[:keep]]
+from .fewshot_subset import image_names, seeded_prefix
 
 
 class MaxImageNumMixin:
@@ -29,12 +20,7 @@ class MaxImageNumMixin:
             return
         if not isinstance(max_image_num, int) or max_image_num < 1:
             raise ValueError(f'max_image_num must be a positive integer, got {max_image_num!r}')
-        # by the names a split file holds (no suffix), sorted as the sweeps' subsets sort them:
-        # with the suffix, 'x-1.jpg' < 'x.jpg' but 'x' < 'x-1', another permutation
-        suffix = getattr(self, 'img_suffix', '')
-        by_name = {info['filename'][:len(info['filename']) - len(suffix)]
-                   if suffix and info['filename'].endswith(suffix) else info['filename']: info
-                   for info in self.img_infos}
+        by_name = image_names(self)
         self.img_infos = [by_name[n] for n in seeded_prefix(list(by_name), max_image_num, seed)]
 
 
