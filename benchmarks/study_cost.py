@@ -134,13 +134,13 @@ def study(gpu_gib):
     variants = [tuple(t.values[k] for k in keys) for t in plan.trials]
     iters = plan.schedules
     groups = [members for _, members in plan.groups.shown]
-    images = plan.base['data']['samples_per_gpu'] * spec.workers_per_trial
+    images = plan.base['data']['samples_per_gpu'] * spec.resources.workers_per_trial
     return spec, variants, iters, groups, images
 
 
 def study_hours(args, backbone, heads, hit):
     spec, variants, iters, groups, images = study(args.gpu_gib)
-    evaluations, v = spec.evaluations, args.val_inputs
+    evaluations, v = spec.derived.evaluations, args.val_inputs
     h = {k: heads[k] for k in set(variants)}
     solo = sum(it * images * (backbone + h[var][0]) + evaluations * v * (backbone + h[var][2])
                for var, it in zip(variants, iters))

@@ -109,9 +109,10 @@ def _spans(indices):
 def dry_run_lines(spec, schedules, full_iters):
     """Which trials compete with which: per schedule (``schedules``: each grid trial's planned
     iterations, in the dry run's order), its trials and the iterations of its rungs."""
-    if not spec.asha:
+    if not spec.early_stopping:
         return []
-    grace, rf = spec.asha['grace_period'], spec.asha['reduction_factor']
+    asha = spec.early_stopping.asha
+    grace, rf = asha.grace_period, asha.reduction_factor
     by_schedule = {}
     for i, iters in enumerate(schedules):
         by_schedule.setdefault(iters, []).append(i)

@@ -10,24 +10,7 @@ DATA_FLAGS = ('num_classes', 'num_train', 'num_val', 'size', 'seed')  # make-dat
 # mmseg_custom.datasets.synthetic.generate_ade_layout names them
 
 
-def _parser():
-    p = argparse.ArgumentParser(prog='orchestrator', description=(
-        'Ray Tune sweeps of MMSegmentation FCN-head probing, tracked in MLflow; single trainings '
-        'of one config on one or more workers; generated demo data.'))
-    sub = p.add_subparsers(dest='command', required=True)
-
-    t = sub.add_parser('train', help='train and evaluate one mmseg config')
-    t.add_argument('config')
-    t.add_argument('--work-dir', required=True)
-    t.add_argument('--workers', type=int, default=1, help='data-parallel workers (torchrun)')
-    t.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
-                   help='override config keys, e.g. model.decode_head.num_convs=0')
-
-    d = sub.add_parser('make-data', help='generate ADE20K-layout data with a learnable signal')
-    d.add_argument('root')
-    for flag in DATA_FLAGS:  # defaults: the generator's own
-        d.add_argument('--' + flag.replace('_', '-'), type=int, dest=flag)
-
+def _sweep_parser(sub):
     s = sub.add_parser('sweep', help='run a Ray Tune sweep from a search-space YAML')
     s.add_argument('space', help='search-space file, e.g. search_spaces/demo.yaml')
     s.add_argument('--dry-run', action='store_true', help='print the trial plan, start nothing')
@@ -51,6 +34,27 @@ def _parser():
     s.add_argument('--resume', action='store_true',
                    help='finish an interrupted sweep: finished trials are kept, running ones '
                         'continue from their last checkpoint, in the same MLflow runs')
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog='orchestrator', description=(
+        'Ray Tune sweeps of MMSegmentation FCN-head probing, tracked in MLflow; single trainings '
+        'of one config on one or more workers; generated demo data.'))
+    sub = p.add_subparsers(dest='command', required=True)
+
+    t = sub.add_parser('train', help='train and evaluate one mmseg config')
+    t.add_argument('config')
+    t.add_argument('--work-dir', required=True)
+    t.add_argument('--workers', type=int, default=1, help='data-parallel workers (torchrun)')
+    t.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
+                   help='override config keys, e.g. model.decode_head.num_convs=0')
+
+    d = sub.add_parser('make-data', help='generate ADE20K-layout data with a learnable signal')
+    d.add_argument('root')
+    for flag in DATA_FLAGS:  # defaults: the generator's own
+        d.add_argument('--' + flag.replace('_', '-'), type=int, dest=flag)
+
+    _sweep_parser(sub)
 
     y = sub.add_parser('sync', help='deliver a sweep\'s MLflow writes that waited in its journal')
     y.add_argument('sweep_dir', help='the sweep\'s output directory, e.g. runs/demo')

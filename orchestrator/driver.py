@@ -39,18 +39,18 @@ HALT_DELAY_ENV = 'ORCHESTRATOR_TEST_HALT_DELAY_S'  # tests only: Tune stops the 
 
 
 def _search_alg(spec):
-    if spec.algorithm == 'optuna':
+    if spec.search.algorithm == 'optuna':
         from ray.tune.search.optuna import OptunaSearch
-        return OptunaSearch(seed=spec.search_seed)
+        return OptunaSearch(seed=spec.search.seed)
     return None  # Tune's BasicVariantGenerator: grids crossed, distributions sampled
 
 
 def _scheduler(spec, full_iters):
     """ASHA per training schedule (asha.py): trials compete with trials of their own schedule."""
-    if not spec.asha:
+    if not spec.early_stopping:
         return None
     from orchestrator.asha import SchedulePerBracket
-    return SchedulePerBracket(full_iters, **spec.asha)
+    return SchedulePerBracket(full_iters, **spec.early_stopping.asha.model_dump())
 
 
 def _check_data(plan):
@@ -227,14 +227,14 @@ def _print_dry_run(spec, base_cfg, address, out, seconds_per_iteration=None,
     stopping, the trial groups (for this machine's GPU, or one of ``gpu_memory_gib``), the
     estimate and the packing; nothing started."""
     gpu = (gpu_memory_gib * 1024 ** 3 if gpu_memory_gib else
-           cluster.local_gpu_memory() if spec.gpus_per_worker else None)
+           cluster.local_gpu_memory() if spec.resources.gpus_per_worker else None)
     plan = make_plan(spec, base_cfg).size_groups(gpu)
     header, rows, budget = planning.dry_run_table(plan)
     print(format_table(header, rows), file=out)
     if said:
         print(said, file=out)
     print(budget, file=out)
-    if spec.asha:
+    if spec.early_stopping:
         from orchestrator import asha
         print('\n'.join(asha.dry_run_lines(spec, plan.schedules, plan.full_data_iterations)),
               file=out)
@@ -252,8 +252,8 @@ def _print_dry_run(spec, base_cfg, address, out, seconds_per_iteration=None,
 
 
 def _seconds_from_env(name):
-    """A crew.py duration a test shortens (ORCHESTRATOR_ABANDONED_AFTER_S for
-    ABANDONED_AFTER_S, ORCHESTRATOR_ROOM_WAIT_S for ROOM_WAIT_S); None: crew.py's own."""
+    """A crew duration a test shortens (ORCHESTRATOR_ABANDONED_AFTER_S for
+    train_worker.ABANDONED_AFTER_S, ORCHESTRATOR_ROOM_WAIT_S for crew.ROOM_WAIT_S); None: theirs."""
     value = os.environ.get(name)
     return float(value) if value else None
 
@@ -274,7 +274,7 @@ def _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer):
     On an existing cluster Ray is attached here (the plan and the storage check need it)."""
     if spec.generate_data:
         from mmseg_custom.datasets.synthetic import generate_ade_layout
-        generate_ade_layout(spec.data_root, **spec.generate_data)
+        generate_ade_layout(spec.data_root, **spec.generate_data.model_dump(exclude_none=True))
     said = planning.settle_base_fraction(spec, planning.plain(base_cfg))
     if said:
         print(said, file=out)
@@ -298,7 +298,7 @@ def _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer):
         _clear_delivered_journal(spec, sweep_dir)
     # Inherited by a local cluster's processes; sent as the job's runtime_env to an existing one
     # (a runtime_env on a local cluster would make every actor start a fresh worker process).
-    env_vars = {'OMP_NUM_THREADS': str(max(1, int(spec.cpus_per_worker)))}
+    env_vars = {'OMP_NUM_THREADS': str(max(1, int(spec.resources.cpus_per_worker)))}
     os.environ.update(env_vars)
     # Tune saves its experiment (trials and searcher state) every TUNE_GLOBAL_CHECKPOINT_S;
     # its 'auto' period can leave the trials of the last tens of seconds out, and a --resume then
@@ -376,7 +376,7 @@ def _open_journal(sweep, tracking_uri, writer):
         journal.tracking_uri = tracking_uri or journal.tracking_uri
     else:
         journal = TrackingJournal(
-            sweep.sweep_dir, tracking_uri or spec.tracking_uri or
+            sweep.sweep_dir, tracking_uri or spec.tracking.uri or
             default_tracking_uri(osp.dirname(sweep.sweep_dir)), spec.experiment, uuid.uuid4().hex)
     _lock_journal(spec, writer, sweep.sweep_dir)
     journal.register().save_meta()
@@ -399,17 +399,17 @@ def _start_crews(sweep, signals):
     sweep.log.on_full = signals.request
     print('\n'.join(sweep.plan_lines), file=sweep.out, flush=True)
     # a trial group's heads share the GPU's memory left beside the frozen model
-    gpu = (cluster.gpu_memory() if spec.gpus_per_worker and spec.grouping
-           and spec.grouping_memory_gb is None else None)
+    gpu = (cluster.gpu_memory() if spec.resources.gpus_per_worker and spec.grouping.enabled
+           and spec.grouping.memory_gb is None else None)
     chunks, group_runs = sweep.plan.size_groups(gpu).groups.chunks, {}
     if sweep.resume and chunks:
         chunks, group_runs = _groups_to_continue(sweep, chunks)
     sweep.pool_name = f'orchestrator-pool-{spec.name}-{os.getpid()}'
     sweep.pool = WorkerPool.options(name=sweep.pool_name, resources=ON_HEAD).remote(
-        sweep.max_concurrent, spec.workers_per_trial, planning.worker_bundle(spec),
+        sweep.max_concurrent, spec.resources.workers_per_trial, planning.worker_bundle(spec),
         trial_groups=chunks, group_runs=group_runs,
         room_wait_s=_seconds_from_env('ORCHESTRATOR_ROOM_WAIT_S'),
-        room_timeout_s=spec.room_timeout_s)
+        room_timeout_s=spec.fault_tolerance.room_timeout_s)
 
 
 def _groups_to_continue(sweep, chunks):
@@ -445,7 +445,7 @@ def _open_parent_run(sweep, warming):
     except ConfigError as e:  # the store refuses the experiment: before any training
         raise ConfigError(f'{spec.source}: {e}') from None
     tags = dict(parent_tags(spec.name), searched_params=json.dumps(sweep.plan.searched),
-                metric=spec.metric, mode=spec.mode)
+                metric=spec.search.metric, mode=spec.search.mode)
     if spec.references:  # published numbers the report draws (search_spaces/README.md)
         tags['references'] = json.dumps(spec.references)
     journal.record('parent', name=spec.name, tags=tags,
@@ -585,7 +585,7 @@ def _build_tuner(sweep):
     return tune.Tuner(
         trainable, param_space=plan.param_space(),
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, num_samples=plan.tune_samples,
+            metric=spec.search.metric, mode=spec.search.mode, num_samples=plan.tune_samples,
             search_alg=concurrency.search_alg(_search_alg(spec), live_trials),
             scheduler=_scheduler(spec, plan.full_data_iterations),
             reuse_actors=True),
@@ -667,8 +667,8 @@ def _fit(sweep, tuner, live, signals):
         return None
     if sweep.resume:
         _close_lost_trials(sweep.journal, {r.metrics.get('trial_id') for r in results})
-    header, rows, failed = ranked_results(results, sweep.plan.searched, spec.metric,
-                                          spec.mode)
+    header, rows, failed = ranked_results(results, sweep.plan.searched, spec.search.metric,
+                                          spec.search.mode)
     sweep.journal.record('status', status='FAILED' if failed else 'FINISHED')
     live.show(force=True, final=True)
     return header, rows, failed
@@ -851,7 +851,8 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     out = out or sys.stdout
     resume_command = _resume_command(space_file, name, output, address)
     spec, base_cfg = load_spec(space_file)
-    spec.grouping = spec.grouping and not no_grouping
+    if no_grouping:
+        spec = spec.replaced('grouping', enabled=False)
     spec.name = check_sweep_name(spec.source, '--name', name) if name else spec.name
     spec.output = output or spec.output
     address = address or os.environ.get('RAY_ADDRESS')

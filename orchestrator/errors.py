@@ -15,7 +15,7 @@ class TrialFailed(RuntimeError):
 
 
 class GroupOutOfMemory(TrialFailed):
-    """A trial group's run ran out of GPU memory: its members continue in halves (crew.py), and
+    """A trial group's run ran out of GPU memory: its members continue in halves (group_formation.py), and
     later groups of the kind hold fewer heads; the message is torch's reason."""
 
 

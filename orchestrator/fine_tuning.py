@@ -28,7 +28,7 @@ def wrapped(optimizer_cfg):
 
 def overrides(spec, base):
     """The trial's dotted overrides for the opt-in (none without it)."""
-    if not spec.float32_master_weights:
+    if not spec.fine_tuning.float32_master_weights:
         return {}
     cfg = wrapped(base['optimizer'])
     return {'optimizer.constructor': cfg['constructor'],
@@ -103,7 +103,7 @@ def memory_lines(spec, base, rows):
     optimizer = base.get('optimizer', {})
     plain, masters = (rank_bytes(sizes, optimizer, m) for m in (False, True))
     chosen = ('float32 master weights (fine_tuning.float32_master_weights)'
-              if spec.float32_master_weights else
+              if spec.fine_tuning.float32_master_weights else
               'no float32 master weights (InternVL\'s protocol; updates below half a bfloat16 '
               'step round away)')
     return [f'fine-tuning (trial {first}): {low / 1e6:,.2f} M trainable low-precision '

@@ -170,9 +170,9 @@ def head_memories(spec, base, trials):
 
 def why_not(spec, base):
     """The reason this sweep cannot group at all, or None."""
-    if not spec.grouping:
+    if not spec.grouping.enabled:
         return 'off (grouping.enabled: false or --no-grouping)'
-    if spec.algorithm == 'optuna':
+    if spec.search.algorithm == 'optuna':
         return 'off: Optuna proposes trials one at a time, a group\'s trials must be known first'
     if base['model'].get('auxiliary_head'):
         return 'off: the base config has an auxiliary head (trained with the backbone side)'
@@ -191,17 +191,17 @@ def group_budget(spec, side, gpu_bytes=None):
     ``gpus_per_worker``: half a GPU for 0.5) less the frozen model and its features; else
     DEFAULT_HEADS_GB (a CPU sweep, or a GPU this machine cannot see)."""
     gib = 1024 ** 3
-    if spec.grouping_memory_gb is not None:
-        return spec.grouping_memory_gb * gib, f'grouping.memory_gb={spec.grouping_memory_gb:g}'
+    if spec.grouping.memory_gb is not None:
+        return spec.grouping.memory_gb * gib, f'grouping.memory_gb={spec.grouping.memory_gb:g}'
     if gpu_bytes:
-        share = min(1.0, spec.gpus_per_worker or 1.0)
+        share = min(1.0, spec.resources.gpus_per_worker or 1.0)
         features = math.prod(side.features) * side.feature_dtype.itemsize
         budget = GPU_USABLE * gpu_bytes * share - side.model_bytes - features
         return budget, (f'{GPU_USABLE:.0%} of {"the" if share == 1 else f"{share:g} x the"} '
                         f'GPU\'s {gpu_bytes / gib:.1f} GiB less the frozen model\'s '
                         f'{side.model_bytes / gib:.2f} GiB and its features\' '
                         f'{features / gib:.2f} GiB')
-    if spec.gpus_per_worker:
+    if spec.resources.gpus_per_worker:
         return DEFAULT_HEADS_GB * gib, (f'{DEFAULT_HEADS_GB:g} GiB: no GPU memory known here '
                                         '(set grouping.memory_gb, or plan on the cluster with '
                                         '--address)')
@@ -310,13 +310,13 @@ def memory_lines(planned):
 
 def reference_lines(spec, planned):
     """Heads per group on the REFERENCE_GPUS, for a GPU sweep planned where no GPU is seen."""
-    if not planned.members or not spec.gpus_per_worker or spec.grouping_memory_gb is not None:
+    if not planned.members or not spec.resources.gpus_per_worker or spec.grouping.memory_gb is not None:
         return []
     caps = []
     for name, mib in REFERENCE_GPUS.items():
         budget, _ = group_budget(spec, planned.side, mib * 1024 ** 2)
         caps.append(f'{min(heads_per_group(budget, m) for m in planned.members)} on {name}')
-    return [f'  heads per group on other GPUs (at {spec.gpus_per_worker:g} GPU per worker): '
+    return [f'  heads per group on other GPUs (at {spec.resources.gpus_per_worker:g} GPU per worker): '
             + ', '.join(caps)]
 
 

@@ -24,18 +24,20 @@ def searched_keys(spec):
 
 def iterations_for(spec, fraction, base_iters):
     """InternVL's few-shot recipe: training length proportional to the data fraction."""
-    if spec.iterations_at_full_data is None:
+    iterations = spec.derived.iterations
+    if iterations is None:
         return base_iters
-    return max(spec.iterations_min, int(math.ceil(spec.iterations_at_full_data * fraction)))
+    return max(iterations.min, int(math.ceil(iterations.at_full_data * fraction)))
 
 
 def warmup_for(spec, iters):
     """InternVL's few-shot warmup: 2 % of the iterations (100 at 5k ... 800 at 40k), at most
     1500 (80k) -- ``derived.warmup: {ratio: 0.02, max: 1500}``. None: the base config's."""
-    if spec.warmup_ratio is None:
+    rule = spec.derived.warmup
+    if rule is None:
         return None
-    warmup = max(1, int(round(spec.warmup_ratio * iters)))
-    return min(warmup, spec.warmup_max) if spec.warmup_max else warmup
+    warmup = max(1, int(round(rule.ratio * iters)))
+    return min(warmup, rule.max) if rule.max else warmup
 
 
 def _image_names(img_dir, img_suffix):
@@ -88,7 +90,7 @@ def resolve(spec, base, params):
     head = base['model']['decode_head']
     derived = {}
     num_convs = overrides.get(HEAD + 'num_convs', head.get('num_convs', 2))
-    if spec.channels_follow_in_channels and num_convs == 0:
+    if spec.derived.channels_follow_in_channels and num_convs == 0:
         derived[HEAD + 'channels'] = overrides.get(HEAD + 'in_channels', head['in_channels'])
     else:
         derived[HEAD + 'channels'] = overrides.get(HEAD + 'channels', head['channels'])
@@ -99,7 +101,7 @@ def resolve(spec, base, params):
     warmup = warmup_for(spec, iters)
     if warmup is not None:
         derived[WARMUP_KEY] = warmup
-    derived['evaluation.interval'] = max(1, math.ceil(iters / spec.evaluations))
+    derived['evaluation.interval'] = max(1, math.ceil(iters / spec.derived.evaluations))
     derived['checkpoint_config.interval'] = derived['evaluation.interval']
     derived[FRACTION_KEY] = fraction
     if spec.base_fraction is not None and not spec.fewshot_seed_given:
@@ -112,7 +114,7 @@ def resolve(spec, base, params):
         for split in ('train', 'val', 'test'):
             if split in base['data']:
                 derived[f'data.{split}.data_root'] = spec.data_root
-    if spec.float32_master_weights:
+    if spec.fine_tuning.float32_master_weights:
         overrides.update(fine_tuning.overrides(spec, base))
         derived[MASTER_WEIGHTS_KEY] = True
     train = base['data'].get('train', {})
@@ -133,15 +135,15 @@ def plain(cfg):
 
 
 def per_trial_resources(spec):
-    w = spec.workers_per_trial
-    return dict(CPU=w * spec.cpus_per_worker, GPU=w * spec.gpus_per_worker)
+    w = spec.resources.workers_per_trial
+    return dict(CPU=w * spec.resources.cpus_per_worker, GPU=w * spec.resources.gpus_per_worker)
 
 
 def worker_bundle(spec):
     """One worker's Ray resources (a placement-group bundle)."""
-    bundle = {'CPU': float(spec.cpus_per_worker)}
-    if spec.gpus_per_worker:
-        bundle['GPU'] = float(spec.gpus_per_worker)
+    bundle = {'CPU': float(spec.resources.cpus_per_worker)}
+    if spec.resources.gpus_per_worker:
+        bundle['GPU'] = float(spec.resources.gpus_per_worker)
     return bundle
 
 
@@ -166,7 +168,7 @@ def resource_plan(spec, nodes):
                 if need > 0]
         per_node.append(min(fits) if fits else 0)
     workers = sum(per_node)
-    w = spec.workers_per_trial
+    w = spec.resources.workers_per_trial
     if workers < w:
         biggest = max(nodes, key=lambda n: (n['resources'].get('GPU', 0),
                                             n['resources'].get('CPU', 0)))
@@ -178,16 +180,16 @@ def resource_plan(spec, nodes):
             f'{_fmt(per_trial_resources(spec))}; the cluster has {_fmt(total)} on '
             f'{len(nodes)} node(s) and {why}: it could never be scheduled')
     trials = workers // w
-    if spec.max_concurrent_trials:
-        trials = min(trials, spec.max_concurrent_trials)
+    if spec.resources.max_concurrent_trials:
+        trials = min(trials, spec.resources.max_concurrent_trials)
     lines = [f'resource plan: {w} worker(s) per trial, each {_fmt(bundle)}']
     for node, n in zip(nodes, per_node):
         lines.append(f'  {node["name"]}: {_fmt(node["resources"])} -> {n} worker(s)')
     share = bundle.get('GPU', 0)
     lines.append(f'  => {trials} concurrent trial(s) ({trials * w} of {workers} worker slots)'
                  + (f'; {int(1 / share + 1e-9)} workers share each GPU' if 0 < share < 1 else '')
-                 + (f'; capped by max_concurrent_trials={spec.max_concurrent_trials}'
-                    if spec.max_concurrent_trials and trials == spec.max_concurrent_trials
+                 + (f'; capped by max_concurrent_trials={spec.resources.max_concurrent_trials}'
+                    if spec.resources.max_concurrent_trials and trials == spec.resources.max_concurrent_trials
                     and workers // w > trials else ''))
     return trials, lines
 
@@ -198,16 +200,16 @@ def dry_run_table(sweep_plan):
     spec = sweep_plan.spec
     keys = sweep_plan.searched
     shown = keys + [k for k in ('model.decode_head.channels', 'runner.max_iters', WARMUP_KEY)
-                    if k not in keys and (k != WARMUP_KEY or spec.warmup_ratio)]
+                    if k not in keys and (k != WARMUP_KEY or spec.derived.warmup)]
     need = per_trial_resources(spec)
     table = [[t.index] + [{**t.sampled, **t.values, **t.derived}.get(k, '') for k in shown]
              for t in sweep_plan.trials]
     total_iters = sum(sweep_plan.schedules)
     header = ['trial'] + shown
-    budget = (f'{len(table)} trials, each {spec.workers_per_trial} worker(s) x '
-              f'({spec.cpus_per_worker:g} CPU, {spec.gpus_per_worker:g} GPU) = '
+    budget = (f'{len(table)} trials, each {spec.resources.workers_per_trial} worker(s) x '
+              f'({spec.resources.cpus_per_worker:g} CPU, {spec.resources.gpus_per_worker:g} GPU) = '
               f'{need["CPU"]:g} CPU, {need["GPU"]:g} GPU per trial; '
-              f'{total_iters} iterations in all = {total_iters * spec.workers_per_trial} '
+              f'{total_iters} iterations in all = {total_iters * spec.resources.workers_per_trial} '
               f'worker-iterations'
               + (f' = {total_iters * need["GPU"]:,.0f} GPU-iterations' if need['GPU'] else ''))
     return header, table, budget
@@ -221,7 +223,7 @@ def estimate_lines(spec, schedules, groups, seconds_per_iteration, backbone_seco
     and each member's head: backbone + k x (seconds_per_iteration - backbone)."""
     need = per_trial_resources(spec)
     unit, per_trial = (('GPU-hours', need['GPU']) if need['GPU'] else
-                       ('worker-hours', spec.workers_per_trial))
+                       ('worker-hours', spec.resources.workers_per_trial))
     s = seconds_per_iteration
     alone = sum(schedules) * s / 3600
     lines = [f'estimate at {s:g} s per iteration: {alone:,.1f} trial-hours = '

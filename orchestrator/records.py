@@ -50,8 +50,14 @@ class _Record:
         path = osp.join(folder, cls.NAME)
         try:
             with open(path) as f:
-                return cls.parse(json.load(f), path)
-        except (OSError, ValueError, TypeError):
+                data = json.load(f)
+        except (OSError, ValueError):
+            return None
+        try:
+            return cls.parse(data, path)
+        except (ValueError, TypeError) as e:
+            if isinstance(e, ConfigError):  # a newer version's: said, not taken for none
+                raise
             return None
 
 

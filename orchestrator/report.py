@@ -241,20 +241,14 @@ def _updates_section(rows):
                          markdown=True), '']
 
 
-def write_report(results):
-    """Write ``<sweep>/report/`` (report.md, PNGs, the CSV behind the curve) and attach it to
-    the sweep's parent MLflow run under ``report/``. Returns the report's path."""
+def _write_figures(results, out, ranked):
+    """The curve's CSV and the report's PNGs in ``out``; (curve, references, their label, the
+    cost axis or None)."""
     import csv
     import os
     import matplotlib
     matplotlib.use('Agg')
-    out = os.path.join(results.sweep_dir, REPORT_DIR)
-    os.makedirs(out, exist_ok=True)
     metric, keys = results.metric, results.searched
-    everything, ranked = results.ranked(), results.completed()
-    if not ranked:
-        raise ConfigError(f'{results.sweep_dir}: no trial completed its schedule with metric '
-                          f'{metric}: nothing to report')
     curve = fraction_curve(results)
     with open(os.path.join(out, CURVE_CSV), 'w', newline='') as f:
         writer = csv.DictWriter(f, ['variant', 'fraction', 'mean', 'std', 'n', 'stopped'])
@@ -267,9 +261,23 @@ def write_report(results):
     axis = cost_axis(ranked)
     if axis:
         _plot_cost(ranked, results.line_keys(), metric, axis, os.path.join(out, COST_PNG))
-    best = ranked[0]
-    _plot_classes(best, os.path.join(out, CLASSES_PNG))
+    _plot_classes(ranked[0], os.path.join(out, CLASSES_PNG))
+    return curve, references, label, axis
 
+
+def write_report(results):
+    """Write ``<sweep>/report/`` (report.md, PNGs, the CSV behind the curve) and attach it to
+    the sweep's parent MLflow run under ``report/``. Returns the report's path."""
+    import os
+    out = os.path.join(results.sweep_dir, REPORT_DIR)
+    os.makedirs(out, exist_ok=True)
+    metric, keys = results.metric, results.searched
+    everything, ranked = results.ranked(), results.completed()
+    if not ranked:
+        raise ConfigError(f'{results.sweep_dir}: no trial completed its schedule with metric '
+                          f'{metric}: nothing to report')
+    curve, references, label, axis = _write_figures(results, out, ranked)
+    best = ranked[0]
     name = results.parent.data.tags.get('sweep', osp.basename(results.sweep_dir))
     failed = [r for r in results.rows() if r['status'] != 'FINISHED']
     stopped = stopped_rows(results)

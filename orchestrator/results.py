@@ -6,6 +6,7 @@ import os.path as osp
 
 from orchestrator.errors import ConfigError
 from orchestrator.keys import FRACTION_KEY, HEAD_VARIANT, NOISE_KEYS
+from orchestrator.records import TrackingMeta
 
 SCHEDULE = ('runner.max_iters', 'evaluation.interval', 'checkpoint_config.interval')
 
@@ -13,10 +14,11 @@ SCHEDULE = ('runner.max_iters', 'evaluation.interval', 'checkpoint_config.interv
 def sweep_dir_of(sweep, output='runs'):
     """A sweep given as its output directory or its name (under ``output``)."""
     for candidate in (sweep, osp.join(output, sweep)):
-        if osp.isfile(osp.join(candidate, 'tracking.json')):
+        if osp.isfile(osp.join(candidate, TrackingMeta.NAME)):
             return osp.abspath(candidate)
     raise ConfigError(f'{sweep}: not a sweep: neither it nor {osp.join(output, sweep)} is a sweep '
-                      'output directory (with tracking.json); give the directory or --output ROOT')
+                      f'output directory (with {TrackingMeta.NAME}); give the directory or '
+                      '--output ROOT')
 
 
 def typed(value):

@@ -5,6 +5,7 @@ what needs the base mmseg config or several sections at once, and resolves paths
 a ConfigError naming the file, the key path and the value, raised before Ray, MLflow or any output
 directory is touched. The format is documented in search_spaces/README.md.
 """
+import dataclasses
 import os.path as osp
 import typing
 from dataclasses import dataclass
@@ -28,48 +29,40 @@ class Param:
 
 @dataclass(kw_only=True)
 class SweepSpec:
-    """The sweep as the program reads it: the file's values with their defaults applied (from
-    spec_format), paths absolute, searched values checked against the base config."""
+    """The sweep as the program reads it. ``file`` is the space file's validated model
+    (spec_format.SpaceFile: every key's type, range and default, the one schema), its paths made
+    absolute; its sections read as attributes of the same names (``spec.resources.
+    workers_per_trial``, as the file says ``resources: {workers_per_trial: ...}``). Resolved
+    here: the name, the searched values checked against the base config (``params``), the fixed
+    overrides, the subset seeds, the references' points, the output root."""
+    file: SpaceFile
     source: str
     name: str
-    base_config: str
+    output: str
     params: list
-    data_root: typing.Optional[str]
-    generate_data: typing.Optional[dict]
-    channels_follow_in_channels: bool
-    iterations_at_full_data: typing.Optional[int]
-    iterations_min: typing.Optional[int]
-    warmup_ratio: typing.Optional[float]
-    warmup_max: typing.Optional[int]
-    evaluations: int
-    repeats: int
+    overrides: dict
+    references: typing.Optional[dict]
     fewshot_seeds: tuple
     fewshot_seed_given: bool  # the file names the subset seed(s); else a max_image_num base
     # config's subset follows the run's seed, as InternVL's (plan.resolve)
-    base_fraction: typing.Optional[float]  # the fraction a base config's max_image_num keeps,
-    # with no fraction searched (plan.settle_base_fraction; None: none, or not known yet)
-    overrides: dict
-    references: typing.Optional[dict]
-    algorithm: str
-    num_samples: int
-    metric: str
-    mode: str
-    search_seed: int
-    asha: typing.Optional[dict]
-    workers_per_trial: int
-    cpus_per_worker: float
-    gpus_per_worker: float
-    max_concurrent_trials: typing.Optional[int]
-    worker_retries: int
-    collective_timeout_s: float
-    room_timeout_s: float
-    float32_master_weights: bool
-    grouping: bool
-    grouping_memory_gb: typing.Optional[float]  # None: the GPU's memory less the model's
-    val_feature_cache: typing.Optional[dict]  # its section's values; None: not cached
-    tracking_uri: typing.Optional[str]
-    experiment: str
-    output: str
+    base_fraction: typing.Optional[float] = None  # the fraction a base config's max_image_num
+    # keeps, with no fraction searched (plan.settle_base_fraction; None: none, or not known yet)
+
+    def __getattr__(self, name):  # the file's sections and keys, by their names in the file
+        file = self.__dict__.get('file')
+        if file is None or name.startswith('_'):
+            raise AttributeError(name)
+        return getattr(file, name)
+
+    @property
+    def experiment(self):
+        return self.tracking.experiment or self.name
+
+    def replaced(self, section, **values):
+        """A copy with ``values`` in one section of the file (``--no-grouping``; a test's
+        variant of a shipped space file)."""
+        changed = getattr(self.file, section).model_copy(update=values)
+        return dataclasses.replace(self, file=self.file.model_copy(update={section: changed}))
 
 
 def _err(source, key, value, allowed):
@@ -240,39 +233,18 @@ def load_spec(path):
     base_cfg = load_base_config(rel(file.base_config), source)
     base_dict = base_cfg._cfg_dict.to_dict()
     params = [_parse_param(source, k, v, base_dict) for k, v in file.parameters.items()]
-    derived, fewshot, search = file.derived, file.fewshot, file.search
-    res, grouping, tracking = file.resources, file.grouping, file.tracking
+    cache = file.val_feature_cache
+    absolute = file.model_copy(update=dict(
+        base_config=rel(file.base_config), data_root=file.data_root and rel(file.data_root),
+        val_feature_cache=cache.model_copy(update=dict(
+            disk_dir=cache.disk_dir and rel(cache.disk_dir)))))
     spec = SweepSpec(
-        source=source, name=name, base_config=rel(file.base_config), params=params,
-        data_root=rel(file.data_root) if file.data_root else None,
-        generate_data=file.generate_data and file.generate_data.model_dump(exclude_none=True),
-        channels_follow_in_channels=derived.channels_follow_in_channels,
-        iterations_at_full_data=derived.iterations and derived.iterations.at_full_data,
-        iterations_min=derived.iterations and derived.iterations.min,
-        warmup_ratio=derived.warmup and derived.warmup.ratio,
-        warmup_max=derived.warmup and derived.warmup.max,
-        evaluations=derived.evaluations, repeats=file.repeats,
-        fewshot_seeds=tuple(fewshot.seeds or [fewshot.seed]),
-        fewshot_seed_given=bool({'seed', 'seeds'} & fewshot.model_fields_set),
-        base_fraction=None,
+        file=absolute, source=source, name=name,
+        output=rel(file.output) if file.output else osp.abspath('runs'), params=params,
         overrides=_parse_overrides(source, file.overrides, base_dict),
         references=_parse_references(source, file.references, params),
-        algorithm=search.algorithm, num_samples=search.num_samples, metric=search.metric,
-        mode=search.mode, search_seed=search.seed,
-        asha=file.early_stopping and file.early_stopping.asha.model_dump(),
-        workers_per_trial=res.workers_per_trial, cpus_per_worker=res.cpus_per_worker,
-        gpus_per_worker=res.gpus_per_worker, max_concurrent_trials=res.max_concurrent_trials,
-        worker_retries=file.fault_tolerance.worker_retries,
-        collective_timeout_s=file.fault_tolerance.collective_timeout_s,
-        room_timeout_s=file.fault_tolerance.room_timeout_s,
-        float32_master_weights=file.fine_tuning.float32_master_weights,
-        grouping=grouping.enabled, grouping_memory_gb=grouping.memory_gb,
-        val_feature_cache=(dict(file.val_feature_cache.model_dump(exclude={'enabled'}),
-                                disk_dir=file.val_feature_cache.disk_dir and
-                                rel(file.val_feature_cache.disk_dir))
-                           if file.val_feature_cache.enabled else None),
-        tracking_uri=tracking.uri, experiment=tracking.experiment or name,
-        output=rel(file.output) if file.output else osp.abspath('runs'))
+        fewshot_seeds=tuple(file.fewshot.seeds or [file.fewshot.seed]),
+        fewshot_seed_given=bool({'seed', 'seeds'} & file.fewshot.model_fields_set))
     _check_rules(spec, file)
     _check_head_combinations(spec, base_dict)
     return spec, base_cfg
@@ -284,10 +256,10 @@ def _check_rules(spec, file):
     if 'seed' in file.fewshot.model_fields_set and file.fewshot.seeds is not None:
         raise _err(source, 'fewshot.seeds', file.fewshot.seeds, 'give seed or seeds, not both')
     continuous = [p.key for p in spec.params if p.kind not in ('grid', 'choice')]
-    if spec.algorithm == 'grid' and continuous:
+    if spec.search.algorithm == 'grid' and continuous:
         raise _err(source, 'search.algorithm', 'grid', f'grid search cannot sample '
                    f'{", ".join(continuous)}; use algorithm: random or optuna')
-    if spec.algorithm == 'optuna':
+    if spec.search.algorithm == 'optuna':
         grids = [p.key for p in spec.params if p.kind == 'grid']
         if grids:
             raise _err(source, 'search.algorithm', 'optuna', f'Optuna samples, it does not '
@@ -295,8 +267,8 @@ def _check_rules(spec, file):
         if len(spec.fewshot_seeds) > 1:
             raise _err(source, 'fewshot.seeds', list(spec.fewshot_seeds), 'Optuna samples, it '
                        'does not enumerate subset seeds: give one seed')
-    if 0 < spec.gpus_per_worker < 1 and spec.workers_per_trial > 1:
-        raise _err(source, 'resources.gpus_per_worker', spec.gpus_per_worker,
+    if 0 < spec.resources.gpus_per_worker < 1 and spec.resources.workers_per_trial > 1:
+        raise _err(source, 'resources.gpus_per_worker', spec.resources.gpus_per_worker,
                    'a fraction of a GPU needs workers_per_trial: 1 (NCCL cannot run two ranks '
                    'of one trial on one GPU)')
 
@@ -358,7 +330,7 @@ def _check_head_combinations(spec, base_dict):
     nc_key, ch_key, in_key = (f'model.decode_head.{k}' for k in
                               ('num_convs', 'channels', 'in_channels'))
     for num_convs in grid.get(nc_key, (head.get('num_convs', 2),)):
-        if num_convs != 0 or spec.channels_follow_in_channels:
+        if num_convs != 0 or spec.derived.channels_follow_in_channels:
             continue
         for channels in grid.get(ch_key, (head.get('channels'),)):
             for in_channels in grid.get(in_key, (head.get('in_channels'),)):

@@ -31,7 +31,7 @@ def write_plan(sweep_dir, plan, concurrent):
     """What the status needs of the SweepPlan ``plan`` (records.PlanSummary): the trials (each
     its values, iterations, trial group), concurrency, the searched keys, who runs it."""
     group_of = plan.group_of
-    PlanSummary(total_trials=len(plan.trials), concurrent=concurrent, metric=plan.spec.metric,
+    PlanSummary(total_trials=len(plan.trials), concurrent=concurrent, metric=plan.spec.search.metric,
                 searched=plan.searched, driver_pid=os.getpid(), driver_host=socket.gethostname(),
                 trials=[dict(index=t.index, values={**t.sampled, **t.values},
                              iterations=t.iterations, group=group_of.get(t.index))

@@ -79,7 +79,7 @@ class SweepPlan:
                 'randint': lambda v: tune.randint(*v)}
         space = {p.key: make[p.kind](list(p.values)) for p in self.spec.params
                  if p.kind != 'grid'}
-        if self.spec.algorithm == 'optuna':
+        if self.spec.search.algorithm == 'optuna':
             return space
         rows = [{INDEX: t.index, **t.values} for t in self.trials]
         return {PLAN_ROW: tune.grid_search(rows), **space}
@@ -87,7 +87,7 @@ class SweepPlan:
     @property
     def tune_samples(self):
         """Tune's num_samples: the plan has enumerated the samples, except for Optuna."""
-        return self.spec.num_samples if self.spec.algorithm == 'optuna' else 1
+        return self.spec.search.num_samples if self.spec.search.algorithm == 'optuna' else 1
 
     def trial_for(self, config):
         """The PlannedTrial of a Tune trial's ``config``, its sampled values drawn: resolved
@@ -129,7 +129,7 @@ def _enumerate_trials(spec):
     rows = []
     for combo in itertools.product(*[v for _, v in grid]):
         for seed in seeds:
-            for _ in range(spec.num_samples):
+            for _ in range(spec.search.num_samples):
                 row = dict(zip([k for k, _ in grid], combo))
                 row.update(sampled)
                 if seed is not None:
@@ -157,7 +157,7 @@ def _check_master_weights(spec, base, trials):
     """Float32 master weights are for a trainable backbone; on a frozen one they would be
     nothing but a misread setting."""
     from orchestrator.fine_tuning import frozen_backbone
-    if spec.float32_master_weights and all(frozen_backbone(base, t.values) for t in trials):
+    if spec.fine_tuning.float32_master_weights and all(frozen_backbone(base, t.values) for t in trials):
         raise ConfigError(f'{spec.source}: fine_tuning.float32_master_weights: True: the '
                           'backbone is frozen in every trial (model.backbone.freeze_vit): '
                           'nothing to keep master weights of')

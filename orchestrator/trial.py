@@ -14,11 +14,11 @@ from ray import tune
 
 from orchestrator import val_cache
 from orchestrator.checkpoints import readable_latest
-from orchestrator.crew import CALL_S, GRACE_S, TrialJob
 from orchestrator.errors import DiskFull, GroupOutOfMemory, TrialFailed, disk_full
 from orchestrator.files import read_jsonl
 from orchestrator.grouping import group_key
 from orchestrator.records import Placement, Restart
+from orchestrator.train_worker import CALL_S, GRACE_S, TrialJob
 from orchestrator.trial_config import work_dir
 
 POLL_S = 1.0
@@ -231,6 +231,16 @@ def _stop_the_sweep(pool, error):
     raise TrialFailed(str(error))
 
 
+def _job(plan, planned, trial_id, output_dir, abandoned_after_s=None):
+    """What the trial sends its workers (train_worker.TrialJob)."""
+    spec = plan.spec
+    return TrialJob(trial_id=trial_id, trial_dir=trial_dir(output_dir, trial_id), base=plan.base,
+                    trial=planned, base_filename=plan.base_filename, source=spec.source,
+                    collective_timeout_s=spec.fault_tolerance.collective_timeout_s,
+                    val_feature_cache=val_cache.settings(spec, output_dir),
+                    **({'abandoned_after_s': abandoned_after_s} if abandoned_after_s else {}))
+
+
 def run_trial(config, plan, output_dir, pool_name, grouped=False, abandoned_after_s=None):
     """Tune function trainable (a plain function, as in Ray Tune's examples).
 
@@ -251,11 +261,7 @@ def run_trial(config, plan, output_dir, pool_name, grouped=False, abandoned_afte
             raise
         _stop_the_sweep(pool, disk_full(e, out_dir))
     mmseg_dir = work_dir(out_dir)
-    job = TrialJob(trial_id=trial_id, trial_dir=out_dir, base=plan.base, trial=planned,
-                   base_filename=plan.base_filename, source=spec.source,
-                   collective_timeout_s=spec.collective_timeout_s,
-                   val_feature_cache=val_cache.settings(spec, output_dir),
-                   **({'abandoned_after_s': abandoned_after_s} if abandoned_after_s else {}))
+    job = _job(plan, planned, trial_id, output_dir, abandoned_after_s)
     restarts, halve = 0, False
 
     def forward(metrics):
@@ -285,12 +291,12 @@ def run_trial(config, plan, output_dir, pool_name, grouped=False, abandoned_afte
             print(f'trial {trial_id}: its trial group ran out of GPU memory ({e}); it continues '
                   'in a group of half the heads', flush=True)
         except WorkersLost as e:
-            if restarts >= spec.worker_retries:
+            if restarts >= spec.fault_tolerance.worker_retries:
                 if continuing:
                     pool.left.remote(continuing[0], trial_id)
                 raise TrialFailed(
                     f'workers lost: {e}; gave up after {restarts} restart(s)') from None
             restarts += 1
             line = _record_restart(output_dir, trial_id, mmseg_dir, restarts,
-                                   spec.worker_retries, e)
+                                   spec.fault_tolerance.worker_retries, e)
             print(f'trial {trial_id}: {line} ({e})', flush=True)

@@ -14,12 +14,12 @@ def settings(spec, sweep_dir):
     """``{'name', 'tiers'}`` as the workers take it (feature_store.py: a tier is [base or None
     (the worker's temp directory), bytes]), or None when the space file turns the cache off."""
     cache = spec.val_feature_cache
-    if not cache:
+    if not cache.enabled:
         return None
     name = osp.join(f'orchestrator-val-features-{os.getuid()}',
                     hashlib.sha256(osp.abspath(sweep_dir).encode()).hexdigest()[:16])
-    tiers = [[MEMORY_DIR, int(cache['memory_gb'] * 1e9)]] if osp.isdir(MEMORY_DIR) else []
-    tiers.append([cache.get('disk_dir'), int(cache['disk_gb'] * 1e9)])
+    tiers = [[MEMORY_DIR, int(cache.memory_gb * 1e9)]] if osp.isdir(MEMORY_DIR) else []
+    tiers.append([cache.disk_dir, int(cache.disk_gb * 1e9)])
     return dict(name=name, tiers=tiers)
 
 

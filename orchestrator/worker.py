@@ -313,6 +313,27 @@ def train(cfg, work_dir=None, callback=None, source='config', should_stop=None,
     return history[-1] if history else None
 
 
+def _group_hooks(gcfg, cfgs, work_dirs, run, gpus_per_rank):
+    """A trial group's own hooks: each head's checkpoints in its trial's directory (as its
+    solo run's), each head's evaluation, each head's stop; the validation feature cache."""
+    model = run.model
+    interval = gcfg.get('evaluation', {}).get('interval', gcfg.runner.max_iters)
+    palette = None if model.PALETTE is None else [[int(c) for c in color]
+                                                  for color in model.PALETTE]
+    return [
+        dict(type='TrialGroupCheckpointHook', work_dirs=list(work_dirs),
+             optimizers=[c.optimizer for c in cfgs], interval=interval,
+             resume_from=_pick_group_resume(cfgs, work_dirs, run.rank, run.logger),
+             max_keep_ckpts=(cfgs[0].get('checkpoint_config') or {}).get('max_keep_ckpts', -1),
+             meta=dict(CLASSES=model.CLASSES, PALETTE=palette),
+             priority=75),  # at an evaluation, before it (as mmcv's CheckpointHook)
+        dict(type='MultiHeadEvalHook', val=gcfg.data.val, interval=interval,
+             work_dirs=list(work_dirs), seed=run.seed,
+             workers_per_gpu=gcfg.data.get('workers_per_gpu', 2), gpus_per_rank=gpus_per_rank,
+             priority=80),
+        dict(type='HeadControlHook', priority='LOWEST')] + _val_feature_cache(gcfg)
+
+
 def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, source='config',
                 gpus_per_rank=None):
     """Train the heads of ``cfgs`` on one frozen backbone pass per batch; head k's evaluations go
@@ -347,21 +368,8 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
                 callbacks[k](metrics)
         return record
 
-    interval = gcfg.get('evaluation', {}).get('interval', gcfg.runner.max_iters)
-    palette = None if model.PALETTE is None else [[int(c) for c in color]
-                                                  for color in model.PALETTE]
-    gcfg.custom_hooks = _with_hooks(gcfg, [
-        dict(type='TrialGroupCheckpointHook', work_dirs=list(work_dirs),
-             optimizers=[c.optimizer for c in cfgs], interval=interval,
-             resume_from=_pick_group_resume(cfgs, work_dirs, run.rank, logger),
-             max_keep_ckpts=(cfgs[0].get('checkpoint_config') or {}).get('max_keep_ckpts', -1),
-             meta=dict(CLASSES=model.CLASSES, PALETTE=palette),
-             priority=75),  # at an evaluation, before it (as mmcv's CheckpointHook)
-        dict(type='MultiHeadEvalHook', val=gcfg.data.val, interval=interval,
-             work_dirs=list(work_dirs), seed=run.seed,
-             workers_per_gpu=gcfg.data.get('workers_per_gpu', 2), gpus_per_rank=gpus_per_rank,
-             priority=80),
-        dict(type='HeadControlHook', priority='LOWEST')] + _val_feature_cache(gcfg))
+    gcfg.custom_hooks = _with_hooks(gcfg, _group_hooks(gcfg, cfgs, work_dirs, run,
+                                                        gpus_per_rank))
     if run.rank == 0:  # the config as it runs (plain values: it reloads; run_context.py)
         gcfg.dump(osp.join(gcfg.work_dir, 'config.py'))
     try:
@@ -375,6 +383,8 @@ def train_group(cfgs, work_dirs, group_dir, callbacks=None, should_stops=None, s
         if model.active[k] or history[k]:
             _save_head(head, work_dirs[k])
     return [h[-1] if h else None for h in history]
+
+
 def _record_rank_sync(model, work_dir, distributed, logger):
     """Every rank's digest of the decode head, and of the backbone when it trains, into
     work_dir/rank_sync.json: data-parallel workers must end identical, and a silent desync would

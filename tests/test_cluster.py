@@ -1,7 +1,6 @@
 """Beyond one machine: the resource plan (pure: computed from per-node resources), and real
 sweeps on a two-node Ray cluster — the session's head plus a second `ray start --address` node
 with a logical GPU — read back from MLflow's placement tags."""
-import dataclasses
 import subprocess
 import sys
 import time
@@ -24,8 +23,8 @@ DEMO_SPEC = load_spec(ROOT / 'search_spaces' / 'demo.yaml')[0]
 
 
 def _spec(workers, cpus=1, gpus=0, cap=None):
-    return dataclasses.replace(DEMO_SPEC, workers_per_trial=workers, cpus_per_worker=cpus,
-                               gpus_per_worker=gpus, max_concurrent_trials=cap)
+    return DEMO_SPEC.replaced('resources', workers_per_trial=workers, cpus_per_worker=cpus,
+                              gpus_per_worker=gpus, max_concurrent_trials=cap)
 
 
 def _node(name, cpu, gpu=0):

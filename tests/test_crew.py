@@ -27,7 +27,7 @@ def pool(ray_address):
 
 def _job(tiny_cfg, out, trial_id, **overrides):
     from orchestrator.sweep_plan import PlannedTrial
-    from orchestrator.crew import TrialJob
+    from orchestrator.train_worker import TrialJob
     from orchestrator.plan import plain
     out.mkdir(parents=True, exist_ok=True)
     overrides = {'runner.max_iters': 40, 'evaluation.interval': 20,

@@ -1,11 +1,13 @@
 """The layout the map (docs/architecture.md) describes stays true: orchestrator's modules import
-each other without cycles, every module is on the map, no function outgrows a screen."""
+each other without cycles, every module is on the map, no function outgrows a screen, the trials
+are enumerated in one place once per sweep start, and the files processes exchange are named
+only by their records."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = sorted((ROOT / 'orchestrator').glob('*.py'))
-LONGEST = 80  # lines: a function a reader sees whole
+LONGEST = 60  # lines: a function a reader sees whole
 
 
 def _imports(path):
@@ -51,3 +53,39 @@ def test_no_orchestrator_function_is_longer_than_a_screen():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > LONGEST]
     assert not long, long
+
+
+def _calls(tree, name):
+    """The functions (by name) in ``tree`` that call ``name``, one entry per call."""
+    found = []
+    for func in ast.walk(tree):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found += [func.name for node in ast.walk(func) if isinstance(node, ast.Call)
+                      and getattr(node.func, 'id', getattr(node.func, 'attr', None)) == name]
+    return found
+
+
+def test_the_trials_are_enumerated_once_per_sweep_start():
+    """One definition of the trial enumeration (sweep_plan.py), called by make_plan alone; the
+    driver makes the plan once on each of its two starts (dry run, sweep); nothing asks Tune's
+    generator for its order."""
+    trees = {p.name: ast.parse(p.read_text()) for p in MODULES}
+    defined = [(name, node.name) for name, tree in trees.items() for node in ast.walk(tree)
+               if isinstance(node, ast.FunctionDef) and node.name == '_enumerate_trials']
+    assert defined == [('sweep_plan.py', '_enumerate_trials')]
+    enumerating = {name: _calls(tree, '_enumerate_trials') for name, tree in trees.items()}
+    assert {k: v for k, v in enumerating.items() if v} == {'sweep_plan.py': ['make_plan']}
+    planning = {name: _calls(tree, 'make_plan') for name, tree in trees.items()}
+    assert {k: v for k, v in planning.items() if v} == {
+        'driver.py': ['_print_dry_run', '_prepare_sweep_dir']}
+    assert not [p.name for p in MODULES if 'generate_variants' in p.read_text()]
+
+
+def test_files_between_processes_are_named_by_their_records_only():
+    """plan.json, tracking.json, placement.json, restarts.jsonl, group.json: each name is a
+    string in records.py alone (every reader and writer goes through its record)."""
+    names = {'plan.json', 'tracking.json', 'placement.json', 'restarts.jsonl', 'group.json'}
+    found = [f'{p.name}:{node.lineno} {node.value}' for p in MODULES if p.name != 'records.py'
+             for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.Constant) and node.value in names]
+    assert not found, found

@@ -351,13 +351,19 @@ def test_a_sweep_computes_each_validation_input_once_and_removes_the_cache_at_it
 
 # -- planning: which trials group, and how big a group may be --------------------------------
 
-def _planned(path='search_spaces/demo_grouped.yaml', **changes):
+def _planned(path='search_spaces/demo_grouped.yaml', params=None, **sections):
+    """The plan of a shipped space file, with other ``params`` or section values
+    (``grouping={'memory_gb': 1}``)."""
+    import dataclasses
+
     from orchestrator import grouping
     from orchestrator.spec import load_spec
     from orchestrator.sweep_plan import make_plan
     spec, base_cfg = load_spec(path)
-    for k, v in changes.items():
-        setattr(spec, k, v)
+    for section, values in sections.items():
+        spec = spec.replaced(section, **values)
+    if params is not None:
+        spec = dataclasses.replace(spec, params=params)
     plan = make_plan(spec, base_cfg).size_groups()
     return (plan.groups.chunks, plan.groups.shown), grouping.dry_run_lines(plan), plan.base
 
@@ -380,7 +386,7 @@ def test_a_group_too_big_for_the_memory_budget_is_split():
     worst = grouping.HeadMemory(*(max(getattr(m, f.name) for m in memories.values())
                                   for f in dataclasses.fields(grouping.HeadMemory)))
     four = grouping.group_bytes([worst] * 4)  # room for 4 of its largest heads, not 5
-    (chunks, shown), lines, _ = _planned(grouping_memory_gb=(four + 1) / 1024 ** 3)
+    (chunks, shown), lines, _ = _planned(grouping={'memory_gb': (four + 1) / 1024 ** 3})
     assert sorted(chunks.values()) == [[3, 3], [3, 3]]  # at most 4 heads: 6 -> 3 + 3
     assert len(shown) == 4 and 'at most 4 heads per group' in lines[0]
 
@@ -388,7 +394,7 @@ def test_a_group_too_big_for_the_memory_budget_is_split():
 def test_unfrozen_backbones_and_switched_off_grouping_never_group():
     (chunks, _), lines, _ = _planned('search_spaces/demo.yaml')  # TinyCNN trains
     assert chunks == {} and 'not frozen' in lines[0]
-    (chunks, _), lines, _ = _planned(grouping=False)
+    (chunks, _), lines, _ = _planned(grouping={'enabled': False})
     assert chunks == {} and lines[0].startswith('trial groups: off')
 
 
@@ -396,7 +402,7 @@ def test_sampled_backbone_side_values_switch_grouping_off():
     from orchestrator.spec import Param
     params = [Param('model.decode_head.num_convs', 'grid', (0, 1)),
               Param('fewshot.fraction', 'choice', (0.5, 1.0))]
-    (chunks, _), lines, _ = _planned(params=params, algorithm='random')
+    (chunks, _), lines, _ = _planned(params=params, search={'algorithm': 'random'})
     assert chunks == {} and 'fewshot.fraction is sampled' in lines[0]
 
 
@@ -407,7 +413,8 @@ def test_a_group_whose_member_never_comes_starts_without_it(ray_address, synthet
     import ray
 
     from orchestrator.sweep_plan import PlannedTrial
-    from orchestrator.crew import TrialJob, WorkerPool
+    from orchestrator.crew import WorkerPool
+    from orchestrator.train_worker import TrialJob
     from orchestrator.plan import plain
     cfg = _cfg(synthetic_root, **copy.deepcopy(VARIANTS[0]))
     job = TrialJob(base=plain(cfg), trial=PlannedTrial(0, {}, {}, {}, ALL_IMAGES),
@@ -440,7 +447,8 @@ def test_members_of_a_split_group_continue_in_the_half_they_were_given(
     import ray
 
     from orchestrator.sweep_plan import PlannedTrial
-    from orchestrator.crew import TrialJob, WorkerPool
+    from orchestrator.crew import WorkerPool
+    from orchestrator.train_worker import TrialJob
     from orchestrator.plan import plain
     jobs = {}
     for k, tid in enumerate('ab'):
@@ -492,7 +500,7 @@ def test_tune_creates_a_groups_members_one_after_another():
     interleaved = [t for pair in zip(*halves) for t in pair]
     assert grouping.live_trial_bound(spec, interleaved, chunks, 1) == (11, 6)
     spec, base_cfg = load_spec('search_spaces/linear_probe.yaml')  # 180 trials, 15 groups of 12
-    spec.grouping_memory_gb = 80  # 12 of its largest heads need 67.4 GiB
+    spec = spec.replaced('grouping', memory_gb=80)  # 12 of its largest heads need 67.4 GiB
     plan = make_plan(spec, base_cfg).size_groups()
     assert grouping.live_trial_bound(spec, plan.trials, plan.groups.chunks, 2) == (24, 12)
 
@@ -538,7 +546,8 @@ def test_a_groups_evaluation_is_shared_by_its_ranks(ray_address, synthetic_root,
 
     from orchestrator.plan import plain
     from orchestrator.sweep_plan import PlannedTrial
-    from orchestrator.crew import TrialJob, WorkerPool
+    from orchestrator.crew import WorkerPool
+    from orchestrator.train_worker import TrialJob
     cfgs, jobs = [], []
     for k, variant in enumerate(VARIANTS[:2]):
         cfg = _cfg(synthetic_root, **copy.deepcopy(variant))
@@ -606,9 +615,10 @@ def test_heads_per_group_come_from_what_each_head_holds_and_the_gpu_left_beside_
     chunks, lines = planned(h100)
     assert list(chunks.values()) == [[6, 6]] * 15
     assert 'at most 10 heads per group' in lines[0]
-    spec.gpus_per_worker = 0.5  # two workers share each GPU: each plans with half of it
+    plan.spec = spec.replaced('resources', gpus_per_worker=0.5)  # two workers share each GPU:
+    # each plans with half of it
     assert 'at most 9 heads per group' in planned(h200)[1][0]
-    spec.gpus_per_worker = 1
+    plan.spec = spec
     chunks, lines = planned()
     assert chunks == {}  # 8 GiB: two heads do not fit
     assert 'no GPU memory known here' in lines[0]
