@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from orchestrator.errors import ConfigError, DiskFull, disk_full
+from orchestrator.errors import DiskFull, disk_full
 from orchestrator.files import append_whole
 from orchestrator.records import TrackingMeta
 from orchestrator.mlflow_store import (ExperimentRefused, get_or_create_experiment,
@@ -156,10 +156,7 @@ class TrackingJournal:
     @classmethod
     def open(cls, sweep_dir):
         """The journal of an existing sweep directory (for ``orchestrator sync``)."""
-        meta = TrackingMeta.read(sweep_dir)
-        if meta is None:
-            raise ConfigError(f'{sweep_dir}: no readable {TrackingMeta.NAME}: not a sweep '
-                              'directory')
+        meta = TrackingMeta.require(sweep_dir, 'not a sweep directory')
         return cls(sweep_dir, meta.tracking_uri, meta.experiment, meta.sweep_uid)
 
     def save_meta(self):

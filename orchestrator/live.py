@@ -6,7 +6,6 @@ import time
 
 from ray.tune import Callback
 
-from orchestrator.errors import ConfigError
 from orchestrator.status import JournalTail, sweep_status
 from orchestrator.status_view import format_status, restart_lines, summary_line
 
@@ -45,7 +44,7 @@ class LiveStatus(Callback):
         self._last = time.time()
         try:
             trials, summary = sweep_status(self.sweep_dir, self._journal)
-        except (OSError, ValueError, KeyError, ConfigError):  # not yet written, or not ours
+        except (OSError, ValueError, KeyError):  # not yet written (a ConfigError is a ValueError)
             return
         if self._tty():
             text = format_status(trials, summary)

@@ -60,6 +60,15 @@ class _Record:
                 raise
             return None
 
+    @classmethod
+    def require(cls, folder, what):
+        """The record in ``folder``; a ConfigError (one line: the path, ``what`` it means)
+        when there is none."""
+        record = cls.read(folder)
+        if record is None:
+            raise ConfigError(f'{osp.join(folder, cls.NAME)}: missing or unreadable: {what}')
+        return record
+
 
 @dataclass
 class PlanSummary(_Record):

@@ -20,7 +20,6 @@ import socket
 import time
 
 from orchestrator.checkpoints import SKIPPED
-from orchestrator.errors import ConfigError
 from orchestrator.files import read_jsonl
 from orchestrator.journal import JOURNAL
 from orchestrator.records import PlanSummary, Placement, Restart
@@ -146,10 +145,8 @@ def _eta(trials, counts, waiting, remaining_s, concurrent):
 def sweep_status(sweep_dir, journal=None):
     """(trials, summary): one dict per started trial and counts of every state plus ETA.
     ``journal``: a JournalTail to reuse between calls."""
-    plan = PlanSummary.read(sweep_dir)
-    if plan is None:
-        raise ConfigError(f'{sweep_dir}: no {PlanSummary.NAME} (not a sweep directory, or the '
-                          'sweep did not start its trials)')
+    plan = PlanSummary.require(sweep_dir, 'not a sweep directory, or the sweep did not start '
+                                          'its trials')
     metric = plan.metric
     trials, sweep_state, started_at, ended_at = _replay_journal(
         (journal or JournalTail(sweep_dir)).read(), metric)

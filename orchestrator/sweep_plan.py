@@ -91,10 +91,16 @@ class SweepPlan:
 
     def trial_for(self, config):
         """The PlannedTrial of a Tune trial's ``config``, its sampled values drawn: resolved
-        again only where Tune drew something (an Optuna trial has no row: index None)."""
+        again only where Tune drew something. A trial without its row in this plan (Optuna's,
+        or one a resumed sweep planned in another order: --no-grouping given only once) is
+        resolved from its values (index None)."""
         values = flat_config(config)
         row = config.get(PLAN_ROW)
-        planned = self.trials[row[INDEX]] if isinstance(row, dict) else None
+        index = row.get(INDEX) if isinstance(row, dict) else None
+        planned = (self.trials[index] if isinstance(index, int) and index < len(self.trials)
+                   else None)
+        if planned is not None and any(values.get(k) != v for k, v in planned.values.items()):
+            planned = None
         drawn = {k: values[k] for k in values if planned is None or k in planned.sampled}
         if planned is not None and not drawn:
             return planned

@@ -42,6 +42,13 @@ def test_a_torn_or_missing_file_reads_as_none(tmp_path):
     assert Placement.read(tmp_path) is None
 
 
+def test_a_required_record_that_is_missing_is_one_line_naming_its_path(tmp_path):
+    with pytest.raises(ConfigError, match=r'tracking\.json: missing or unreadable: not a sweep'):
+        TrackingMeta.require(tmp_path, 'not a sweep directory')
+    TrackingMeta('u', 'e', 's').write(tmp_path)
+    assert TrackingMeta.require(tmp_path, 'x').sweep_uid == 's'
+
+
 def test_a_newer_programs_file_is_refused_with_its_path(tmp_path):
     (tmp_path / 'plan.json').write_text(json.dumps(dict(
         version=2, total_trials=1, concurrent=1, metric='mIoU', searched=[], driver_pid=1,
