@@ -5,15 +5,38 @@ can be retrained or evaluated without this project's CLI.
 It is the config the trial's workers trained (``trials/<id>/resolved_config.py``), with three
 changes for a fresh run: ``custom_imports`` registers our FCNHead and friends on load (and the
 ``FewShotSubset`` training set, which keeps the trial's images from the same directory by the same
-rule); the subset's record file, the trial's ``work_dir`` and ``auto_resume`` are dropped (a
+rule, pinned to their digest: a directory whose images changed is refused, not trained on another
+subset); the subset's record file, the trial's ``work_dir`` and ``auto_resume`` are dropped (a
 retraining starts clean in a directory of its own).
 """
 import os
 import os.path as osp
+import shutil
 
 from orchestrator.errors import ConfigError
+from orchestrator.trial_config import SUBSET_RECORD
 
 CUSTOM_IMPORTS = dict(imports=['mmseg_custom'], allow_failed_imports=False)
+
+
+def _pin_subset(cfg, trial, out_path):
+    """The training set of the export: the trial's FewShotSubset, less its record file (a
+    retraining writes nothing into the sweep), pinned to the digest of the names it kept. A
+    sweep run before FewShotSubset named its list as ``data.train.split``: copied beside the
+    file, as then."""
+    from mmseg_custom.datasets.fewshot_subset import digest
+    train = cfg.data.train
+    recorded = osp.join(trial, SUBSET_RECORD)
+    if train.get('type') == 'FewShotSubset':
+        train.pop('record', None)
+        if osp.isfile(recorded):
+            with open(recorded) as f:
+                names = f.read().split()
+            train['names_sha256'] = digest(names)
+    elif train.get('split') and osp.isfile(recorded):
+        kept = osp.splitext(out_path)[0] + '_fewshot_subset.txt'
+        shutil.copyfile(recorded, kept)
+        train['split'] = kept
 
 
 def export_best(results, out_path):
@@ -27,8 +50,7 @@ def export_best(results, out_path):
     cfg = Config.fromfile(source)
     out_path = osp.abspath(out_path)
     os.makedirs(osp.dirname(out_path), exist_ok=True)
-    if cfg.data.train.get('type') == 'FewShotSubset':
-        cfg.data.train.pop('record', None)
+    _pin_subset(cfg, trial, out_path)
     cfg.custom_imports = CUSTOM_IMPORTS
     cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(out_path))[0])
     cfg.pop('auto_resume', None)

@@ -25,7 +25,7 @@ from orchestrator.errors import ConfigError, DiskFull, disk_full, remedy
 from orchestrator.files import append_whole
 from orchestrator.interrupts import StopSignals, SweepInterrupted
 from orchestrator.preflight import check_data_paths, check_weights_path
-from orchestrator.records import GroupRecord, TrackingMeta
+from orchestrator.records import GroupRecord, PlanSummary, TrackingMeta
 from orchestrator.spec import check_sweep_name, load_spec
 from orchestrator.sweep_plan import make_plan
 from orchestrator.tables import format_table, ranked_results
@@ -160,6 +160,11 @@ def _check_resumable(spec, sweep_dir, experiment_path):
         if now.read() != then.read():
             raise ConfigError(f'{spec.source}: --resume: the file differs from the one the sweep '
                               f'started with ({osp.join(sweep_dir, "space.yaml")})')
+    if 'version' not in PlanSummary.raw(sweep_dir):
+        # Tune's state of an earlier program pickles functions this one no longer has
+        raise ConfigError(f'{spec.source}: --resume: {sweep_dir} was started by an orchestrator '
+                          f'before the SweepPlan ({PlanSummary.NAME} without a version): finish '
+                          'it with that version, or start it again under another --name')
 
 
 def _clear_delivered_journal(spec, sweep_dir):
@@ -460,7 +465,8 @@ def _tracking_callback(sweep):
     values and what they derive (iterations, warmup, channels)."""
     from orchestrator.tracking import MLflowTrialCallback
     from orchestrator.trial import trial_dir
-    # Tune pickles its callbacks with the experiment: the functions capture plain values only
+    # Tune pickles its callbacks with the experiment: the function captures the plan (plain
+    # data; a resumed sweep's restored callback reads its own copy, the same rows)
     spec, plan, keys = sweep.spec, sweep.plan, sweep.plan.searched
     sweep_dir = sweep.sweep_dir
 

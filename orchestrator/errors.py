@@ -15,8 +15,9 @@ class TrialFailed(RuntimeError):
 
 
 class GroupOutOfMemory(TrialFailed):
-    """A trial group's run ran out of GPU memory: its members continue in halves (group_formation.py), and
-    later groups of the kind hold fewer heads; the message is torch's reason."""
+    """A trial group's run ran out of GPU memory: its members continue in halves
+    (group_formation.py), and later groups of the kind hold fewer heads; the message is torch's
+    reason."""
 
 
 def failure_reason(error_text):

@@ -10,6 +10,7 @@ import contextlib
 import os
 from typing import NamedTuple
 
+from orchestrator.errors import disk_full
 from orchestrator.records import GroupRecord
 from orchestrator.train_worker import CALL_S
 
@@ -29,7 +30,6 @@ def _group_file(record):
     """A trial group's ``group.json`` (records.GroupRecord; what a --resume reads:
     driver._groups_to_continue): its record less what only this run knows (who left)."""
     return GroupRecord(**{k: v for k, v in record.items() if k != 'left'})
-
 
 
 class TrialGroupFormation:
@@ -57,8 +57,8 @@ class TrialGroupFormation:
     async def join(self, trial_id, key, job, holder):
         """Join trial group ``key``: wait until its chunk is complete, then (the last member to
         arrive) lease a crew and start the trial group's run. Returns its GroupRun to every
-        member, ``('lost', reason)`` when the crew could not start it, None when ``key`` has no group (the trial then runs
-        alone)."""
+        member, ``('lost', reason)`` when the crew could not start it, ``('full', path)`` when
+        the output disk is full, None when ``key`` has no group (the trial then runs alone)."""
         if key not in self.trial_groups:
             return None
         self._await_placements()
@@ -243,8 +243,9 @@ class TrialGroupFormation:
         try:  # what a --resume continues (driver.py)
             os.makedirs(group_dir, exist_ok=True)
             _group_file(record).write(group_dir)
-        except OSError as e:  # a full disk: the members' own attempts say it
-            return ('lost', f'{group_dir}: {e}')
+        except OSError as e:  # a full disk stops the sweep (each member raises it)
+            full = disk_full(e, group_dir)
+            return ('full', full.path) if full else ('lost', f'{group_dir}: {e}')
         cid, workers = await self.acquire('+'.join(ids))
         try:
             init = await asyncio.wait_for(workers[0].rendezvous.remote(len(workers)), CALL_S)

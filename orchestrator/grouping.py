@@ -205,7 +205,8 @@ def group_budget(spec, side, gpu_bytes=None):
         return DEFAULT_HEADS_GB * gib, (f'{DEFAULT_HEADS_GB:g} GiB: no GPU memory known here '
                                         '(set grouping.memory_gb, or plan on the cluster with '
                                         '--address)')
-    return DEFAULT_HEADS_GB * gib, f'{DEFAULT_HEADS_GB:g} GiB (CPU workers; grouping.memory_gb sets it)'
+    return DEFAULT_HEADS_GB * gib, (f'{DEFAULT_HEADS_GB:g} GiB (CPU workers; grouping.memory_gb '
+                                    'sets it)')
 
 
 def group_bytes(memories):
@@ -310,14 +311,15 @@ def memory_lines(planned):
 
 def reference_lines(spec, planned):
     """Heads per group on the REFERENCE_GPUS, for a GPU sweep planned where no GPU is seen."""
-    if not planned.members or not spec.resources.gpus_per_worker or spec.grouping.memory_gb is not None:
+    if (not planned.members or not spec.resources.gpus_per_worker
+            or spec.grouping.memory_gb is not None):
         return []
     caps = []
     for name, mib in REFERENCE_GPUS.items():
         budget, _ = group_budget(spec, planned.side, mib * 1024 ** 2)
         caps.append(f'{min(heads_per_group(budget, m) for m in planned.members)} on {name}')
-    return [f'  heads per group on other GPUs (at {spec.resources.gpus_per_worker:g} GPU per worker): '
-            + ', '.join(caps)]
+    return [f'  heads per group on other GPUs (at {spec.resources.gpus_per_worker:g} GPU per '
+            'worker): ' + ', '.join(caps)]
 
 
 def dry_run_lines(sweep_plan):

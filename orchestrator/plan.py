@@ -180,17 +180,17 @@ def resource_plan(spec, nodes):
             f'{_fmt(per_trial_resources(spec))}; the cluster has {_fmt(total)} on '
             f'{len(nodes)} node(s) and {why}: it could never be scheduled')
     trials = workers // w
-    if spec.resources.max_concurrent_trials:
-        trials = min(trials, spec.resources.max_concurrent_trials)
+    cap = spec.resources.max_concurrent_trials
+    if cap:
+        trials = min(trials, cap)
     lines = [f'resource plan: {w} worker(s) per trial, each {_fmt(bundle)}']
     for node, n in zip(nodes, per_node):
         lines.append(f'  {node["name"]}: {_fmt(node["resources"])} -> {n} worker(s)')
     share = bundle.get('GPU', 0)
     lines.append(f'  => {trials} concurrent trial(s) ({trials * w} of {workers} worker slots)'
                  + (f'; {int(1 / share + 1e-9)} workers share each GPU' if 0 < share < 1 else '')
-                 + (f'; capped by max_concurrent_trials={spec.resources.max_concurrent_trials}'
-                    if spec.resources.max_concurrent_trials and trials == spec.resources.max_concurrent_trials
-                    and workers // w > trials else ''))
+                 + (f'; capped by max_concurrent_trials={cap}'
+                    if cap and trials == cap and workers // w > trials else ''))
     return trials, lines
 
 

@@ -5,6 +5,7 @@ newer version of this program wrote refuse it in one line rather than misread it
 
   plan.json            <sweep>/            the driver -> status (the SweepPlan's summary)
   tracking.json        <sweep>/            the driver -> sync, report, compare, best, resume
+  trial.json           <sweep>/trials/<id>/  a trial -> the reader of its directory: its plan row
   placement.json       <sweep>/trials/<id>/  a trial -> its MLflow tags, status, a resume
   restarts.jsonl       <sweep>/trials/<id>/  a trial -> status (one Restart a line, appended)
   group.json           <sweep>/groups/<id>/  the worker pool -> the driver's --resume
@@ -14,7 +15,7 @@ without the orchestrator: its shape is theirs, EvalMetricsHook's.)
 """
 import json
 import os.path as osp
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import ClassVar, Optional
 
 from orchestrator.errors import ConfigError
@@ -44,14 +45,23 @@ class _Record:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
+    def raw(cls, folder):
+        """The file's JSON object as written ({} when there is none, or a torn one): what a
+        check of its format (its version) reads."""
+        try:
+            with open(osp.join(folder, cls.NAME)) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @classmethod
     def read(cls, folder):
         """The record in ``folder``, or None when there is none (or it cannot be read: a file
         from a crash before this program wrote it whole)."""
         path = osp.join(folder, cls.NAME)
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
+        data = cls.raw(folder)
+        if not data:
             return None
         try:
             return cls.parse(data, path)
@@ -73,8 +83,7 @@ class _Record:
 @dataclass
 class PlanSummary(_Record):
     """What ``status`` needs of the SweepPlan: the trial count, how many train at once, the
-    metric, the searched keys (shown per trial), each trial's planned values, iterations and
-    trial group (index into the plan's groups, None: alone), and who drives the sweep."""
+    metric, the searched keys (shown per trial), and who drives the sweep."""
     NAME: ClassVar[str] = 'plan.json'
     total_trials: int
     concurrent: int
@@ -82,7 +91,6 @@ class PlanSummary(_Record):
     searched: list
     driver_pid: int
     driver_host: str
-    trials: list = field(default_factory=list)
 
 
 @dataclass
@@ -92,6 +100,16 @@ class TrackingMeta(_Record):
     tracking_uri: str
     experiment: str
     sweep_uid: str
+
+
+@dataclass
+class TrialRow(_Record):
+    """The SweepPlan row a Tune trial trains: its index (None: a trial Tune proposed, Optuna's),
+    its searched values (those Tune drew included) and planned iterations."""
+    NAME: ClassVar[str] = 'trial.json'
+    values: dict
+    iterations: int
+    index: Optional[int] = None
 
 
 @dataclass

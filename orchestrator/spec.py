@@ -27,6 +27,10 @@ class Param:
     values: tuple
 
 
+# the file's keys read through what is resolved from them (their raw text stays in spec.file)
+RESOLVED = {'parameters': 'params', 'fewshot': 'fewshot_seeds (or file.fewshot)'}
+
+
 @dataclass(kw_only=True)
 class SweepSpec:
     """The sweep as the program reads it. ``file`` is the space file's validated model
@@ -34,7 +38,8 @@ class SweepSpec:
     absolute; its sections read as attributes of the same names (``spec.resources.
     workers_per_trial``, as the file says ``resources: {workers_per_trial: ...}``). Resolved
     here: the name, the searched values checked against the base config (``params``), the fixed
-    overrides, the subset seeds, the references' points, the output root."""
+    overrides, the subset seeds, the references' points, the output root, the experiment (these
+    shadow the file's raw keys of the same names, which stay in ``spec.file``)."""
     file: SpaceFile
     source: str
     name: str
@@ -45,18 +50,16 @@ class SweepSpec:
     fewshot_seeds: tuple
     fewshot_seed_given: bool  # the file names the subset seed(s); else a max_image_num base
     # config's subset follows the run's seed, as InternVL's (plan.resolve)
+    experiment: str  # tracking.experiment, else the file's name (not --name's)
     base_fraction: typing.Optional[float] = None  # the fraction a base config's max_image_num
     # keeps, with no fraction searched (plan.settle_base_fraction; None: none, or not known yet)
 
     def __getattr__(self, name):  # the file's sections and keys, by their names in the file
         file = self.__dict__.get('file')
-        if file is None or name.startswith('_'):
-            raise AttributeError(name)
+        if file is None or name.startswith('_') or name in RESOLVED:
+            raise AttributeError(f'SweepSpec.{name}' + (f': read {RESOLVED[name]}'
+                                                        if name in RESOLVED else ''))
         return getattr(file, name)
-
-    @property
-    def experiment(self):
-        return self.tracking.experiment or self.name
 
     def replaced(self, section, **values):
         """A copy with ``values`` in one section of the file (``--no-grouping``; a test's
@@ -244,7 +247,8 @@ def load_spec(path):
         overrides=_parse_overrides(source, file.overrides, base_dict),
         references=_parse_references(source, file.references, params),
         fewshot_seeds=tuple(file.fewshot.seeds or [file.fewshot.seed]),
-        fewshot_seed_given=bool({'seed', 'seeds'} & file.fewshot.model_fields_set))
+        fewshot_seed_given=bool({'seed', 'seeds'} & file.fewshot.model_fields_set),
+        experiment=file.tracking.experiment or name)
     _check_rules(spec, file)
     _check_head_combinations(spec, base_dict)
     return spec, base_cfg
@@ -267,6 +271,9 @@ def _check_rules(spec, file):
         if len(spec.fewshot_seeds) > 1:
             raise _err(source, 'fewshot.seeds', list(spec.fewshot_seeds), 'Optuna samples, it '
                        'does not enumerate subset seeds: give one seed')
+        if spec.repeats > 1:
+            raise _err(source, 'repeats', spec.repeats, 'Optuna samples, it does not repeat a '
+                       'configuration: leave repeats at 1 (num_samples sets the trials)')
     if 0 < spec.resources.gpus_per_worker < 1 and spec.resources.workers_per_trial > 1:
         raise _err(source, 'resources.gpus_per_worker', spec.resources.gpus_per_worker,
                    'a fraction of a GPU needs workers_per_trial: 1 (NCCL cannot run two ranks '

@@ -27,14 +27,12 @@ STATES = ('pending', 'running', 'done', 'stopped', 'failed', 'interrupted')
 
 
 def write_plan(sweep_dir, plan, concurrent):
-    """What the status needs of the SweepPlan ``plan`` (records.PlanSummary): the trials (each
-    its values, iterations, trial group), concurrency, the searched keys, who runs it."""
-    group_of = plan.group_of
-    PlanSummary(total_trials=len(plan.trials), concurrent=concurrent, metric=plan.spec.search.metric,
-                searched=plan.searched, driver_pid=os.getpid(), driver_host=socket.gethostname(),
-                trials=[dict(index=t.index, values={**t.sampled, **t.values},
-                             iterations=t.iterations, group=group_of.get(t.index))
-                        for t in plan.trials]).write(sweep_dir)
+    """What the status needs of the SweepPlan ``plan`` (records.PlanSummary): the trial count,
+    concurrency, the metric and searched keys, who runs it (each trial's own row is its
+    trials/<id>/trial.json: records.TrialRow)."""
+    PlanSummary(total_trials=len(plan.trials), concurrent=concurrent,
+                metric=plan.spec.search.metric, searched=plan.searched, driver_pid=os.getpid(),
+                driver_host=socket.gethostname()).write(sweep_dir)
 
 
 def _driver_gone(plan):

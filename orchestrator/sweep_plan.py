@@ -64,11 +64,6 @@ class SweepPlan:
         """Each trial's searched values, a sampled one as its distribution's text."""
         return [{**t.sampled, **t.values} for t in self.trials]
 
-    @property
-    def group_of(self):
-        """{trial index: the index of its planned trial group}."""
-        return {i: g for g, (_, members) in enumerate(self.groups.shown) for i in members}
-
     def param_space(self):
         """Tune's param space: the plan's rows, in order, as one grid (each row its index and
         fixed values), and the sampled values' distributions. Optuna gets the distributions
@@ -95,6 +90,10 @@ class SweepPlan:
         or one a resumed sweep planned in another order: --no-grouping given only once) is
         resolved from its values (index None)."""
         values = flat_config(config)
+        unknown = sorted(set(values) - set(self.searched))
+        if unknown:  # a config of another program's Tune state (--resume refuses those)
+            raise ConfigError(f'{self.spec.source}: a trial\'s config holds {unknown}, not '
+                              f'searched keys of this plan ({self.searched})')
         row = config.get(PLAN_ROW)
         index = row.get(INDEX) if isinstance(row, dict) else None
         planned = (self.trials[index] if isinstance(index, int) and index < len(self.trials)
@@ -163,7 +162,8 @@ def _check_master_weights(spec, base, trials):
     """Float32 master weights are for a trainable backbone; on a frozen one they would be
     nothing but a misread setting."""
     from orchestrator.fine_tuning import frozen_backbone
-    if spec.fine_tuning.float32_master_weights and all(frozen_backbone(base, t.values) for t in trials):
+    if spec.fine_tuning.float32_master_weights and all(frozen_backbone(base, t.values)
+                                                       for t in trials):
         raise ConfigError(f'{spec.source}: fine_tuning.float32_master_weights: True: the '
                           'backbone is frozen in every trial (model.backbone.freeze_vit): '
                           'nothing to keep master weights of')

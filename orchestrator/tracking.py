@@ -15,6 +15,7 @@ from ray.tune import Callback
 
 from orchestrator.errors import failure_reason
 from orchestrator.records import Placement
+from orchestrator.trial_config import SUBSET_RECORD
 from orchestrator.keys import FRACTION_KEY, HEAD_VARIANT, NOISE_KEYS, REPEAT_KEY, SUBSET_SEED_KEY
 
 METRIC_PREFIXES = ('mIoU', 'mAcc', 'aAcc', 'IoU.', 'Acc.', 'loss', 'lr', 'restarts', 'cost.',
@@ -148,7 +149,7 @@ class MLflowTrialCallback(Callback):
         """The trial's few-shot subset as the run's training dataset input (MLflow's Dataset
         column): name, digest of its file list, fraction, subset seed, image count. Runs that
         trained on one subset share its digest (search_runs: datasets.digest = '...')."""
-        path = osp.join(self.trial_dir_of(trial.trial_id), 'fewshot_subset.txt')
+        path = osp.join(self.trial_dir_of(trial.trial_id), SUBSET_RECORD)
         if trial.trial_id in self._datasets or not osp.isfile(path):
             return
         with open(path) as f:
@@ -176,7 +177,7 @@ class MLflowTrialCallback(Callback):
         self._record_dataset(trial)
         trial_dir = self.trial_dir_of(trial.trial_id)
         paths = [osp.join(trial_dir, name) for name in
-                 ('resolved_config.py', 'fewshot_subset.txt', 'mmseg/metrics.jsonl')]
+                 ('resolved_config.py', SUBSET_RECORD, 'mmseg/metrics.jsonl')]
         self.journal.record('artifacts', trial_id=trial.trial_id,
                             paths=[p for p in paths if osp.isfile(p)])
         if reason:

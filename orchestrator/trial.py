@@ -17,7 +17,7 @@ from orchestrator.checkpoints import readable_latest
 from orchestrator.errors import DiskFull, GroupOutOfMemory, TrialFailed, disk_full
 from orchestrator.files import read_jsonl
 from orchestrator.grouping import group_key
-from orchestrator.records import Placement, Restart
+from orchestrator.records import Placement, Restart, TrialRow
 from orchestrator.train_worker import CALL_S, GRACE_S, TrialJob
 from orchestrator.trial_config import work_dir
 
@@ -128,6 +128,8 @@ def _train_in_trial_group(pool, job, forward, key=None, continuing=None, halve=F
                      else pool.join.remote(trial_id, key, job, holder))
     if joined is None:
         return False
+    if joined[0] == 'full':  # its group's directory: the sweep stops (run_trial)
+        raise DiskFull(joined[1])
     if joined[0] == 'lost':  # the crew could not start it: this trial goes alone
         raise WorkersLost(f'trial group could not start: {joined[1]}')
     workers, runs, group_dir = joined.workers, joined.runs, joined.group_dir
@@ -231,6 +233,15 @@ def _stop_the_sweep(pool, error):
     raise TrialFailed(str(error))
 
 
+def _stop_if_full(pool, error, path):
+    """An OSError of the trial's own files: a full disk stops the sweep (_stop_the_sweep),
+    anything else is the trial's error."""
+    full = disk_full(error, path)
+    if full is None:
+        raise error
+    _stop_the_sweep(pool, full)
+
+
 def _job(plan, planned, trial_id, output_dir, abandoned_after_s=None):
     """What the trial sends its workers (train_worker.TrialJob)."""
     spec = plan.spec
@@ -254,12 +265,12 @@ def run_trial(config, plan, output_dir, pool_name, grouped=False, abandoned_afte
     out_dir = trial_dir(output_dir, trial_id)
     spec, planned = plan.spec, plan.trial_for(config)
     pool = ray.get_actor(pool_name)
-    try:
+    try:  # the trial's first write, before any crew is leased: a full disk stops the sweep
         os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:  # a full disk
-        if disk_full(e, out_dir) is None:
-            raise
-        _stop_the_sweep(pool, disk_full(e, out_dir))
+        TrialRow(index=planned.index, values=planned.values,
+                 iterations=planned.iterations).write(out_dir)
+    except OSError as e:
+        _stop_if_full(pool, e, out_dir)
     mmseg_dir = work_dir(out_dir)
     job = _job(plan, planned, trial_id, output_dir, abandoned_after_s)
     restarts, halve = 0, False
@@ -280,10 +291,8 @@ def run_trial(config, plan, output_dir, pool_name, grouped=False, abandoned_afte
                     _train_in_trial_group(pool, job, forward, key=group_key(spec, planned.values)):
                 return None
             return _train_alone(pool, job, forward)
-        except OSError as e:  # the trial's own files (placement, restarts)
-            if disk_full(e, out_dir) is None:
-                raise
-            _stop_the_sweep(pool, disk_full(e, out_dir))
+        except OSError as e:  # the trial's own files (placement)
+            _stop_if_full(pool, e, out_dir)
         except DiskFull as e:
             _stop_the_sweep(pool, e)
         except GroupOutOfMemory as e:  # bounded: a group of one trains alone
@@ -297,6 +306,9 @@ def run_trial(config, plan, output_dir, pool_name, grouped=False, abandoned_afte
                 raise TrialFailed(
                     f'workers lost: {e}; gave up after {restarts} restart(s)') from None
             restarts += 1
-            line = _record_restart(output_dir, trial_id, mmseg_dir, restarts,
-                                   spec.fault_tolerance.worker_retries, e)
+            try:
+                line = _record_restart(output_dir, trial_id, mmseg_dir, restarts,
+                                       spec.fault_tolerance.worker_retries, e)
+            except OSError as error:  # restarts.jsonl
+                _stop_if_full(pool, error, out_dir)
             print(f'trial {trial_id}: {line} ({e})', flush=True)

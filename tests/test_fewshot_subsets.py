@@ -32,9 +32,25 @@ def _ade(root, **extra):
 
 
 def test_size_is_round_f_times_n():
+    """1/16 of 200 is 12.5: 12 (rounded half to even, as the sweeps have always kept)."""
+    sizes = []
     for f in FRACTIONS:
         subset = FewShotSubset(_Listed(NAMES), f)
-        assert len(subset) == len(subset.dataset.img_infos) == round(f * len(NAMES))
+        assert len(subset) == len(subset.dataset.img_infos)
+        sizes.append(len(subset))
+    assert sizes == [12, 25, 50, 100, 200]
+
+
+def test_the_subsets_are_those_earlier_sweeps_kept():
+    """The first images of 1/16 for seeds 0 and 1, as orchestrator/fewshot.py kept them
+    before the rule moved into FewShotSubset (read off that code at 00e4bc5): a sweep resumed
+    or repeated now trains on the same images."""
+    assert kept(NAMES, 1 / 16, seed=0)[:6] == [
+        'ADE_train_00000106', 'ADE_train_00000007', 'ADE_train_00000169',
+        'ADE_train_00000091', 'ADE_train_00000066', 'ADE_train_00000160']
+    assert kept(NAMES, 1 / 16, seed=1)[:6] == [
+        'ADE_train_00000082', 'ADE_train_00000122', 'ADE_train_00000064',
+        'ADE_train_00000032', 'ADE_train_00000089', 'ADE_train_00000060']
 
 
 def test_nested_across_fractions():
@@ -92,21 +108,21 @@ def test_max_image_num_keeps_the_images_a_fraction_keeps(synthetic_root):
                 [i['filename'] for i in cut.dataset.img_infos]
 
 
-def test_max_image_num_sorts_the_names_a_split_file_holds():
-    """With their suffix, 'x-1.jpg' sorts before 'x.jpg'; without, 'x' before 'x-1': the
-    dataset must permute the names the sweeps' subsets permute, or the two keep other images."""
+def test_max_image_num_and_fractions_sort_the_names_a_split_file_holds():
+    """With their suffix, 'x-1.jpg' sorts before 'x.jpg'; without, 'x' before 'x-1': both
+    must permute the names without suffix (the kept lists, per seed, as orchestrator/fewshot.py
+    kept them at 00e4bc5), or the count and the fraction keep other images."""
     from mmseg_custom.datasets.max_image_num import MaxImageNumMixin
     names = ['x', 'x-1', 'x0', 'y', 'y-2', 'y_3', 'z', 'z,4']
-    orders = set()
-    for seed in range(4):
+    expected = {0: ['x0', 'y-2', 'y'], 1: ['y_3', 'x', 'x-1'], 2: ['z', 'y_3', 'z,4'],
+                3: ['z', 'z,4', 'x0']}
+    for seed, names_kept in expected.items():
         dataset = MaxImageNumMixin()
         dataset.img_suffix = '.jpg'
-        dataset.img_infos = [dict(filename=n + '.jpg') for n in names]
+        dataset.img_infos = [dict(filename=n + '.jpg') for n in reversed(names)]
         dataset._keep(3, seed)
-        counted = [i['filename'][:-4] for i in dataset.img_infos]
-        assert counted == kept(names, 3 / len(names), seed)
-        orders.add(tuple(counted))
-    assert len(orders) > 1
+        assert [i['filename'][:-4] for i in dataset.img_infos] == names_kept
+        assert kept(names, 3 / len(names), seed) == names_kept
 
 
 def test_mmseg_custom_loads_without_the_orchestrator():

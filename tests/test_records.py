@@ -5,14 +5,15 @@ import json
 import pytest
 
 from orchestrator.errors import ConfigError
-from orchestrator.records import GroupRecord, Placement, PlanSummary, Restart, TrackingMeta
+from orchestrator.records import (GroupRecord, Placement, PlanSummary, Restart, TrackingMeta,
+                                  TrialRow)
 
 
 def test_each_record_reads_back_what_was_written(tmp_path):
     written = [
         PlanSummary(total_trials=2, concurrent=1, metric='mIoU', searched=['a'], driver_pid=7,
-                    driver_host='h', trials=[dict(index=0, values={'a': 1}, iterations=4,
-                                                  group=None)]),
+                    driver_host='h'),
+        TrialRow(index=None, values={'a': 1, 'b': 0.5}, iterations=4),
         TrackingMeta('sqlite:///x.db', 'e', 'uid'),
         Placement(ranks=[dict(node_id='n', node_ip='1.2.3.4', gpu_ids=['0'])],
                   group=dict(id='g', size=2)),

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -251,6 +252,13 @@ def test_best_config_loads_in_mmcv_and_builds_our_head(study, parent_id, tmp_pat
     assert kept == record.read_text().split()
     assert len(kept) == round(float(_params(best)[FRACTION]) * 48)
     assert 'record' not in cfg.data.train  # the retraining writes nothing into the sweep
+    # pinned to those names: a training directory whose images changed is refused
+    changed = tmp_path / 'changed'
+    shutil.copytree(cfg.data.train.dataset.data_root, changed)
+    next((changed / 'images' / 'training').glob('*.jpg')).unlink()
+    cfg.data.train.dataset.data_root = str(changed)
+    with pytest.raises(ValueError, match='not the ones recorded'):
+        build_dataset(cfg.data.train)
     assert 'auto_resume' not in cfg and str(study['sweep_dir']) not in cfg.work_dir
 
 

@@ -125,6 +125,9 @@ CASES = [
      ['derived.warmup.ratio', 'required']),
     ('subset seeds not distinct', _set('fewshot', {'seeds': [0, 0]}), None,
      ['fewshot.seeds', '[0, 0]']),
+    ('optuna repeats', lambda d: d.update(
+        parameters={'model.decode_head.num_convs': {'choice': [0, 1]}}, repeats=2,
+        search={'algorithm': 'optuna'}), None, ['repeats', '2', 'Optuna']),
     ('subset seed and seeds', _set('fewshot', {'seed': 1, 'seeds': [0, 1]}), None,
      ['fewshot.seeds', 'not both']),
     ('subset seeds with optuna', lambda d: d.update(
@@ -195,6 +198,21 @@ def test_resume_with_a_changed_space_file_fails_fast(space, tmp_path, capsys):
     code, err = run(path, capsys, '--resume')
     assert code == 2 and 'differs from the one the sweep started with' in err
     assert sorted(p.name for p in sweep.iterdir()) == ['space.yaml', 'tune']  # nothing added
+
+
+def test_resume_of_a_sweep_an_earlier_program_started_fails_fast(space, tmp_path, capsys):
+    """Its Tune state pickles functions this program no longer has (its plan.json has no
+    version): one line, before anything starts, rather than a crash in Tune's restore."""
+    path = space()
+    sweep = tmp_path / 'out' / 't'
+    (sweep / 'tune' / 't').mkdir(parents=True)
+    (sweep / 'tune' / 't' / 'tuner.pkl').write_bytes(b'state of an earlier run')
+    (sweep / 'space.yaml').write_text(path.read_text())
+    (sweep / 'plan.json').write_text('{"total_trials": 4, "concurrent": 1, "metric": "mIoU"}')
+    code, err = run(path, capsys, '--resume')
+    assert code == 2 and err.count('\n') == 0, err
+    assert 'started by an orchestrator before the SweepPlan' in err and str(sweep) in err
+    assert sorted(p.name for p in sweep.iterdir()) == ['plan.json', 'space.yaml', 'tune']
 
 
 def test_good_space_dry_run_prints_plan(space, capsys):

@@ -1,8 +1,9 @@
 """The SweepPlan (sweep_plan.py) and the one config builder (trial_config.py): a Tune trial finds
 its planned row, values Tune draws are resolved by the space file's rules, and the config a
 worker trains keeps the trial's few-shot subset."""
-import math
 from pathlib import Path
+
+import pytest
 
 import yaml
 
@@ -34,7 +35,7 @@ def test_a_trial_finds_its_row_and_what_tune_drew_is_resolved(tmp_path, syntheti
                             'fewshot.fraction': 0.25})
     assert trial.index == 1 and trial.values == {'model.decode_head.num_convs': 1,
                                                  'fewshot.fraction': 0.25}
-    assert trial.iterations == math.ceil(40 * 0.25)
+    assert trial.iterations == 10
     assert trial.overrides['model.decode_head.num_convs'] == 1
     assert trial.derived['fewshot.fraction'] == 0.25
 
@@ -48,7 +49,18 @@ def test_a_row_from_another_order_is_resolved_from_its_values(tmp_path, syntheti
     assert trial.iterations == 20
 
 
-def test_optuna_gets_the_distributions_alone(tmp_path, synthetic_root):
+def test_a_config_with_keys_the_plan_does_not_search_is_refused(tmp_path, synthetic_root):
+    """An earlier program's Tune state nested its values ({'head': ..., 'shared': ...}): taken
+    as overrides they would silently train the base values."""
+    from orchestrator.errors import ConfigError
+    plan = _plan(tmp_path, synthetic_root)
+    with pytest.raises(ConfigError, match=r"holds \['head', 'shared'\], not searched keys"):
+        plan.trial_for({'head': {'model.decode_head.num_convs': 1},
+                        'shared': {'fewshot.fraction': 0.5}})
+
+
+def test_random_search_gets_the_rows_and_optuna_the_distributions_alone(tmp_path,
+                                                                       synthetic_root):
     plan = _plan(tmp_path, synthetic_root)
     assert set(plan.param_space()) == {'plan', 'fewshot.fraction'} and plan.tune_samples == 1
     from orchestrator.spec import load_spec

@@ -676,3 +676,35 @@ def test_a_resume_after_a_group_ran_out_of_memory_counts_its_halves_as_no_chunk(
     assert chunks == {'k': [3]}  # the second planned chunk (the pool caps it: out_of_memory)
     assert set(group_runs) == {'g', 'g.1'} and group_runs['g']['out_of_memory'] == 3
     assert out.getvalue() == 'trial groups: 1 continue from their checkpoints\n'
+
+
+def test_a_group_that_cannot_write_its_record_on_a_full_disk_says_so(small_tmpfs):
+    """A trial group's first write, its group.json, on a full output disk: the pool answers
+    'full' with the path (its members then stop the sweep, resumable: trial.py), not 'lost'
+    (which would send them to the restart path, writing on the full disk again), and leases no
+    crew."""
+    import asyncio
+
+    from orchestrator.group_formation import TrialGroupFormation
+    from orchestrator.sweep_plan import PlannedTrial
+    from orchestrator.train_worker import TrialJob
+    disk = small_tmpfs('out', '64k')
+    trial = disk / 'sweep' / 'trials' / 't0'
+    trial.mkdir(parents=True)
+    with open(disk / 'filler', 'wb', buffering=0) as f:  # the file system full, to its last block
+        try:
+            while True:
+                f.write(b'\0' * 4096)
+        except OSError:
+            pass
+    job = TrialJob(trial_id='t0', trial_dir=str(trial), base={}, base_filename='x.py',
+                   trial=PlannedTrial(0, {}, {}, {}, ALL_IMAGES), source='test')
+
+    class Pool(TrialGroupFormation):
+        async def acquire(self, trial_id):
+            raise AssertionError('no crew is leased for a group that cannot start')
+
+    pool = Pool()
+    pool._init_trial_groups({}, {}, 1.0)
+    answer = asyncio.run(pool._start([('t0', job, None), ('t1', job, None)], 'k'))
+    assert answer[0] == 'full' and answer[1].startswith(str(disk / 'sweep' / 'groups'))

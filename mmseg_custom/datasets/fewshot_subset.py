@@ -11,6 +11,7 @@ sweeps, ``orchestrator train`` and an exported best config (under mmseg's own to
 through ``custom_imports``) all build this type. InternVL's ``max_image_num`` (max_image_num.py)
 keeps a count by the same rule.
 """
+import hashlib
 import os
 
 import numpy as np
@@ -34,6 +35,11 @@ def image_names(dataset):
             for info in dataset.img_infos}
 
 
+def digest(names):
+    """The sha256 of a subset's names in kept order (what ``names_sha256`` pins)."""
+    return hashlib.sha256('\n'.join(names).encode()).hexdigest()
+
+
 def kept_count(fraction, n):
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f'few-shot fraction must be in (0, 1], got {fraction!r}')
@@ -44,12 +50,18 @@ def kept_count(fraction, n):
 class FewShotSubset:
     """The seeded ``fraction`` of ``dataset``'s images (module docstring); ``record``: a file
     (or a list of files) that rank 0 writes the kept names to, one per line in kept order (a
-    split file's format)."""
+    split file's format); ``names_sha256``: the kept names' digest (names_sha256) the subset
+    must have (``digest``), so that a config exported from a sweep refuses a directory whose
+    images changed since rather than train on another subset."""
 
-    def __init__(self, dataset, fraction, seed=0, record=None):
+    def __init__(self, dataset, fraction, seed=0, record=None, names_sha256=None):
         self.dataset = build_dataset(dataset) if isinstance(dataset, dict) else dataset
         by_name = image_names(self.dataset)
         kept = seeded_prefix(list(by_name), kept_count(fraction, len(by_name)), seed)
+        if names_sha256 is not None and digest(kept) != names_sha256:
+            raise ValueError(f'FewShotSubset: the {len(kept)} images kept of {len(by_name)} '
+                             f'(fraction {fraction}, seed {seed}) are not the ones recorded '
+                             '(names_sha256): the training images changed since')
         self.dataset.img_infos = [by_name[n] for n in kept]
         self.fraction, self.seed, self.names = fraction, seed, kept
         self.CLASSES, self.PALETTE = self.dataset.CLASSES, self.dataset.PALETTE
