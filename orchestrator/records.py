@@ -26,13 +26,16 @@ VERSION = 1
 
 class _Record:
     NAME: ClassVar[str]
+    UNSET_AS_NULL: ClassVar[bool] = True  # False: an unset field is left out of the file
 
     def as_dict(self):
-        """Its fields, less those left unset (None)."""
+        """Its fields, less those left unset (None): the dict a reader tests keys of."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     def write(self, folder):
-        write_json_atomic(osp.join(folder, self.NAME), dict(self.as_dict(), version=VERSION))
+        """Its fields (an unset one as null, or left out: UNSET_AS_NULL), and the version."""
+        fields_ = asdict(self) if self.UNSET_AS_NULL else self.as_dict()
+        write_json_atomic(osp.join(folder, self.NAME), dict(fields_, version=VERSION))
 
     @classmethod
     def parse(cls, data, path):
@@ -127,6 +130,7 @@ class GroupRecord(_Record):
     that one ran out of GPU memory), ``split``: each member's half (None: alone) of a group
     that was split, ``out_of_memory``: how many heads it held when it ran out."""
     NAME: ClassVar[str] = 'group.json'
+    UNSET_AS_NULL: ClassVar[bool] = False  # a key is there once set (the pool tests for it)
     key: str
     members: list
     parent: Optional[str] = None

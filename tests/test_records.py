@@ -29,12 +29,16 @@ def test_each_record_reads_back_what_was_written(tmp_path):
                                                 if f.name != record.NAME]  # no temporary left
 
 
-def test_unset_fields_are_left_out_of_the_file(tmp_path):
-    """A group that is no half of another has no ``parent`` key (the pool tells halves apart by
-    its presence)."""
+def test_unset_fields_keep_each_files_format(tmp_path):
+    """A trial alone has ``"group": null`` in its placement.json; a group that is no half of
+    another, nor split, nor out of memory, has none of those keys in its group.json (the pool
+    tells them apart by the keys' presence), and reads them back as None."""
+    Placement(ranks=[]).write(tmp_path)
+    assert json.loads((tmp_path / 'placement.json').read_text())['group'] is None
     GroupRecord(key='k', members=['a', 'b']).write(tmp_path)
     assert set(json.loads((tmp_path / 'group.json').read_text())) == {'key', 'members', 'version'}
-    assert GroupRecord.read(tmp_path).parent is None
+    read = GroupRecord.read(tmp_path)
+    assert read.parent is None and set(read.as_dict()) == {'key', 'members'}
 
 
 def test_a_torn_or_missing_file_reads_as_none(tmp_path):

@@ -470,7 +470,7 @@ def test_members_of_a_split_group_continue_in_the_half_they_were_given(
         assert not (tmp_path / 'groups' / 'g.2').exists()  # nothing of g.2 rewritten
         written = json.loads((tmp_path / 'groups' / 'g.1' / 'group.json').read_text())
         assert dict(written, members=sorted(written['members'])) == dict(
-            key='k', members=['a', 'b'], parent='g')  # members in their order of arrival
+            key='k', members=['a', 'b'], parent='g', version=1)  # members in arrival order
         ray.kill(pool)
     finally:
         ray.shutdown()
