@@ -162,8 +162,8 @@ def _check_master_weights(spec, base, trials):
     """Float32 master weights are for a trainable backbone; on a frozen one they would be
     nothing but a misread setting."""
     from orchestrator.fine_tuning import frozen_backbone
-    if spec.fine_tuning.float32_master_weights and all(frozen_backbone(base, t.values)
-                                                       for t in trials):
+    if spec.fine_tuning.float32_master_weights and all(  # a sampled key: either way
+            frozen_backbone(base, {**t.sampled, **t.values}) for t in trials):
         raise ConfigError(f'{spec.source}: fine_tuning.float32_master_weights: True: the '
                           'backbone is frozen in every trial (model.backbone.freeze_vit): '
                           'nothing to keep master weights of')

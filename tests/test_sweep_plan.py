@@ -101,3 +101,21 @@ def test_the_config_a_worker_trains_keeps_the_trials_subset(tmp_path, synthetic_
     assert [h.num_convs for h in gcfg.model.decode_heads] == [0, 1]
     build_dataset(gcfg.data.train)
     assert [(d / 'fewshot_subset.txt').read_text().split() for d in dirs] == [kept, kept]
+
+
+def test_master_weights_with_a_sampled_freeze_are_not_refused(tmp_path, synthetic_root):
+    """freeze_vit drawn per trial: some trials train the backbone, so float32 master weights
+    are not a misread setting (a distribution counts as either value, not as the base's)."""
+    from orchestrator.errors import ConfigError
+    from orchestrator.spec import load_spec
+    from orchestrator.sweep_plan import make_plan
+    config = ROOT / 'configs' / 'tiny_vit_frozen_fcn_synthetic.py'
+    space = dict(name='m', base_config=str(config), data_root=str(synthetic_root),
+                 parameters={'model.backbone.freeze_vit': {'choice': [True, False]}},
+                 search={'algorithm': 'random'}, fine_tuning={'float32_master_weights': True})
+    (tmp_path / 'space.yaml').write_text(yaml.safe_dump(space))
+    assert len(make_plan(*load_spec(tmp_path / 'space.yaml')).trials) == 1
+    space['parameters'] = {'model.decode_head.num_convs': {'choice': [0, 1]}}
+    (tmp_path / 'space.yaml').write_text(yaml.safe_dump(space))
+    with pytest.raises(ConfigError, match='frozen in every trial'):
+        make_plan(*load_spec(tmp_path / 'space.yaml'))

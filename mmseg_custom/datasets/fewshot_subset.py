@@ -66,7 +66,7 @@ class FewShotSubset:
         self.fraction, self.seed, self.names = fraction, seed, kept
         self.CLASSES, self.PALETTE = self.dataset.CLASSES, self.dataset.PALETTE
         if get_dist_info()[0] == 0:
-            for path in [record] if isinstance(record, str) else record or []:
+            for path in filter(None, [record] if isinstance(record, str) else record or []):
                 tmp = f'{path}.tmp.{os.getpid()}'
                 with open(tmp, 'w') as f:
                     f.write('\n'.join(kept) + '\n')
