@@ -66,11 +66,9 @@ class _Record:
         data = cls.raw(folder)
         if not data:
             return None
-        try:
+        try:  # a newer version's file raises its ConfigError: said, not taken for none
             return cls.parse(data, path)
-        except (ValueError, TypeError) as e:
-            if isinstance(e, ConfigError):  # a newer version's: said, not taken for none
-                raise
+        except TypeError:  # a field missing (or a version that is no number): not whole
             return None
 
     @classmethod
