@@ -63,6 +63,14 @@ def _check_data(plan):
     check_weights_path(cfg, spec.source)
 
 
+class _NotStarted(Exception):
+    """A stop signal before the sweep started anything (while it checked, or Ray connected)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _SweepLog(logging.Handler):
     """Lines for <sweep>/ray.log, held until the sweep's directory exists (an impossible plan on
     a cluster is refused before anything is written); also a stream for redirect_stderr."""
@@ -106,8 +114,14 @@ def _init_ray(sweep_dir, **kwargs):
     os.environ['RAY_AIR_NEW_OUTPUT'] = '0'  # the legacy reporter is silent at verbose=0; the
     # new one prints its box and hint whatever the verbosity
     sweep_log = _SweepLog(osp.join(sweep_dir, 'ray.log'))
-    with contextlib.redirect_stderr(sweep_log):  # ray.init drops the handlers set before it
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kwargs)
+    try:
+        with contextlib.redirect_stderr(sweep_log):  # ray.init drops the handlers set before it
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     **kwargs)
+    except SystemExit as e:  # SIGTERM while Ray connects: its handler calls sys.exit(15)
+        if e.code != signal.SIGTERM:
+            raise
+        raise SweepInterrupted(signal.SIGTERM) from None
     logger = logging.getLogger('ray')
     for old in list(logger.handlers):
         logger.removeHandler(old)
@@ -394,8 +408,8 @@ def _start_crews(sweep, signals):
     ready. The stop signals are ours from here (ray.init installs its own)."""
     from orchestrator.crew import ON_HEAD, WorkerPool
     spec = sweep.spec
-    if not sweep.address:
-        sweep.log = _init_ray(sweep.sweep_dir)
+    if not sweep.address:  # 'local': a new cluster, never the one ray_current_cluster names
+        sweep.log = _init_ray(sweep.sweep_dir, address='local')  # (a user's, or a dead one)
         nodes = cluster.cluster_nodes()
         sweep.nodes_seen.update(n['node_id'] for n in nodes)
         sweep.nodes_usable.update(n['node_id'] for n in nodes)
@@ -747,7 +761,8 @@ def _print_interrupted(sweep, signals, running, resume_command):
     """One line: what stopped the sweep, what it interrupted and how to continue; exit 128 +
     the signal's number, or the sweep's own stop's (errors.remedy)."""
     what, then = _what_stopped(sweep, running, resume_command)
-    marked = ('MLflow runs marked KILLED' if sweep.marked else
+    marked = ('no MLflow run was opened' if not sweep.started else
+              'MLflow runs marked KILLED' if sweep.marked else
               'MLflow runs stay RUNNING until then')
     if signals.signum:
         print(f'interrupted by {signals.name}: {what}; {marked}; {then}', file=sweep.out,
@@ -808,7 +823,10 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
     from orchestrator.journal import WriterLock
     outcome, interrupted = None, None
     with WriterLock() as writer:  # released however the sweep ends
-        sweep = _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer)
+        try:
+            sweep = _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while Ray connects to --address
+            raise _NotStarted(getattr(e, 'signum', None) or signal.SIGINT) from None
         signals.end_at_once = functools.partial(_end_at_once, sweep, resume_command)
         _open_journal(sweep, tracking_uri, writer)
         with ThreadPoolExecutor(1) as background:
@@ -879,6 +897,10 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
             print(f'error: {disk_full(e, spec.output)}; nothing was started: free space there, '
                   'then run the same command again', file=sys.stderr, flush=True)
             return DiskFull.exit_code
+        except _NotStarted as e:
+            print(f'interrupted by {signal.Signals(e.signum).name} before the sweep started: '
+                  'nothing was started; run the same command again', file=out, flush=True)
+            return 128 + e.signum
         finally:
             signals.restore()
     except KeyboardInterrupt as e:  # a second signal while the first one's stop was under way

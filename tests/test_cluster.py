@@ -243,3 +243,66 @@ def test_a_token_cluster_attached_without_the_token_is_one_line_exit_2(tmp_path,
     assert err.count('\n') == 0 and 'Traceback' not in err, err
     assert f'--address {ray_address}: Ray refused the connection' in err
     assert 'RAY_AUTH_MODE=token' in err
+
+
+def _one_trial(tmp_path, synthetic_root, name):
+    space = tmp_path / 'space.yaml'
+    space.write_text(yaml.safe_dump(dict(
+        name=name, base_config=str(ROOT / 'configs' / 'tiny_fcn_synthetic.py'),
+        data_root=str(synthetic_root), parameters={'model.decode_head.num_convs': {'grid': [1]}},
+        derived={'iterations': {'at_full_data': 20}, 'evaluations': 1},
+        resources={'workers_per_trial': 1, 'cpus_per_worker': 1}, output=str(tmp_path / 'out'))))
+    return space
+
+
+def test_without_an_address_the_sweep_starts_its_own_ray_whatever_the_last_cluster_was(
+        tmp_path, synthetic_root, cli_env):
+    """Ray's ray.init() without an address joins the cluster named by <temp>/ray/
+    ray_current_cluster: a user's own, or a dead one a killed `ray start` left behind. Before,
+    a sweep without --address then retried that dead address for minutes (a hang); as the docs
+    say, it starts a local cluster of its own, and leaves the file as it was."""
+    import shutil
+    import socket
+    import tempfile
+    with socket.socket() as s:  # a port nothing listens on once closed: the dead head's
+        s.bind(('127.0.0.1', 0))
+        dead = f'127.0.0.1:{s.getsockname()[1]}'
+    temp = Path(tempfile.mkdtemp(prefix='rt', dir='/tmp'))  # short: Ray's sockets go under it
+    try:
+        (temp / 'ray').mkdir()
+        (temp / 'ray' / 'ray_current_cluster').write_text(dead)
+        env = {k: v for k, v in cli_env.items() if k != 'RAY_ADDRESS'}
+        run = subprocess.run([str(Path(sys.executable).with_name('orchestrator')), 'sweep',
+                              str(_one_trial(tmp_path, synthetic_root, 'stale'))],
+                             env={**env, 'RAY_TMPDIR': str(temp)}, capture_output=True,
+                             text=True, timeout=150)  # ~20 s here; before: minutes
+        assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+        assert (temp / 'ray' / 'ray_current_cluster').read_text() == dead
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    client = MlflowClient(f'sqlite:///{tmp_path}/out/mlflow.db')
+    runs = client.search_runs([client.get_experiment_by_name('stale').experiment_id])
+    assert sorted(r.info.status for r in runs) == ['FINISHED', 'FINISHED']  # parent + trial
+
+
+def test_sigterm_while_ray_connects_is_one_line_exit_143_before_anything_started(
+        tmp_path, synthetic_root, ray_address, cli_env):
+    """SIGTERM while ray.init retries (here: a token cluster attached without the token, ~20 s
+    of retries): exit 143 and one line that nothing started. Before: Ray's own handler ended
+    the driver with exit code 15 and no word."""
+    env = {k: v for k, v in cli_env.items() if not k.startswith('RAY_AUTH')}
+    env['HOME'] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    space = _one_trial(tmp_path, synthetic_root, 'connecting')
+    # the driver's imports done first, so that the signal (5 s after the sweep's start) comes
+    # while ray.init retries
+    script = ('import os, signal, sys, threading\n'
+              'from orchestrator import cli, driver\n'
+              'import mmseg_custom, mlflow, ray, ray.tune\n'
+              'threading.Timer(5, os.kill, (os.getpid(), signal.SIGTERM)).start()\n'
+              f'sys.exit(cli.main(["sweep", {str(space)!r}, "--address", {ray_address!r}]))\n')
+    run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                         text=True, timeout=240, cwd=ROOT)
+    assert run.returncode == 143, (run.stdout + run.stderr)[-3000:]
+    assert run.stdout.strip() == ('interrupted by SIGTERM before the sweep started: nothing '
+                                  'was started; run the same command again'), run.stdout[-2000:]
+    assert 'Traceback' not in run.stderr and not (tmp_path / 'out').exists()
