@@ -141,14 +141,18 @@ def group_memory(sweep_dir):
 
 def summary(trials, sweep_dir):
     """The trials, how many finished, the groups' sizes, how many groups ran at once (the most
-    whose runs' start-end spans cover one group's start) and the GPU memory logged per group."""
+    whose runs' start-end spans cover one group's start) and the GPU memory logged per group.
+    A trial stopped before its group started (a SIGTERM at ``--until``) has no group: counted
+    apart, not as one group of them all."""
     groups = {}
     for t in trials:
-        groups.setdefault(t['group'], []).append(t)
+        if t['group'] is not None:
+            groups.setdefault(t['group'], []).append(t)
     spans = [(min(t['start_ms'] for t in g), max(t['end_ms'] or 0 for t in g))
              for g in groups.values()]
     return dict(trials=trials, finished=sum(t['status'] == 'FINISHED' for t in trials),
                 with_miou=sum(t['mIoU'] is not None for t in trials),
+                without_group=sum(t['group'] is None for t in trials),
                 group_sizes=sorted(len(g) for g in groups.values()),
                 groups_running_at_once=max((sum(s <= at < e for s, e in spans)
                                             for at, _ in spans), default=0),

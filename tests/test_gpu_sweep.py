@@ -68,3 +68,22 @@ def test_gpu_sweep_cpu_mode_runs_the_product_end_to_end(tmp_path, ray_address, c
 
     report = (out / 'report.md').read_text()
     assert '24 trial(s) completed their schedule' in report
+
+
+def test_trials_stopped_before_their_group_started_are_not_counted_as_a_group(tmp_path):
+    """A SIGTERM at --until can stop trials that never joined a group (no trial_group tag):
+    the JSON counts them apart. Before: all of them made one 'group' of size 24."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gpu_sweep', ROOT / 'benchmarks' /
+                                                  'gpu_sweep.py')
+    gpu_sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_sweep)
+
+    def trial(group, start, end, status='KILLED'):
+        return dict(group=group, start_ms=start, end_ms=end, status=status, mIoU=None)
+    trials = [trial('g0', 0, 50, 'FINISHED'), trial('g0', 5, 60, 'FINISHED'),
+              trial('g1', 40, 90), trial(None, 10, 20), trial(None, 70, 80)]
+    result = gpu_sweep.summary(trials, tmp_path)
+    assert result['group_sizes'] == [1, 2] and result['without_group'] == 2
+    assert result['groups_running_at_once'] == 2  # g1 started at 40, while g0 ran (0-60)
+    assert result['finished'] == 2
