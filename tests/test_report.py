@@ -62,6 +62,10 @@ def _metrics(run):
     return {m['key']: m['value'] for m in run['data'].get('metrics', [])}
 
 
+# no job runner: its store is a directory in /dev/shm that a stopped server leaves behind
+MLFLOW_SERVER_ENV = {'MLFLOW_SERVER_ENABLE_JOB_EXECUTION': 'false'}
+
+
 @pytest.fixture(scope='module')
 def study(tmp_path_factory, synthetic_root, ray_address):
     """A real mlflow server, and a sweep against it whose status is sampled while it runs."""
@@ -74,7 +78,7 @@ def study(tmp_path_factory, synthetic_root, ray_address):
         [str(BIN / 'mlflow'), 'server', '--host', '127.0.0.1', '--port', str(port),
          '--workers', '1', '--backend-store-uri', 'sqlite:///' + str(tmp / 'server.db'),
          '--artifacts-destination', str(tmp / 'server_artifacts')],
-        env=cli_env, stdout=log, stderr=log, start_new_session=True)
+        env={**cli_env, **MLFLOW_SERVER_ENV}, stdout=log, stderr=log, start_new_session=True)
     try:
         deadline = time.time() + 90
         while True:
