@@ -285,6 +285,32 @@ def test_without_an_address_the_sweep_starts_its_own_ray_whatever_the_last_clust
     assert sorted(r.info.status for r in runs) == ['FINISHED', 'FINISHED']  # parent + trial
 
 
+# A driver whose SIGTERM comes once its main thread is in Ray's connect loop (ray.init's Node,
+# which retries a GCS that refuses it ~20 times, a second apart)
+_SIGTERM_IN_CONNECT = """
+import os, signal, sys, threading, time
+from orchestrator import cli
+
+
+def in_connect():
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(os.path.join('ray', '_private', 'node.py')):
+            return True
+        frame = frame.f_back
+
+
+def stop():
+    while not in_connect():
+        time.sleep(0.05)
+    time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+threading.Thread(target=stop, daemon=True).start()
+"""
+
+
 def test_sigterm_while_ray_connects_is_one_line_exit_143_before_anything_started(
         tmp_path, synthetic_root, ray_address, cli_env):
     """SIGTERM while ray.init retries (here: a token cluster attached without the token, ~20 s
@@ -293,13 +319,8 @@ def test_sigterm_while_ray_connects_is_one_line_exit_143_before_anything_started
     env = {k: v for k, v in cli_env.items() if not k.startswith('RAY_AUTH')}
     env['HOME'] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
     space = _one_trial(tmp_path, synthetic_root, 'connecting')
-    # the driver's imports done first, so that the signal (5 s after the sweep's start) comes
-    # while ray.init retries
-    script = ('import os, signal, sys, threading\n'
-              'from orchestrator import cli, driver\n'
-              'import mmseg_custom, mlflow, ray, ray.tune\n'
-              'threading.Timer(5, os.kill, (os.getpid(), signal.SIGTERM)).start()\n'
-              f'sys.exit(cli.main(["sweep", {str(space)!r}, "--address", {ray_address!r}]))\n')
+    argv = ['sweep', str(space), '--address', ray_address]
+    script = _SIGTERM_IN_CONNECT + f'sys.exit(cli.main({argv!r}))\n'
     run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
                          text=True, timeout=240, cwd=ROOT)
     assert run.returncode == 143, (run.stdout + run.stderr)[-3000:]
