@@ -63,6 +63,12 @@ def _check_data(plan):
     check_weights_path(cfg, spec.source)
 
 
+def _interrupt(signum, frame):
+    """SIGTERM before the sweep's own handlers (StopSignals, installed once Ray is up): an
+    interruption, as Ctrl-C is then, not Python's default end without a word."""
+    raise SweepInterrupted(signum)
+
+
 class _NotStarted(Exception):
     """A stop signal before the sweep started anything (while it checked, or Ray connected)."""
 
@@ -122,6 +128,7 @@ def _init_ray(sweep_dir, **kwargs):
         if e.code != signal.SIGTERM:
             raise
         raise SweepInterrupted(signal.SIGTERM) from None
+    signal.signal(signal.SIGTERM, _interrupt)  # Ray's sys.exit, until StopSignals take over
     logger = logging.getLogger('ray')
     for old in list(logger.handlers):
         logger.removeHandler(old)
@@ -761,7 +768,8 @@ def _print_interrupted(sweep, signals, running, resume_command):
     """One line: what stopped the sweep, what it interrupted and how to continue; exit 128 +
     the signal's number, or the sweep's own stop's (errors.remedy)."""
     what, then = _what_stopped(sweep, running, resume_command)
-    marked = ('no MLflow run was opened' if not sweep.started else
+    opened = 'reopened' if sweep.resume else 'opened'
+    marked = (f'no MLflow run was {opened}' if not sweep.started else
               'MLflow runs marked KILLED' if sweep.marked else
               'MLflow runs stay RUNNING until then')
     if signals.signum:
@@ -793,7 +801,8 @@ def _end_at_once(sweep, resume_command, first, signum, reason):
                 f'`{resume_command}` continues it', wait_s=1.0)
             marked = running is not None
         what, then = _what_stopped(sweep, running if sweep.started else [], resume_command)
-        marked = ('no MLflow run was opened' if not sweep.started else
+        opened = 'reopened' if sweep.resume else 'opened'
+        marked = (f'no MLflow run was {opened}' if not sweep.started else
                   'the journal marks their MLflow runs KILLED (the resume delivers it)' if marked
                   else 'MLflow runs stay RUNNING until then')
         _say_now(sweep.out, f'interrupted by {how}: ended at once; {what}; {marked}; {then}')
@@ -880,10 +889,12 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
     spec.name = check_sweep_name(spec.source, '--name', name) if name else spec.name
     spec.output = output or spec.output
     address = address or os.environ.get('RAY_ADDRESS')
+    address = None if address == 'local' else address  # Ray's word for a cluster of our own
     if dry_run:
         said = planning.settle_base_fraction(spec, planning.plain(base_cfg))
         return _print_dry_run(spec, base_cfg, address, out, said=said, **dry_run_options)
     signals = StopSignals()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         try:
             sweep, outcome, interrupted = _run(spec, base_cfg, address, resume, out,
@@ -916,3 +927,6 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
               f'yet delivered wait in the journal); resume with: {resume_command}', file=out,
               flush=True)
         return 128 + signum
+    finally:
+        if previous is not None:  # None: a handler not set from Python, which stays
+            signal.signal(signal.SIGTERM, previous)

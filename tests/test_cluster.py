@@ -285,25 +285,23 @@ def test_without_an_address_the_sweep_starts_its_own_ray_whatever_the_last_clust
     assert sorted(r.info.status for r in runs) == ['FINISHED', 'FINISHED']  # parent + trial
 
 
-# A driver whose SIGTERM comes once its main thread is in Ray's connect loop (ray.init's Node,
-# which retries a GCS that refuses it ~20 times, a second apart)
-_SIGTERM_IN_CONNECT = """
+# A driver whose SIGTERM comes once its main thread runs the function named ``in_function``
+_SIGTERM_IN = """
 import os, signal, sys, threading, time
 from orchestrator import cli
 
 
-def in_connect():
+def running(name):
     frame = sys._current_frames().get(threading.main_thread().ident)
     while frame is not None:
-        if frame.f_code.co_filename.endswith(os.path.join('ray', '_private', 'node.py')):
+        if frame.f_code.co_name == name:
             return True
         frame = frame.f_back
 
 
 def stop():
-    while not in_connect():
-        time.sleep(0.05)
-    time.sleep(1)
+    while not running(in_function):
+        time.sleep(0.02)
     os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -311,19 +309,25 @@ threading.Thread(target=stop, daemon=True).start()
 """
 
 
-def test_sigterm_while_ray_connects_is_one_line_exit_143_before_anything_started(
-        tmp_path, synthetic_root, ray_address, cli_env):
-    """SIGTERM while ray.init retries (here: a token cluster attached without the token, ~20 s
-    of retries): exit 143 and one line that nothing started. Before: Ray's own handler ended
-    the driver with exit code 15 and no word."""
-    env = {k: v for k, v in cli_env.items() if not k.startswith('RAY_AUTH')}
-    env['HOME'] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+@pytest.mark.parametrize('in_function,token', [
+    ('_init_gcs_client', False),  # Ray's connect loop: ~20 retries a second apart, no token
+    ('check_shared_storage', True)])  # attached: a task on every node looks for a marker file
+def test_sigterm_while_ray_connects_or_checks_is_one_line_exit_143_before_anything_started(
+        in_function, token, tmp_path, synthetic_root, ray_address, cli_env):
+    """SIGTERM while ray.init retries (a token cluster attached without the token), or after it
+    while the storage check runs: exit 143 and one line that nothing started. Before: Ray's
+    own handler (sys.exit) ended the driver with exit code 15 and no word."""
+    env = dict(cli_env)
+    if not token:
+        env = {k: v for k, v in cli_env.items() if not k.startswith('RAY_AUTH')}
+        env['HOME'] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
     space = _one_trial(tmp_path, synthetic_root, 'connecting')
     argv = ['sweep', str(space), '--address', ray_address]
-    script = _SIGTERM_IN_CONNECT + f'sys.exit(cli.main({argv!r}))\n'
+    script = f'in_function = {in_function!r}\n{_SIGTERM_IN}sys.exit(cli.main({argv!r}))\n'
     run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
                          text=True, timeout=240, cwd=ROOT)
     assert run.returncode == 143, (run.stdout + run.stderr)[-3000:]
     assert run.stdout.strip() == ('interrupted by SIGTERM before the sweep started: nothing '
                                   'was started; run the same command again'), run.stdout[-2000:]
-    assert 'Traceback' not in run.stderr and not (tmp_path / 'out').exists()
+    assert 'Traceback' not in run.stderr
+    assert not list(tmp_path.glob('out/*'))  # no sweep directory (the storage check's root)
