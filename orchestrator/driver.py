@@ -124,11 +124,11 @@ def _init_ray(sweep_dir, **kwargs):
         with contextlib.redirect_stderr(sweep_log):  # ray.init drops the handlers set before it
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                      **kwargs)
+        signal.signal(signal.SIGTERM, _interrupt)  # not Ray's sys.exit, until StopSignals
     except SystemExit as e:  # SIGTERM while Ray connects: its handler calls sys.exit(15)
         if e.code != signal.SIGTERM:
             raise
         raise SweepInterrupted(signal.SIGTERM) from None
-    signal.signal(signal.SIGTERM, _interrupt)  # Ray's sys.exit, until StopSignals take over
     logger = logging.getLogger('ray')
     for old in list(logger.handlers):
         logger.removeHandler(old)
@@ -834,10 +834,10 @@ def _run(spec, base_cfg, address, resume, out, tracking_uri, signals, resume_com
     with WriterLock() as writer:  # released however the sweep ends
         try:
             sweep = _prepare_sweep_dir(spec, base_cfg, address, resume, out, writer)
+            _open_journal(sweep, tracking_uri, writer)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while Ray connects to --address
             raise _NotStarted(getattr(e, 'signum', None) or signal.SIGINT) from None
         signals.end_at_once = functools.partial(_end_at_once, sweep, resume_command)
-        _open_journal(sweep, tracking_uri, writer)
         with ThreadPoolExecutor(1) as background:
             # MLflow's import and store set-up (~5 s) overlap ray.init and the crews' start
             warming = background.submit(sweep.journal.warm)
@@ -928,5 +928,4 @@ def run_sweep(space_file, name=None, output=None, tracking_uri=None, address=Non
               flush=True)
         return 128 + signum
     finally:
-        if previous is not None:  # None: a handler not set from Python, which stays
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
